@@ -1,0 +1,89 @@
+"""The CenterNet meta-architecture: backbone -> neck -> one small head per output.
+
+Every backbone family builds its trunk and neck in its own file and assembles them here. The
+model returns raw head outputs in every mode; losses, decoding and distillation are separate
+functions that take them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# The original initialises the heatmap's last bias to the constant -2.19, its rounding of
+# -log((1 - prior) / prior) for a prior of 0.1; sigmoid(-2.19) = 0.1006. Keeping its constant
+# keeps fresh models identical to the original's.
+HEATMAP_BIAS_INIT = -2.19
+
+# Output names in the order heads are built and returned. The original calls them hm, wh, reg.
+HEAD_NAMES = ("heatmap", "wh", "offset")
+
+
+class CenterNet(nn.Module):
+    """A single-stack CenterNet.
+
+    forward(images: B x 3 x H x W) returns ``[{"heatmap": B x C x H/4 x W/4 (logits),
+    "wh": B x 2 x H/4 x W/4, "offset": B x 2 x H/4 x W/4}]`` in train and eval mode alike: a
+    list with one dict per stack, so multi-stack models (hourglass) share the contract. With
+    ``return_features=True`` the dict also holds ``features``, the neck output the heads read.
+    """
+
+    def __init__(self, backbone: nn.Module, neck: nn.Module, heads: dict[str, nn.Module]):
+        super().__init__()
+        self.backbone = backbone
+        self.neck = neck
+        self.heads = nn.ModuleDict(heads)
+
+    def forward(
+        self, images: torch.Tensor, return_features: bool = False
+    ) -> list[dict[str, torch.Tensor]]:
+        features = self.neck(self.backbone(images))
+        outputs = {name: head(features) for name, head in self.heads.items()}
+        if return_features:
+            outputs["features"] = features
+        return [outputs]
+
+
+def build_heads(in_channels: int, head_conv: int, num_classes: int) -> dict[str, nn.Sequential]:
+    """One head per output: 3x3 conv(head_conv) + ReLU + 1x1 conv, or a lone 1x1 conv when
+    ``head_conv`` is 0, as in the original. Only the heatmap bias is initialised here; each
+    backbone family applies its own initialisation to the regression heads."""
+    out_channels = {"heatmap": num_classes, "wh": 2, "offset": 2}
+    heads = {}
+    for name in HEAD_NAMES:
+        if head_conv > 0:
+            head = nn.Sequential(
+                nn.Conv2d(in_channels, head_conv, kernel_size=3, padding=1, bias=True),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(head_conv, out_channels[name], kernel_size=1),
+            )
+        else:
+            head = nn.Sequential(nn.Conv2d(in_channels, out_channels[name], kernel_size=1))
+        heads[name] = head
+    nn.init.constant_(heads["heatmap"][-1].bias, HEATMAP_BIAS_INIT)
+    return heads
+
+
+def output_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers whose output channels are the model's outputs and must never be pruned:
+    the last conv of every head, in every stack. The one place pruning asks."""
+    return [
+        head[-1]
+        for module in model.modules()
+        if isinstance(module, nn.ModuleDict) and set(HEAD_NAMES) <= set(module.keys())
+        for head in module.values()
+    ]
+
+
+def deconv_neck(in_channels: int, widths: list[int], kernel_size: int = 4) -> nn.Sequential:
+    """The msra_resnet neck: per width, ConvTranspose(k4, s2, p1, no bias) + BN + ReLU, each
+    doubling the resolution. Initialised as the original: deconv weights N(0, 0.001), BN 1/0."""
+    layers: list[nn.Module] = []
+    for width in widths:
+        deconv = nn.ConvTranspose2d(
+            in_channels, width, kernel_size, stride=2, padding=(kernel_size - 2) // 2, bias=False
+        )
+        nn.init.normal_(deconv.weight, std=0.001)
+        layers += [deconv, nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        in_channels = width
+    return nn.Sequential(*layers)

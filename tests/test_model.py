@@ -1,0 +1,132 @@
+import pytest
+import torch
+import torchvision
+
+from detector import ARCHITECTURES, build_model, count_parameters, output_layers
+from detector.models.centernet import HEATMAP_BIAS_INIT
+from detector.models.resnet import ResNetTrunk, build_resnet
+
+from tiny import TINY_WIDTHS, tiny_model
+
+# The original's parameter counts for 80 classes (measured on its own model code); res34 and
+# res50 follow from the same construction (torchvision trunk + 256-wide deconvs + 64-wide heads).
+ORIGINAL_PARAMETERS = {
+    "res18": 15_820_372,
+    "res34": 25_928_532,
+    "res50": 34_443_348,
+    "res101": 53_435_476,
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ORIGINAL_PARAMETERS))
+def test_full_size_parameter_count(arch):
+    with torch.device("meta"):
+        model = build_model(arch, 80)
+    assert count_parameters(model) == ORIGINAL_PARAMETERS[arch]
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_trunk_matches_torchvision_keys_and_shapes(depth):
+    with torch.device("meta"):
+        reference = getattr(torchvision.models, f"resnet{depth}")(weights=None)
+        model = build_resnet(depth, 80)
+    expected = {k: v.shape for k, v in reference.state_dict().items() if not k.startswith("fc.")}
+    actual = {k: v.shape for k, v in model.backbone.state_dict().items()}
+    assert actual == expected
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_outputs_and_stride_in_train_and_eval(arch):
+    model = tiny_model(arch)
+    images = torch.randn(2, 3, 64, 96)
+    shapes = {}
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        outputs = model(images)
+        assert isinstance(outputs, list) and len(outputs) == 1
+        shapes[mode] = {k: tuple(v.shape) for k, v in outputs[0].items()}
+    assert shapes["train"] == shapes["eval"] == {
+        "heatmap": (2, 3, 16, 24),
+        "wh": (2, 2, 16, 24),
+        "offset": (2, 2, 16, 24),
+    }
+
+
+def test_return_features_gives_the_neck_output():
+    model = tiny_model().eval()
+    outputs = model(torch.randn(1, 3, 64, 64), return_features=True)[0]
+    assert outputs["features"].shape == (1, TINY_WIDTHS["res"]["neck"][-1], 16, 16)
+    assert torch.equal(outputs["heatmap"], model.heads["heatmap"](outputs["features"]))
+
+
+def test_backward_reaches_every_parameter():
+    model = tiny_model()
+    outputs = model(torch.randn(2, 3, 64, 64))[0]
+    sum(v.float().mean() for v in outputs.values()).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_original_initialisation():
+    model = build_model("res18", 80)
+    heads = model.heads
+    assert torch.all(heads["heatmap"][-1].bias == HEATMAP_BIAS_INIT)
+    assert abs(torch.sigmoid(torch.tensor(HEATMAP_BIAS_INIT)).item() - 0.1) < 1e-3
+    for name in ("wh", "offset"):
+        assert torch.all(heads[name][-1].bias == 0)
+        assert heads[name][-1].weight.std() < 0.01
+    deconvs = [m for m in model.neck if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert len(deconvs) == 3 and all(m.bias is None for m in deconvs)
+    assert all(0.0005 < m.weight.std() < 0.002 for m in deconvs)
+    assert [m.out_channels for m in deconvs] == [256, 256, 256]
+    assert heads["heatmap"][0].out_channels == 64  # head_conv default for ResNets
+
+
+def test_head_conv_zero_gives_single_conv_heads():
+    model = build_model("res18", 3, head_conv=0, widths=TINY_WIDTHS["res"])
+    assert all(len(head) == 1 for head in model.heads.values())
+    assert model(torch.randn(2, 3, 64, 64))[0]["heatmap"].shape == (2, 3, 16, 16)
+
+
+def test_output_layers_are_the_final_head_convs():
+    model = tiny_model()
+    layers = output_layers(model)
+    assert layers == [model.heads[name][-1] for name in ("heatmap", "wh", "offset")]
+    assert [layer.out_channels for layer in layers] == [3, 2, 2]
+
+
+def test_unknown_arch_lists_known_ones():
+    with pytest.raises(ValueError, match="res18.*res101"):
+        build_model("resnet18")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_classes": 0}, "num_classes"),
+        ({"head_conv": -1}, "head_conv"),
+        ({"widths": {"neck_width": [8]}}, "unknown keys"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_model("res18", **{"num_classes": 3, **kwargs})
+
+
+def test_pretrained_loads_from_a_local_file(tmp_path):
+    source = ResNetTrunk(torchvision.models.resnet.BasicBlock, [2, 2, 2, 2], 8, (8, 16, 16, 32))
+    state_dict = {f"module.{k}": v for k, v in source.state_dict().items()}
+    state_dict["fc.weight"] = torch.zeros(10, 32)  # a classifier is dropped
+    path = tmp_path / "resnet18.pth"
+    torch.save(state_dict, path)
+    model = tiny_model(pretrained=path)
+    assert torch.equal(model.backbone.conv1.weight, source.conv1.weight)
+    assert torch.equal(model.backbone.layer4[1].bn2.running_var, source.layer4[1].bn2.running_var)
+
+
+def test_pretrained_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        tiny_model(pretrained=tmp_path / "missing.pth")
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, wrong)
+    with pytest.raises(ValueError, match="wrong.pth.*do not fit"):
+        tiny_model(pretrained=wrong)
