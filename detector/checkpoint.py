@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .channel_plan import ChannelPlan, apply_channel_plan, channel_plan_of
-from .config import ModelConfig
+from .config import ModelConfig, from_dict, to_dict
 from .models import build_model
 
 FORMAT_VERSION = 1
@@ -109,7 +109,7 @@ def save_checkpoint(
     _check_plain(meta, "meta")
     checkpoint = {
         "format": FORMAT_VERSION,
-        "model_config": config.to_dict(),
+        "model_config": to_dict(config),
         "channel_plan": plan,
         "state_dict": {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
         "meta": meta,
@@ -159,7 +159,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {missing}")
     try:
-        config = ModelConfig.from_dict(data["model_config"])
+        config = from_dict(ModelConfig, data["model_config"], "model_config")
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: invalid model_config: {error}") from None
     return Checkpoint(config, data.get("channel_plan"), data["state_dict"], data.get("meta") or {})

@@ -7,7 +7,13 @@ so a checkpoint alone says how to rebuild the network and how to prepare images 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
 
 # torchvision's ImageNet statistics, in RGB order: what its pretrained weights expect.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -40,18 +46,18 @@ class InputSpec:
 
     def __post_init__(self) -> None:
         if self.color_order not in ("RGB", "BGR"):
-            raise ValueError(f"input.color_order: expected 'RGB' or 'BGR', got {self.color_order!r}")
+            raise ValueError(f"color_order: expected 'RGB' or 'BGR', got {self.color_order!r}")
         self.mean = tuple(float(v) for v in self.mean)
         self.std = tuple(float(v) for v in self.std)
         self.input_size = tuple(int(v) for v in self.input_size)
         for name, values in (("mean", self.mean), ("std", self.std)):
             if len(values) != 3:
-                raise ValueError(f"input.{name}: expected 3 values, got {len(values)}")
+                raise ValueError(f"{name}: expected 3 values, got {len(values)}")
         if any(v <= 0 for v in self.std):
-            raise ValueError(f"input.std: expected positive values, got {list(self.std)}")
+            raise ValueError(f"std: expected positive values, got {list(self.std)}")
         if len(self.input_size) != 2 or any(v % self.down_ratio for v in self.input_size):
             raise ValueError(
-                f"input.input_size: expected (height, width) divisible by down_ratio "
+                f"input_size: expected (height, width) divisible by down_ratio "
                 f"{self.down_ratio}, got {list(self.input_size)}"
             )
 
@@ -84,8 +90,8 @@ class ModelConfig:
 
     arch: str = "res18"
     """Backbone family and depth, e.g. res18, res50, res101 (see `detector.ARCHITECTURES`)."""
-    num_classes: int = 80
-    """Number of object classes, i.e. heatmap channels."""
+    num_classes: int | None = None
+    """Number of object classes, i.e. heatmap channels; None takes the data's class count."""
     head_conv: int | None = None
     """Width of each head's 3x3 conv; None takes the architecture's default (64 for ResNets),
     0 makes every head a single 1x1 conv."""
@@ -97,26 +103,180 @@ class ModelConfig:
     input: InputSpec = field(default_factory=InputSpec)
     """How images are prepared for this model."""
 
-    def to_dict(self) -> dict:
-        """Plain Python types only, so checkpoints load with ``weights_only=True``."""
-        data = dataclasses.asdict(self)
-        data["input"]["mean"] = list(self.input.mean)
-        data["input"]["std"] = list(self.input.std)
-        data["input"]["input_size"] = list(self.input.input_size)
-        return data
 
-    @classmethod
-    def from_dict(cls, data: dict) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"model_config: unknown keys {unknown}; known keys: {sorted(known)}")
-        data = dict(data)
-        input_data = data.pop("input", None) or {}
-        input_known = {f.name for f in dataclasses.fields(InputSpec)}
-        unknown = sorted(set(input_data) - input_known)
-        if unknown:
-            raise ValueError(
-                f"model_config.input: unknown keys {unknown}; known keys: {sorted(input_known)}"
-            )
-        return cls(**data, input=InputSpec(**input_data))
+# ---------------------------------------------------------------------------------------------
+# Strict loading of config dataclasses from plain data (YAML, checkpoints, --set overrides).
+
+
+class ConfigError(ValueError):
+    """A config value that does not fit: the message starts with its dotted path."""
+
+
+def _describe(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return " or ".join(repr(v) for v in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(annotation))
+    if origin is not None:
+        return str(annotation).replace("typing.", "")
+    return "null" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
+
+
+def _convert(value: Any, annotation: Any, path: str) -> Any:
+    """``value`` checked against (and converted to) ``annotation``; raises ConfigError."""
+    origin = typing.get_origin(annotation)
+    arguments = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in arguments:
+            return None
+        errors = []
+        for option in arguments:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, path)
+            except ConfigError as error:
+                errors.append(error)
+        raise ConfigError(f"{path}: expected {_describe(annotation)}, got {value!r}")
+    if origin is Literal:
+        if value in arguments:
+            return value
+        raise ConfigError(f"{path}: expected {_describe(annotation)}, got {value!r}")
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping of {annotation.__name__} fields, got {value!r}")
+        return from_dict(annotation, value, path)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        if origin is tuple and arguments and arguments[-1] is not Ellipsis:
+            if len(value) != len(arguments):
+                raise ConfigError(f"{path}: expected {len(arguments)} values, got {value!r}")
+            items = [_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, arguments))]
+        else:
+            item_type = arguments[0] if arguments else Any
+            items = [_convert(v, item_type, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-4 (no dot) as a string; accept what float() accepts.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation in (bool, str):
+        if isinstance(value, annotation):
+            return value
+    else:
+        raise TypeError(f"{path}: unsupported config annotation {annotation!r}")
+    raise ConfigError(f"{path}: expected {_describe(annotation)}, got {value!r}")
+
+
+def from_dict(cls: type, data: dict | None, path: str) -> Any:
+    """Build config dataclass ``cls`` from plain data, strictly: unknown keys and wrong types
+    raise `ConfigError` naming the dotted path (``train.lr: expected float, got 'fast'``)."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'recipe'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{path or 'recipe'}: unknown keys {unknown}; known keys: {sorted(fields)}")
+    prefix = f"{path}." if path else ""
+    values = {name: _convert(value, hints[name], prefix + name) for name, value in data.items()}
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:
+        # __post_init__ checks name their field first ("std: expected ..."): prefix the path.
+        # Checks name their field first ("std: expected ..." or "augment.flip: ..."): put the
+        # full dotted path in front of the field.
+        named, colon, rest = str(error).partition(":")
+        field_name = named.rsplit(".", 1)[-1]
+        if colon and field_name in fields:
+            raise ConfigError(f"{prefix}{field_name}:{rest}") from None
+        raise ConfigError(f"{path or 'recipe'}: {error}") from None
+
+
+def to_dict(config: Any) -> dict:
+    """Plain Python types only (lists for tuples), e.g. for YAML and checkpoints."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    return plain(config)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["train.lr=1e-4", "model.arch=res50"]`` -> ``{"train": {"lr": 1e-4}, ...}``; values
+    are read as YAML scalars or lists (``[1, 2]``), so types follow YAML's rules."""
+    nested: dict = {}
+    for override in overrides:
+        key, separator, raw = override.partition("=")
+        if not separator or not key.strip():
+            raise ConfigError(f"--set {override!r}: expected section.key=value")
+        parts = key.strip().split(".")
+        if len(parts) < 2:
+            raise ConfigError(f"--set {override!r}: expected section.key=value, e.g. train.lr=1e-4")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {override!r}: unreadable value ({error})") from None
+        target = nested
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"--set {override!r}: {part} is not a section")
+        target[parts[-1]] = value
+    return nested
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    """Deep-merge plain mappings; overrides win."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML file that must hold a mapping; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    return data

@@ -17,6 +17,7 @@ from detector import (
     save_checkpoint,
 )
 from detector.checkpoint import FORMAT_VERSION, atomic_save, build_from_config
+from detector.config import to_dict
 from tiny import tiny_config
 
 IMAGES = torch.randn(2, 3, 64, 64)
@@ -196,7 +197,7 @@ def test_weights_that_do_not_fit_are_named(tmp_path):
     wrong = ModelConfig(**{**config.__dict__, "num_classes": 5})
     data = {
         "format": FORMAT_VERSION,
-        "model_config": wrong.to_dict(),
+        "model_config": to_dict(wrong),
         "channel_plan": None,
         "state_dict": model.state_dict(),
         "meta": {},
@@ -222,7 +223,7 @@ def test_plans_that_do_not_fit_the_architecture(plan, message):
 def test_unknown_model_config_keys_are_named(tmp_path):
     data = {
         "format": FORMAT_VERSION,
-        "model_config": {**tiny_config().to_dict(), "depth": 18},
+        "model_config": {**to_dict(tiny_config()), "depth": 18},
         "state_dict": {},
     }
     with pytest.raises(CheckpointError, match="unknown keys \\['depth'\\]"):
