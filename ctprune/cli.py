@@ -8,10 +8,88 @@ import os
 import sys
 from pathlib import Path
 
-import torch
+
+def _run_dir(name: str, out: Path | None) -> Path:
+    return out if out is not None else Path("experiments") / name
+
+
+def _train(args: argparse.Namespace) -> None:
+    from detector.engine.config import load_train_recipe
+    from detector.engine.train import train_from_recipe
+
+    recipe = load_train_recipe(args.recipe, args.set)
+    out_dir = _run_dir(recipe.name, args.out)
+    result = train_from_recipe(recipe, out_dir, resume=args.resume, device=args.device)
+    last = result.history[-1] if result.history else {}
+    metrics = {k: round(v, 4) for k, v in last.items() if k in ("ap", "ap50", "voc_ap50", "loss", "train_loss")}
+    print(f"trained {result.epochs} epochs into {out_dir}: {metrics}")
+    if result.best_epoch is not None:
+        print(f"best {recipe.train.best_metric} {result.best_value:.4f} at epoch {result.best_epoch}: {out_dir / 'best.pt'}")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from detector import load_model
+    from detector.config import from_dict, merge, parse_overrides
+    from detector.data.sources import load_data_yaml, load_source
+    from detector.engine.config import EvaluateConfig
+    from detector.engine.validate import evaluate_model
+
+    model, checkpoint = load_model(args.checkpoint)
+    config = from_dict(EvaluateConfig, merge({}, parse_overrides(args.set).get("evaluate", {})), "evaluate")
+    source = load_source(load_data_yaml(args.data), args.split)
+    if source.class_names != (checkpoint.model_config.class_names or source.class_names):
+        raise ValueError(
+            f"{args.data}: classes {source.class_names} differ from the checkpoint's "
+            f"{checkpoint.model_config.class_names}"
+        )
+    out_dir = args.out or Path(args.checkpoint).parent / f"eval_{args.split}"
+    device = args.device or ("cuda" if torch_cuda() else "cpu")
+    metrics = evaluate_model(model, source, checkpoint.model_config, config, device, out_dir)
+    for key in ("ap", "ap50", "ap75", "aps", "apm", "apl", "voc_ap50", "loss"):
+        if key in metrics:
+            print(f"{key:<9}{metrics[key]:.4f}")
+    print(f"per-class table, results json and P-R curves in {out_dir}")
+
+
+def _detect(args: argparse.Namespace) -> None:
+    from detector.predictor import Predictor
+    from detector.visualize import draw_detections, heatmap_overlay
+
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, flip=args.flip)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for path in args.images:
+        [result] = predictor.predict([path], score_threshold=args.threshold)
+        drawn = draw_detections(path, result)
+        target = args.out / f"{Path(path).stem}_detections.png"
+        write_image(target, drawn)
+        print(f"{path}: {len(result.scores)} detections -> {target}")
+        if args.show_heatmap:
+            write_image(args.out / f"{Path(path).stem}_heatmap.png", heatmap_overlay(predictor, path))
+
+
+def _show_data(args: argparse.Namespace) -> None:
+    from detector.visualize import show_data
+
+    written = show_data(args.data, args.split, args.out, count=args.count)
+    print(f"wrote {len(written)} images with ground-truth boxes and target heatmaps to {args.out}")
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def write_image(path: Path, image) -> None:
+    import cv2
+
+    if not cv2.imwrite(str(path), image):
+        raise OSError(f"{path}: could not write the image")
 
 
 def _info(args: argparse.Namespace) -> None:
+    import torch
+
     from detector import count_macs, count_parameters, load_model, state_dict_mib
     from detector.checkpoint import build_from_config
 
@@ -80,6 +158,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ctprune {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    train = commands.add_parser("train", help="train a model from a recipe (model, data, train, evaluate)")
+    train.add_argument("recipe", type=Path)
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a recipe value, e.g. --set train.epochs=10")
+    train.add_argument("--out", type=Path, help="run folder (default experiments/<recipe name>)")
+    train.add_argument("--resume", action="store_true", help="continue the run in the run folder")
+    train.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("eval", help="COCO and VOC metrics of a checkpoint on a data split")
+    evaluate.add_argument("checkpoint", type=Path)
+    evaluate.add_argument("--data", required=True, type=Path, help="a data.yaml")
+    evaluate.add_argument("--split", default="val", choices=("train", "val"))
+    evaluate.add_argument("--set", action="append", default=[], metavar="evaluate.KEY=VALUE",
+                          help="e.g. --set evaluate.flip=true --set evaluate.scales=[0.5,1,1.5]")
+    evaluate.add_argument("--out", type=Path, help="report folder (default: beside the checkpoint)")
+    evaluate.add_argument("--device")
+    evaluate.set_defaults(run=_evaluate)
+
+    detect = commands.add_parser("detect", help="draw a checkpoint's detections on images")
+    detect.add_argument("checkpoint", type=Path)
+    detect.add_argument("images", nargs="+", type=Path)
+    detect.add_argument("--out", required=True, type=Path)
+    detect.add_argument("--threshold", type=float, default=0.3, help="minimum score drawn")
+    detect.add_argument("--flip", action="store_true", help="flip test")
+    detect.add_argument("--show-heatmap", action="store_true", help="also write the heatmap overlay")
+    detect.add_argument("--device")
+    detect.set_defaults(run=_detect)
+
+    show = commands.add_parser("show-data", help="draw ground-truth boxes and target heatmaps")
+    show.add_argument("data", type=Path, help="a data.yaml")
+    show.add_argument("--split", default="train", choices=("train", "val"))
+    show.add_argument("--out", required=True, type=Path)
+    show.add_argument("--count", type=int, default=8, help="images to draw")
+    show.set_defaults(run=_show_data)
+
     info = commands.add_parser("info", help="describe a checkpoint: arch, input, plan, size, MACs")
     info.add_argument("checkpoint", type=Path)
     info.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"))
@@ -114,11 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from detector.engine.fit import TrainingDiverged
+
     try:
         args.run(args)
-    except (ValueError, OSError, KeyError) as error:
-        # User mistakes (bad paths, bad files, bad values) surface as one clear line; set
-        # CTPRUNE_DEBUG=1 for the traceback.
+    except (ValueError, OSError, KeyError, TrainingDiverged) as error:
+        # User mistakes (bad paths, files and values) and a diverged training run surface as
+        # one clear line; set CTPRUNE_DEBUG=1 for the traceback.
         if os.environ.get("CTPRUNE_DEBUG"):
             raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else error

@@ -1,6 +1,10 @@
 """Tiny models for tests: the real topology at a tiny fraction of the cost."""
 
+import numpy as np
+import torch
+
 from detector import ModelConfig, build_model, input_preset
+from detector.targets import encode_targets
 
 # Scaled-down widths per backbone family.
 TINY_WIDTHS = {
@@ -23,3 +27,28 @@ def tiny_config(arch: str = "res18", num_classes: int = 3) -> ModelConfig:
 def tiny_model(arch: str = "res18", num_classes: int = 3, **kwargs):
     config = tiny_config(arch, num_classes)
     return build_model(arch, num_classes, head_conv=config.head_conv, widths=config.widths, **kwargs)
+
+
+class TinyDetectionData(torch.utils.data.Dataset):
+    """Random images with 1-3 boxes each, already encoded as training items (no files)."""
+
+    def __init__(self, length: int = 8, size: int = 64, num_classes: int = 3, seed: int = 0):
+        generator = np.random.default_rng(seed)
+        self.items = []
+        output = size // 4
+        for _ in range(length):
+            count = int(generator.integers(1, 4))
+            corners = generator.uniform(0, output - 4, size=(count, 2))
+            sides = generator.uniform(2, output / 2, size=(count, 2))
+            boxes = np.concatenate([corners, np.minimum(corners + sides, output - 1)], axis=1)
+            labels = generator.integers(0, num_classes, size=count)
+            targets = encode_targets(boxes, labels, num_classes, (output, output), max_objects=8)
+            item = {key: torch.from_numpy(value) for key, value in targets.items()}
+            item["image"] = torch.from_numpy(generator.standard_normal((3, size, size)).astype(np.float32))
+            self.items.append(item)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]

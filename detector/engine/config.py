@@ -1,0 +1,145 @@
+"""The `train` and `evaluate` sections of a recipe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ..config import ModelConfig, from_dict, merge, parse_overrides, read_yaml, to_dict
+from ..data.sources import DataConfig, load_data_yaml
+from ..data.transforms import AugmentConfig
+
+# The original's learning rate, for a batch of 32 images; ctprune scales it linearly with the
+# global batch (1.25e-4 x 128 / 32 = 5e-4, as the original's released schedules do by hand).
+REFERENCE_BATCH = 32
+
+
+@dataclass
+class TrainConfig:
+    """How to train (or fine-tune) a model. Epoch-denominated: schedules survive changes of
+    data set size and batch size."""
+
+    epochs: int = 140
+    """Number of passes over the training set."""
+    batch_size: int = 32
+    """Images per step, summed over all processes."""
+    optimizer: Literal["adam", "sgd"] = "adam"
+    """Adam (the original's choice, robust for CenterNet) or SGD with momentum."""
+    lr: float = 1.25e-4
+    """Learning rate for a batch of 32 images; the optimiser uses lr x batch_size / 32."""
+    momentum: float = 0.9
+    """SGD momentum (ignored by Adam)."""
+    weight_decay: float = 0.0
+    """L2 weight decay; the original uses none."""
+    schedule: Literal["multistep", "step", "cosine"] = "multistep"
+    """multistep: lr x gamma at each of `lr_steps`; step: lr x gamma every `lr_steps[0]` epochs;
+    cosine: cosine decay to lr x min_lr_ratio after the warm-up."""
+    lr_steps: list[float] = field(default_factory=lambda: [90.0, 120.0])
+    """Epochs at which multistep drops the lr (the original's 90, 120); step uses the first."""
+    gamma: float = 0.1
+    """Factor of each lr drop."""
+    warmup_epochs: float = 0.0
+    """Linear warm-up from lr x warmup_factor over this many epochs (fractions allowed)."""
+    warmup_factor: float = 0.001
+    """Starting fraction of the lr during warm-up."""
+    min_lr_ratio: float = 0.0
+    """Cosine schedule: final lr as a fraction of the peak lr."""
+    grad_clip: float | None = None
+    """Clip the gradient norm to this value; None disables clipping (the original does not clip)."""
+    precision: Literal["fp32", "amp", "bf16"] = "fp32"
+    """fp32; amp = float16 autocast with gradient scaling (CUDA only); bf16 = bfloat16
+    autocast (CPU and CUDA). Losses are always computed in float32."""
+    channels_last: bool = False
+    """Run convolutions in channels-last memory format (faster on recent CPUs and GPUs)."""
+    seed: int = 317
+    """Seed of weights, data order and augmentation (317 is the original's)."""
+    deterministic: bool = False
+    """Ask PyTorch for deterministic kernels (slower; bit-identical reruns on one machine)."""
+    workers: int = 2
+    """Data-loading worker processes per training process (0 loads in the main process)."""
+    eval_interval: int = 5
+    """Evaluate on the val split every this many epochs (and after the last); 0 never."""
+    best_metric: Literal["ap", "ap50", "loss"] = "ap50"
+    """Metric that selects best.pt: COCO AP, COCO AP50 (the pruning seed's choice) or the
+    validation loss."""
+    max_objects: int = 128
+    """Objects per image kept for training targets (the original: 128 for COCO)."""
+    min_overlap: float = 0.7
+    """Gaussian-radius IoU target (0.7 with the original formula; 0.3 with the corrected one)."""
+    radius: Literal["original", "corrected"] = "original"
+    """Gaussian-radius formula: the original's (CornerNet's algebra quirk) or the corrected one."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Training augmentation; the defaults are the original's."""
+    log_interval: int = 20
+    """Steps between log records."""
+    pretrained: str | None = None
+    """Local file with torchvision ImageNet weights for the backbone; None trains from scratch."""
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: expected a positive value, got {self.lr}")
+        if self.workers < 0:
+            raise ValueError(f"workers: expected an integer >= 0, got {self.workers}")
+        if self.schedule == "step" and not self.lr_steps:
+            raise ValueError("lr_steps: the step schedule needs a step length in epochs")
+
+    def scaled_lr(self) -> float:
+        return self.lr * self.batch_size / REFERENCE_BATCH
+
+
+@dataclass
+class EvaluateConfig:
+    """How to evaluate a model on the val split."""
+
+    batch_size: int = 8
+    """Images per forward pass."""
+    max_detections: int = 100
+    """Detections kept per image (the original's K)."""
+    flip: bool = False
+    """Flip test: heatmap and wh averaged with the mirrored pass, offset from the plain pass."""
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    """Test scales; several are merged with soft-NMS (the original: 0.5, 0.75, 1, 1.25, 1.5)."""
+    soft_nms: Literal["gaussian", "linear"] = "gaussian"
+    """Soft-NMS variant for multi-scale merging (the original: gaussian, sigma 0.5)."""
+    keep_resolution: bool | None = None
+    """Test at the image's own resolution padded to a multiple of 32; None follows the
+    model's input spec."""
+    pr_curves: bool = True
+    """Write one precision-recall curve PNG per class."""
+    workers: int = 2
+    """Data-loading worker processes."""
+
+
+@dataclass
+class TrainRecipe:
+    """A training run: what to build, on which data, how to train and evaluate it."""
+
+    name: str = "run"
+    """Run name: outputs go to experiments/<name>/ unless --out says otherwise."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The architecture and its input spec."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Where the data set lives (or the path of a data.yaml)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training settings."""
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    """Evaluation settings."""
+
+
+def load_train_recipe(path: str | Path, overrides: list[str] = ()) -> TrainRecipe:
+    """Read a recipe YAML strictly; ``overrides`` are ``section.key=value`` strings. The data
+    section may be a mapping or the path of a data.yaml; its relative paths are resolved
+    against the file that declares them."""
+    path = Path(path)
+    raw = merge(read_yaml(path), parse_overrides(list(overrides)))
+    data = raw.get("data")
+    if isinstance(data, str):
+        data_path = Path(data) if Path(data).is_absolute() else path.parent / data
+        raw["data"] = to_dict(load_data_yaml(data_path))
+    elif isinstance(data, dict) and data.get("root") is None:
+        raw["data"] = {**data, "root": str(path.parent.resolve())}
+    return from_dict(TrainRecipe, raw, "")

@@ -1,0 +1,233 @@
+"""The training loop: one function to read top to bottom.
+
+Extension points are arguments, not subclasses: a loss function with the task loss's signature
+(distillation), an after-backward callable (sparsity regularisation), an after-step callable
+(proximal updates), extra parameters to optimise (distillation adapters) and an end-of-epoch
+callable. Every epoch ends with two atomic files in ``out_dir``: ``last.pt`` (the model, in the
+checkpoint format) and ``resume.pt`` (optimiser, scheduler, scaler, RNG and progress), then
+``best.pt`` when the selection metric improved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..checkpoint import atomic_save, load_model, save_checkpoint, unwrap_model
+from ..config import ModelConfig, to_dict
+from ..losses import centernet_loss
+from .config import TrainConfig
+from .optim import build_optimizer, build_scheduler
+
+LossFn = Callable[[list[dict[str, torch.Tensor]], dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+RESUME_FORMAT = 1
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class FitResult:
+    epochs: int
+    """Epochs completed."""
+    best_value: float | None = None
+    best_epoch: int | None = None
+    history: list[dict] = field(default_factory=list)
+    """One record per epoch: train loss, lr, time and evaluation metrics."""
+
+
+def _is_main_process() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "amp" and device.type != "cuda":
+        raise ValueError("train.precision: 'amp' (float16 with gradient scaling) needs CUDA; use 'bf16' on CPU")
+    dtype = torch.float16 if precision == "amp" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _improved(metric: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value < best if metric == "loss" else value > best
+
+
+def _rng_state() -> dict:
+    numpy_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].copy()), *numpy_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+class MetricsLog:
+    """JSON lines in ``metrics.jsonl`` (and TensorBoard scalars when it is installed)."""
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self.writer = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:
+                pass
+
+    def write(self, record: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+                    self.writer.add_scalar(f"{record['kind']}/{key}", value, step)
+
+
+def fit(
+    model: nn.Module,
+    model_config: ModelConfig,
+    config: TrainConfig,
+    train_loader: DataLoader,
+    out_dir: str | Path,
+    *,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    loss_fn: LossFn = centernet_loss,
+    after_backward: Callable[[nn.Module], None] | None = None,
+    after_step: Callable[[nn.Module], None] | None = None,
+    on_epoch_end: Callable[[int, nn.Module, dict], None] | None = None,
+    extra_parameters: Iterable[nn.Parameter] = (),
+    resume: bool = False,
+    device: str | torch.device = "cpu",
+) -> FitResult:
+    """Train ``model`` for ``config.epochs`` epochs (from where ``out_dir`` left off when
+    ``resume``), evaluating every ``config.eval_interval`` epochs with ``evaluate(model) ->
+    metrics`` and keeping ``best.pt`` by ``config.best_metric``.
+
+    ``model`` may be wrapped in DistributedDataParallel; then only rank 0 writes files.
+    ``loss_fn(outputs, batch)`` gets the model outputs and the batch on the device (with
+    ``image``), and returns the total loss and a dict of its parts.
+    """
+    out_dir, device = Path(out_dir), torch.device(device)
+    main = _is_main_process()
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    plain_model = unwrap_model(model)
+    memory_format = torch.channels_last if config.channels_last else torch.preserve_format
+    model.to(device=device, memory_format=memory_format)
+    extra_parameters = list(extra_parameters)
+    optimizer = build_optimizer([*model.parameters(), *extra_parameters], config)
+    scheduler = build_scheduler(optimizer, config, len(train_loader))
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "amp")
+    result = FitResult(epochs=0)
+    if resume:
+        if not (out_dir / "resume.pt").is_file() or not (out_dir / "last.pt").is_file():
+            raise FileNotFoundError(f"{out_dir}: nothing to resume (no last.pt and resume.pt)")
+        state = torch.load(out_dir / "resume.pt", map_location=device, weights_only=True)
+        resumed, _ = load_model(out_dir / "last.pt", arch=model_config.arch, num_classes=model_config.num_classes)
+        plain_model.load_state_dict(resumed.state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        result = FitResult(state["epoch"], state["best_value"], state["best_epoch"], state["history"])
+    log = MetricsLog(out_dir, enabled=main)
+    global_step = result.epochs * len(train_loader)
+
+    for epoch in range(result.epochs, config.epochs):
+        for epoch_aware in (train_loader.dataset, train_loader.sampler):
+            if hasattr(epoch_aware, "set_epoch"):
+                epoch_aware.set_epoch(epoch)
+        model.train()
+        started, images_seen, loss_sum = time.perf_counter(), 0, 0.0
+        progress = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not main, leave=False)
+        for step, batch in enumerate(progress):
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            if config.channels_last:
+                batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+            with _autocast(config.precision, device):
+                outputs = model(batch["image"])
+            loss, parts = loss_fn(outputs, batch)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}; "
+                    f"the last good checkpoint is {out_dir / 'last.pt'} (epoch {result.epochs}). "
+                    "Try a lower train.lr or train.grad_clip."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if after_backward is not None or config.grad_clip is not None:
+                scaler.unscale_(optimizer)  # hooks and clipping see true gradients under AMP
+            if after_backward is not None:
+                after_backward(plain_model)
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_([*model.parameters(), *extra_parameters], config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            if after_step is not None:
+                after_step(plain_model)
+            global_step += 1
+            images_seen += len(batch["image"])
+            loss_sum += loss.item()
+            rate = images_seen / (time.perf_counter() - started)
+            progress.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.1f}")
+            if global_step % config.log_interval == 0:
+                record = {"kind": "train", "epoch": epoch + 1, "step": global_step, "lr": scheduler.get_last_lr()[0],
+                          "images_per_s": rate, **{f"loss_{k}": float(v) for k, v in parts.items()}}
+                log.write(record, global_step)
+
+        done = epoch + 1
+        epoch_record = {"kind": "epoch", "epoch": done, "step": global_step,
+                        "train_loss": loss_sum / max(len(train_loader), 1),
+                        "seconds": time.perf_counter() - started, "lr": scheduler.get_last_lr()[0]}
+        interval = config.eval_interval
+        if evaluate is not None and interval > 0 and (done % interval == 0 or done == config.epochs):
+            epoch_record.update(evaluate(plain_model))
+        result.epochs = done
+        result.history.append(epoch_record)
+        log.write(epoch_record, global_step)
+        value = epoch_record.get(config.best_metric)
+        improved = value is not None and math.isfinite(value) and _improved(config.best_metric, value, result.best_value)
+        if improved:
+            result.best_value, result.best_epoch = value, done
+        if main:
+            meta = {"epoch": done, "metrics": {k: v for k, v in epoch_record.items() if isinstance(v, (int, float))},
+                    "train_config": to_dict(config)}
+            save_checkpoint(out_dir / "last.pt", plain_model, model_config, meta=meta)
+            atomic_save({"format": RESUME_FORMAT, "epoch": done, "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
+                         "best_value": result.best_value, "best_epoch": result.best_epoch,
+                         "history": result.history}, out_dir / "resume.pt")
+            if improved:
+                save_checkpoint(out_dir / "best.pt", plain_model, model_config, meta=meta)
+        if on_epoch_end is not None:
+            on_epoch_end(done, plain_model, epoch_record)
+    return result

@@ -1,0 +1,114 @@
+"""From a recipe to a trained checkpoint: data -> datasets -> model -> fit."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+import yaml
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from ..config import ConfigError, ModelConfig, to_dict
+from ..data.dataset import CenterNetDataset, collate, worker_init_fn
+from ..data.sources import load_source
+from ..models import build_model
+from .config import TrainConfig, TrainRecipe
+from .fit import FitResult, fit
+from .validate import make_evaluator
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_model_config(config: ModelConfig, class_names: list[str]) -> ModelConfig:
+    """The model section with the class count and names taken from the data where it leaves
+    them out; a stated class count must match the data's."""
+    if config.num_classes is not None and config.num_classes != len(class_names):
+        raise ConfigError(
+            f"model.num_classes is {config.num_classes} but the data has {len(class_names)} "
+            f"classes ({', '.join(class_names[:5])}{', ...' if len(class_names) > 5 else ''})"
+        )
+    return dataclasses.replace(config, num_classes=len(class_names), class_names=list(class_names))
+
+
+def train_loader(dataset: Dataset, config: TrainConfig, collate_fn=collate) -> DataLoader:
+    """Shuffled batches whose order is a function of (seed, epoch) alone, so a resumed run
+    sees the same batches as an uninterrupted one. Under torch.distributed each process
+    takes its share of every epoch and ``config.batch_size / world size`` images per step."""
+    world_size, rank = 1, 0
+    if torch.distributed.is_initialized():
+        world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    if config.batch_size % world_size:
+        raise ConfigError(
+            f"train.batch_size is {config.batch_size}, not divisible by the {world_size} processes"
+        )
+    if config.batch_size > len(dataset):
+        raise ConfigError(
+            f"train.batch_size is {config.batch_size} but the training set has only "
+            f"{len(dataset)} images"
+        )
+    sampler = DistributedSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=config.seed, drop_last=True
+    )
+    return DataLoader(
+        dataset,
+        batch_size=config.batch_size // world_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=config.workers,
+        collate_fn=collate_fn,
+        worker_init_fn=worker_init_fn,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def train_from_recipe(
+    recipe: TrainRecipe, out_dir: str | Path, *, resume: bool = False, device: str | None = None
+) -> FitResult:
+    """Train the recipe's model on its data; checkpoints, logs and the resolved recipe go to
+    ``out_dir``."""
+    out_dir = Path(out_dir)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(recipe.train.seed)
+    if recipe.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    train_source = load_source(recipe.data, "train")
+    val_source = load_source(recipe.data, "val") if recipe.data.val else None
+    if val_source is not None and val_source.class_names != train_source.class_names:
+        # Class indices are positions in these lists: different lists would silently mix classes.
+        raise ConfigError(
+            f"data: the train and val splits declare different classes: "
+            f"{train_source.class_names} vs {val_source.class_names}"
+        )
+    model_config = resolve_model_config(recipe.model, train_source.class_names)
+    resolved = dataclasses.replace(recipe, model=model_config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(resolved), sort_keys=False))
+
+    config = recipe.train
+    model = build_model(
+        model_config.arch,
+        model_config.num_classes,
+        head_conv=model_config.head_conv,
+        widths=model_config.widths,
+        pretrained=config.pretrained,
+    )
+    dataset = CenterNetDataset(
+        train_source.records,
+        model_config.num_classes,
+        model_config.input,
+        train=True,
+        augment=config.augment,
+        max_objects=config.max_objects,
+        seed=config.seed,
+        min_overlap=config.min_overlap,
+        radius_variant=config.radius,
+    )
+    evaluate = None
+    if val_source is not None:
+        evaluate = make_evaluator(val_source, model_config, recipe.evaluate, device, out_dir / "eval")
+    logger.info("training %s on %d images, %d classes", model_config.arch, len(dataset), model_config.num_classes)
+    return fit(model, model_config, config, train_loader(dataset, config), out_dir,
+               evaluate=evaluate, resume=resume, device=device)
+

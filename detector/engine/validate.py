@@ -1,0 +1,126 @@
+"""Evaluate a model on a data split: detections, COCO and VOC metrics, validation loss,
+results json, per-class table and P-R curves."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..config import ModelConfig
+from ..data.dataset import TARGET_KEYS, CenterNetDataset, collate, read_image, worker_init_fn
+from ..data.records import DetectionSource
+from ..decode import detections_to_image
+from ..evaluate.coco import coco_evaluate, detections_to_coco_results, ground_truth_to_coco
+from ..evaluate.curves import plot_pr_curves
+from ..evaluate.voc import voc_ap50
+from ..losses import centernet_loss
+from ..predictor import Predictor, detect
+from .config import EvaluateConfig
+
+
+@torch.no_grad()
+def predict_source(
+    model: nn.Module,
+    source: DetectionSource,
+    model_config: ModelConfig,
+    config: EvaluateConfig,
+    device: torch.device,
+) -> tuple[dict[int, np.ndarray], float | None]:
+    """Detections (image id -> (K, 6) in image pixels) for every image of ``source``, and the
+    mean validation loss when it can be computed (single scale, fixed resolution)."""
+    spec = model_config.input
+    keep_resolution = spec.keep_resolution if config.keep_resolution is None else config.keep_resolution
+    was_training = model.training
+    model.eval()
+    detections: dict[int, np.ndarray] = {}
+    losses = []
+    try:
+        if list(config.scales) != [1.0]:
+            predictor = Predictor(model, model_config, device=device, flip=config.flip, scales=tuple(config.scales),
+                                  max_detections=config.max_detections, keep_resolution=keep_resolution,
+                                  soft_nms=config.soft_nms)
+            for record in tqdm(source.records, desc="evaluate (multi-scale)", leave=False):
+                detections[record.image_id] = predictor.predict_one(read_image(record))
+            return detections, None
+        dataset = CenterNetDataset(source.records, model_config.num_classes, spec, train=False,
+                                   keep_resolution=keep_resolution)
+        loader = DataLoader(dataset, batch_size=1 if keep_resolution else config.batch_size,
+                            num_workers=config.workers, collate_fn=collate, worker_init_fn=worker_init_fn)
+        for batch in tqdm(loader, desc="evaluate", leave=False):
+            images = batch["image"].to(device)
+            if not config.flip:
+                outputs = model(images)
+                targets = {key: batch[key].to(device) for key in TARGET_KEYS}
+                losses.append(centernet_loss(outputs, targets)[0].item())
+            decoded = detect(model, images, flip=config.flip, max_detections=config.max_detections).cpu().numpy()
+            for rows, meta in zip(decoded, batch["meta"]):
+                detections[meta["image_id"]] = detections_to_image(rows, meta["inverse_affine"]).astype(np.float32)
+    finally:
+        model.train(was_training)
+    return detections, (float(np.mean(losses)) if losses else None)
+
+
+def evaluate_model(
+    model: nn.Module,
+    source: DetectionSource,
+    model_config: ModelConfig,
+    config: EvaluateConfig,
+    device: torch.device | str = "cpu",
+    out_dir: str | Path | None = None,
+    write_reports: bool = True,
+) -> dict:
+    """Metrics of ``model`` on ``source``: COCO ``ap``, ``ap50``, ``ap75``, ``aps``, ``apm``,
+    ``apl``, VOC-style ``voc_ap50`` (the pruning seed's metric), ``loss`` when available and
+    ``per_class_ap``. With ``out_dir`` and ``write_reports`` it also writes the COCO results
+    json, a per-class table and one P-R curve PNG per class."""
+    device = torch.device(device)
+    detections, loss = predict_source(model, source, model_config, config, device)
+    results = detections_to_coco_results(detections, source.category_ids)
+    if source.annotation_file is not None and source.annotation_file.suffix == ".json":
+        ground_truth = str(source.annotation_file)
+    else:
+        ground_truth = ground_truth_to_coco(source.records, source.class_names, source.category_ids)
+    metrics = coco_evaluate(ground_truth, results)
+    voc = voc_ap50(detections, source.records, len(source.class_names))
+    metrics["voc_ap50"] = voc["map"]
+    if loss is not None:
+        metrics["loss"] = loss
+    if out_dir is not None and write_reports:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "results.json").write_text(json.dumps(results))
+        rows = ["| class | COCO AP | VOC AP50 |", "|---|---|---|"]
+        for index, name in enumerate(source.class_names):
+            coco_ap = metrics["per_class_ap"].get(name, math.nan)
+            rows.append(f"| {name} | {coco_ap:.4f} | {voc['per_class_ap'][index]:.4f} |")
+        (out_dir / "per_class_ap.md").write_text("\n".join(rows) + "\n")
+        summary = {k: v for k, v in metrics.items() if k != "per_class_ap"}
+        (out_dir / "metrics.json").write_text(json.dumps({**summary, "per_class_ap": metrics["per_class_ap"]}, indent=2))
+        if config.pr_curves:
+            plot_pr_curves(voc["precision_recall"], source.class_names, out_dir / "pr_curves")
+    return metrics
+
+
+def make_evaluator(
+    source: DetectionSource,
+    model_config: ModelConfig,
+    config: EvaluateConfig,
+    device: torch.device | str,
+    out_dir: Path,
+) -> Callable[[nn.Module], dict]:
+    """The ``evaluate`` callable for `fit`: flat numeric metrics, reports of the latest
+    evaluation in ``out_dir``."""
+
+    def evaluate(model: nn.Module) -> dict:
+        metrics = evaluate_model(model, source, model_config, config, device, out_dir)
+        return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+    return evaluate

@@ -1,0 +1,154 @@
+"""The training loop: learning, checkpoints, best selection, resume and kill-and-resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+from detector import load_model, read_checkpoint
+from detector.checkpoint import build_from_config
+from detector.engine.config import TrainConfig
+from detector.engine.fit import TrainingDiverged, fit
+from detector.engine.train import train_loader
+from tiny import TinyDetectionData, tiny_config
+
+TESTS = Path(__file__).parent
+
+
+def _config(**overrides):
+    settings = dict(epochs=2, batch_size=4, lr=2e-3, workers=0, eval_interval=1,
+                    lr_steps=[100.0], log_interval=1, seed=1)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def _run(out_dir, config, **kwargs):
+    torch.manual_seed(0)
+    model_config = tiny_config()
+    model = build_from_config(model_config)
+    loader = train_loader(TinyDetectionData(8), config, collate_fn=default_collate)
+    result = fit(model, model_config, config, loader, out_dir, **kwargs)
+    return model, result
+
+
+def test_loss_falls_and_files_are_written(tmp_path):
+    _, result = _run(tmp_path, _config(epochs=8))
+    losses = [record["train_loss"] for record in result.history]
+    assert losses[-1] < 0.75 * losses[0]
+    assert {p.name for p in tmp_path.iterdir()} >= {"last.pt", "resume.pt", "metrics.jsonl"}
+    assert read_checkpoint(tmp_path / "last.pt").meta["epoch"] == 8
+    assert torch.load(tmp_path / "resume.pt", weights_only=True)["epoch"] == 8
+
+
+def test_best_checkpoint_follows_the_metric(tmp_path):
+    scores = iter([0.1, 0.3, 0.2])
+    _, result = _run(tmp_path, _config(epochs=3), evaluate=lambda model: {"ap50": next(scores)})
+    assert (result.best_epoch, result.best_value) == (2, 0.3)
+    assert read_checkpoint(tmp_path / "best.pt").meta["epoch"] == 2
+
+
+def test_extension_points_are_called(tmp_path):
+    calls = {"backward": 0, "step": 0, "epochs": []}
+    extra = torch.nn.Parameter(torch.zeros(3))
+
+    def loss_with_extra(outputs, batch):
+        from detector.losses import centernet_loss
+
+        total, parts = centernet_loss(outputs, batch)
+        return total + (extra - 1).pow(2).sum(), parts
+
+    _run(
+        tmp_path,
+        _config(epochs=2),
+        loss_fn=loss_with_extra,
+        extra_parameters=[extra],
+        after_backward=lambda model: calls.__setitem__("backward", calls["backward"] + 1),
+        after_step=lambda model: calls.__setitem__("step", calls["step"] + 1),
+        on_epoch_end=lambda epoch, model, record: calls["epochs"].append(epoch),
+    )
+    assert calls == {"backward": 4, "step": 4, "epochs": [1, 2]}
+    assert torch.all(extra > 0)  # the extra parameter was optimised
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path):
+    straight, _ = _run(tmp_path / "straight", _config(epochs=3))
+    _run(tmp_path / "split", _config(epochs=2))
+    _run(tmp_path / "split", _config(epochs=3), resume=True)
+    resumed, _ = load_model(tmp_path / "split" / "last.pt")
+    for name, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    _run(tmp_path, _config(epochs=1))
+    before = (tmp_path / "last.pt").read_bytes()
+
+    def exploding(outputs, batch):
+        return torch.tensor(float("nan")), {}
+
+    with pytest.raises(TrainingDiverged, match="at epoch 2, step 1.*epoch 1"):
+        _run(tmp_path, _config(epochs=2), loss_fn=exploding, resume=True)
+    assert (tmp_path / "last.pt").read_bytes() == before
+
+
+def test_resume_needs_a_run_and_the_same_architecture(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        _run(tmp_path, _config(), resume=True)
+    _run(tmp_path, _config(epochs=1))
+    model_config = tiny_config("res34")
+    model = build_from_config(model_config)
+    loader = train_loader(TinyDetectionData(8), _config(), collate_fn=default_collate)
+    with pytest.raises(ValueError, match="arch 'res18', expected 'res34'"):
+        fit(model, model_config, _config(), loader, tmp_path, resume=True)
+
+
+KILLED_RUN = textwrap.dedent(
+    """
+    import os, signal, sys
+    import torch
+    from torch.utils.data import default_collate
+    from detector.checkpoint import build_from_config
+    from detector.engine.config import TrainConfig
+    from detector.engine.fit import fit
+    from detector.engine.train import train_loader
+    from tiny import TinyDetectionData, tiny_config
+
+    out_dir, kill_after, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "resume"
+    torch.manual_seed(0)
+    config = TrainConfig(epochs=4, batch_size=4, lr=2e-3, workers=0, lr_steps=[100.0], seed=1)
+    model_config = tiny_config()
+    model = build_from_config(model_config)
+
+    def kill_after_checkpoint(epoch, model, record):
+        if epoch == kill_after:  # a deterministic kill point: right after this epoch's files
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    loader = train_loader(TinyDetectionData(8), config, collate_fn=default_collate)
+    fit(model, model_config, config, loader, out_dir, resume=resume, on_epoch_end=kill_after_checkpoint)
+    """
+)
+
+
+def test_sigkill_after_a_checkpoint_then_resume(tmp_path):
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)])}
+
+    def run(out_dir, kill_after, mode):
+        return subprocess.run([sys.executable, "-c", KILLED_RUN, str(out_dir), str(kill_after), mode],
+                              env=environment, capture_output=True, text=True, timeout=120)
+
+    killed = run(tmp_path / "killed", 2, "fresh")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert read_checkpoint(tmp_path / "killed" / "last.pt").meta["epoch"] == 2
+    resumed = run(tmp_path / "killed", 0, "resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert run(tmp_path / "straight", 0, "fresh").returncode == 0
+    finished, _ = load_model(tmp_path / "killed" / "last.pt")
+    reference, checkpoint = load_model(tmp_path / "straight" / "last.pt")
+    assert read_checkpoint(tmp_path / "killed" / "last.pt").meta["epoch"] == checkpoint.meta["epoch"] == 4
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(finished.state_dict()[name], value, rtol=0, atol=1e-6, msg=name)
