@@ -50,6 +50,8 @@ class TrainConfig:
     precision: Literal["fp32", "amp", "bf16"] = "fp32"
     """fp32; amp = float16 autocast with gradient scaling (CUDA only); bf16 = bfloat16
     autocast (CPU and CUDA). Losses are always computed in float32."""
+    sync_batchnorm: bool = False
+    """Under torchrun on CUDA, synchronise BatchNorm statistics across processes."""
     channels_last: bool = False
     """Run convolutions in channels-last memory format (faster on recent CPUs and GPUs)."""
     seed: int = 317

@@ -29,6 +29,7 @@ from ..checkpoint import atomic_save, load_model, save_checkpoint, unwrap_model
 from ..config import ModelConfig, to_dict
 from ..losses import centernet_loss
 from .config import TrainConfig
+from .distributed import barrier, is_main_process
 from .optim import build_optimizer, build_scheduler
 
 LossFn = Callable[[list[dict[str, torch.Tensor]], dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -47,10 +48,8 @@ class FitResult:
     best_epoch: int | None = None
     history: list[dict] = field(default_factory=list)
     """One record per epoch: train loss, lr, time and evaluation metrics."""
-
-
-def _is_main_process() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    parameter_checksum: float = 0.0
+    """Sum of all parameters at the end: equal on every process of a distributed run."""
 
 
 def _autocast(precision: str, device: torch.device):
@@ -136,7 +135,7 @@ def fit(
     ``image``), and returns the total loss and a dict of its parts.
     """
     out_dir, device = Path(out_dir), torch.device(device)
-    main = _is_main_process()
+    main = is_main_process()
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
     plain_model = unwrap_model(model)
@@ -228,6 +227,8 @@ def fit(
                          "history": result.history}, out_dir / "resume.pt")
             if improved:
                 save_checkpoint(out_dir / "best.pt", plain_model, model_config, meta=meta)
+        barrier()  # every process leaves the epoch only once its checkpoint is on disk
         if on_epoch_end is not None:
             on_epoch_end(done, plain_model, epoch_record)
+    result.parameter_checksum = float(sum(p.detach().double().sum() for p in plain_model.parameters()))
     return result

@@ -14,6 +14,7 @@ from ..config import ConfigError, ModelConfig, to_dict
 from ..data.dataset import CenterNetDataset, collate, worker_init_fn
 from ..data.sources import load_source
 from ..models import build_model
+from . import distributed
 from .config import TrainConfig, TrainRecipe
 from .fit import FitResult, fit
 from .validate import make_evaluator
@@ -64,12 +65,19 @@ def train_loader(dataset: Dataset, config: TrainConfig, collate_fn=collate) -> D
 
 
 def train_from_recipe(
-    recipe: TrainRecipe, out_dir: str | Path, *, resume: bool = False, device: str | None = None
+    recipe: TrainRecipe,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    device: str | None = None,
+    **fit_options,
 ) -> FitResult:
     """Train the recipe's model on its data; checkpoints, logs and the resolved recipe go to
-    ``out_dir``."""
+    ``out_dir``. Under torchrun every process runs this and they train one model together.
+    ``fit_options`` (loss_fn, after_backward, after_step, on_epoch_end, extra_parameters)
+    pass through to `fit`."""
     out_dir = Path(out_dir)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = distributed.setup(device)
     torch.manual_seed(recipe.train.seed)
     if recipe.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -83,8 +91,9 @@ def train_from_recipe(
         )
     model_config = resolve_model_config(recipe.model, train_source.class_names)
     resolved = dataclasses.replace(recipe, model=model_config)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(resolved), sort_keys=False))
+    if distributed.is_main_process():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(resolved), sort_keys=False))
 
     config = recipe.train
     model = build_model(
@@ -109,6 +118,8 @@ def train_from_recipe(
     if val_source is not None:
         evaluate = make_evaluator(val_source, model_config, recipe.evaluate, device, out_dir / "eval")
     logger.info("training %s on %d images, %d classes", model_config.arch, len(dataset), model_config.num_classes)
+    memory_format = torch.channels_last if config.channels_last else torch.preserve_format
+    model = distributed.wrap(model.to(device, memory_format=memory_format), device, config.sync_batchnorm)
     return fit(model, model_config, config, train_loader(dataset, config), out_dir,
-               evaluate=evaluate, resume=resume, device=device)
+               evaluate=evaluate, resume=resume, device=device, **fit_options)
 

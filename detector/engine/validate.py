@@ -3,6 +3,7 @@ results json, per-class table and P-R curves."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from ..evaluate.curves import plot_pr_curves
 from ..evaluate.voc import voc_ap50
 from ..losses import centernet_loss
 from ..predictor import Predictor, detect
+from . import distributed
 from .config import EvaluateConfig
 
 
@@ -82,7 +84,28 @@ def evaluate_model(
     ``per_class_ap``. With ``out_dir`` and ``write_reports`` it also writes the COCO results
     json, a per-class table and one P-R curve PNG per class."""
     device = torch.device(device)
-    detections, loss = predict_source(model, source, model_config, config, device)
+    # Under torch.distributed each process predicts its share of the images; rank 0 scores them.
+    rank, size = distributed.world()
+    shard = dataclasses.replace(source, records=source.records[rank::size])
+    detections, loss = predict_source(model, shard, model_config, config, device)
+    gathered = distributed.gather_to_main((detections, loss, len(shard.records)))
+    if gathered is None:
+        return distributed.broadcast_from_main(None)
+    detections = {image_id: rows for part, _, _ in gathered for image_id, rows in part.items()}
+    weighted = [(part_loss, count) for _, part_loss, count in gathered if part_loss is not None]
+    loss = sum(l * c for l, c in weighted) / sum(c for _, c in weighted) if weighted else None
+    metrics = _score(detections, loss, source, config, out_dir, write_reports)
+    return distributed.broadcast_from_main(metrics)
+
+
+def _score(
+    detections: dict[int, np.ndarray],
+    loss: float | None,
+    source: DetectionSource,
+    config: EvaluateConfig,
+    out_dir: str | Path | None,
+    write_reports: bool,
+) -> dict:
     results = detections_to_coco_results(detections, source.category_ids)
     if source.annotation_file is not None and source.annotation_file.suffix == ".json":
         ground_truth = str(source.annotation_file)

@@ -1,0 +1,88 @@
+"""torch.distributed under torchrun: process group, device, DDP wrapping and gathering.
+
+Run any training entry point under ``torchrun --nproc_per_node N`` (or multi-node torchrun);
+without torchrun's environment everything here is a no-op and training runs in one process.
+Backends: nccl on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(device: str | None = None) -> torch.device:
+    """Join the process group torchrun describes (once) and return this process's device."""
+    if not launched_by_torchrun():
+        return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        # A rank that dies makes the others fail in their next collective instead of hanging
+        # forever; torchrun then stops the whole job.
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=10))
+    return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    return world()[0] == 0
+
+
+def wrap(model: nn.Module, device: torch.device, sync_batchnorm: bool = False) -> nn.Module:
+    """DistributedDataParallel around the model when running distributed; the model itself
+    otherwise. SyncBatchNorm needs CUDA (its CPU path is not implemented in PyTorch)."""
+    if not dist.is_initialized():
+        return model
+    if sync_batchnorm:
+        if device.type != "cuda":
+            raise ValueError("train.sync_batchnorm needs CUDA devices (nccl); PyTorch has no CPU SyncBatchNorm")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def gather_to_main(value: object) -> list[object] | None:
+    """Every rank's ``value`` on rank 0 (a list in rank order), None on the other ranks; the
+    value itself in a list outside torch.distributed."""
+    if not dist.is_initialized():
+        return [value]
+    rank, size = world()
+    gathered = [None] * size if rank == 0 else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
+def broadcast_from_main(value: object) -> object:
+    """Rank 0's ``value`` on every rank."""
+    if not dist.is_initialized():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

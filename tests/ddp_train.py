@@ -1,0 +1,21 @@
+"""Run by torchrun in tests/test_distributed.py: train a recipe, optionally SIGKILL one rank
+right after a given epoch's checkpoint (a deterministic kill point)."""
+
+import os
+import signal
+import sys
+
+from detector.engine.config import load_train_recipe
+from detector.engine.train import train_from_recipe
+
+recipe_path, out_dir, kill_rank, kill_epoch, mode = sys.argv[1:6]
+
+
+def kill_point(epoch, model, record):
+    if int(os.environ.get("RANK", "0")) == int(kill_rank) and epoch == int(kill_epoch):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+result = train_from_recipe(load_train_recipe(recipe_path), out_dir, device="cpu",
+                           resume=mode == "resume", on_epoch_end=kill_point)
+print(f"FINAL epochs={result.epochs} checksum={result.parameter_checksum:.6f}")

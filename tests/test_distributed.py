@@ -1,0 +1,102 @@
+"""torchrun DDP on CPU (gloo): two processes train like one, and a killed worker stops the
+job cleanly so that it can resume."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from detector import load_model
+from detector.data.shapes import generate_shapes
+from detector.checkpoint import build_from_config
+from tiny import TINY_HEAD_CONV, TINY_WIDTHS
+
+TESTS = Path(__file__).parent
+SCRIPT = TESTS / "ddp_train.py"
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    generate_shapes(root / "shapes", num_train=16, num_val=4, image_size=64, seed=5)
+    recipe = {
+        "name": "ddp",
+        "model": {"arch": "res18", "head_conv": TINY_HEAD_CONV, "widths": TINY_WIDTHS["res"],
+                  "input": {"input_size": [64, 64]}},
+        "data": str(root / "shapes" / "data.yaml"),
+        # No augmentation: both runs must see the same pixels; no eval: it is not compared.
+        # SGD, not Adam: Adam's sign-like steps turn tiny gradient differences into full steps.
+        "train": {"epochs": 3, "batch_size": 8, "optimizer": "sgd", "lr": 0.02, "workers": 0, "eval_interval": 0,
+                  "lr_steps": [100], "augment": {"random_crop": False, "shift": 0.0, "scale": 0.0,
+                                                   "flip": 0.0, "color": False}},
+    }
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _environment():
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)]),
+            "OMP_NUM_THREADS": "1"}
+
+
+def _single(recipe, out_dir):
+    return subprocess.run([sys.executable, str(SCRIPT), str(recipe), str(out_dir), "-1", "0", "fresh"],
+                          env=_environment(), capture_output=True, text=True, timeout=300)
+
+
+def _torchrun(recipe, out_dir, kill_rank=-1, kill_epoch=0, mode="fresh"):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--standalone", "--max_restarts", "0",
+               str(SCRIPT), str(recipe), str(out_dir), str(kill_rank), str(kill_epoch), mode]
+    return subprocess.run(command, env=_environment(), capture_output=True, text=True, timeout=300)
+
+
+def _loss_on_training_set(model, recipe_path):
+    """Train-mode loss over the whole (unaugmented) training set in one batch."""
+    from detector.data.dataset import CenterNetDataset, collate
+    from detector.data.sources import load_source
+    from detector.engine.config import load_train_recipe
+    from detector.losses import centernet_loss
+
+    recipe = load_train_recipe(recipe_path)
+    source = load_source(recipe.data, "train")
+    dataset = CenterNetDataset(source.records, 6, recipe.model.input, train=True, augment=recipe.train.augment)
+    batch = collate([dataset[i] for i in range(len(dataset))])
+    model.train()
+    with torch.no_grad():
+        return centernet_loss(model(batch["image"]), batch)[0].item()
+
+
+def test_two_processes_match_one_within_noise(recipe, tmp_path):
+    single = _single(recipe, tmp_path / "single")
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = _torchrun(recipe, tmp_path / "ddp")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    checksums = [line.split("checksum=")[1] for line in ddp.stdout.splitlines() if "FINAL" in line]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]  # the ranks hold one model
+    one, _ = load_model(tmp_path / "single" / "last.pt")
+    two, checkpoint = load_model(tmp_path / "ddp" / "last.pt")
+    torch.manual_seed(317)  # the recipe's seed, which train_from_recipe uses to build the model
+    start = build_from_config(checkpoint.model_config)
+    before, after_one, after_two = (_loss_on_training_set(m, recipe) for m in (start, one, two))
+    # Same data, global batch and lr: the runs differ only by per-process BatchNorm statistics
+    # and loss normalisation, so both learn about as much.
+    assert after_one < before and after_two < before
+    assert abs(after_two - after_one) < 0.3 * (before - after_one), (before, after_one, after_two)
+
+
+def test_a_killed_worker_stops_the_job_and_it_resumes(recipe, tmp_path):
+    out = tmp_path / "run"
+    killed = _torchrun(recipe, out, kill_rank=1, kill_epoch=1)
+    assert killed.returncode != 0
+    assert "FINAL" not in killed.stdout
+    assert load_model(out / "last.pt")[1].meta["epoch"] == 1
+    resumed = _torchrun(recipe, out, mode="resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "epochs=3" in resumed.stdout
+    assert load_model(out / "last.pt")[1].meta["epoch"] == 3
