@@ -74,6 +74,41 @@ def _show_data(args: argparse.Namespace) -> None:
     print(f"wrote {len(written)} images with ground-truth boxes and target heatmaps to {args.out}")
 
 
+def _prune(args: argparse.Namespace) -> None:
+    import torch
+
+    from detector import load_model, save_checkpoint
+
+    from .prune import DEFAULT_ROUND_TO, prune
+
+    model, checkpoint = load_model(args.checkpoint)
+    size = tuple(args.input_size or checkpoint.model_config.input.input_size)
+    round_to = DEFAULT_ROUND_TO if args.round_to is None else (args.round_to or None)
+    result = prune(
+        model,
+        args.ratio,
+        args.criterion,
+        scope=args.scope,
+        example_inputs=torch.zeros(1, 3, *size),
+        max_layer_ratio=args.max_layer_ratio,
+        round_to=round_to,
+        target_macs=args.target_macs,
+    )
+    stats = result.stats
+    meta = {"pruned_from": str(args.checkpoint), "prune": {
+        "criterion": stats.criterion, "scope": stats.scope, "ratio": stats.ratio, "round_to": stats.round_to,
+        "params_before": stats.params_before, "macs_before": stats.macs_before}}
+    save_checkpoint(args.out, result.model, checkpoint.model_config, meta=meta)
+    rows = [("params (M)", stats.params_before / 1e6, stats.params_after / 1e6),
+            ("state dict (MiB)", stats.mib_before, stats.mib_after),
+            (f"GMACs at {size[0]}x{size[1]}", stats.macs_before / 1e9, stats.macs_after / 1e9)]
+    print(f"| {args.criterion}, {stats.scope}, ratio {stats.ratio:.3f} | before | after | change |")
+    print("|---|---|---|---|")
+    for name, before, after in rows:
+        print(f"| {name} | {before:.2f} | {after:.2f} | {(after / before - 1) * 100:+.1f}% |")
+    print(f"pruned in {stats.seconds:.2f} s; wrote {args.out}")
+
+
 def torch_cuda() -> bool:
     import torch
 
@@ -193,6 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--out", required=True, type=Path)
     show.add_argument("--count", type=int, default=8, help="images to draw")
     show.set_defaults(run=_show_data)
+
+    prune = commands.add_parser("prune", help="remove channels from a checkpoint's model")
+    prune.add_argument("checkpoint", type=Path)
+    prune.add_argument("--ratio", type=float, help="fraction of channels to remove (per group or global)")
+    prune.add_argument("--criterion", default="l1", help="l1, l2, bn_gamma, kmeans or random")
+    prune.add_argument("--scope", default="layer", choices=("layer", "global"))
+    prune.add_argument("--round-to", type=int, help="keep multiples of this (default 16; 0: no rounding)")
+    prune.add_argument("--max-layer-ratio", type=float, default=0.8, help="global scope: cap per group")
+    prune.add_argument("--target-macs", type=float, help="instead of --ratio: keep this fraction of MACs")
+    prune.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="for MACs (default: the model's)")
+    prune.add_argument("--out", required=True, type=Path)
+    prune.set_defaults(run=_prune)
 
     info = commands.add_parser("info", help="describe a checkpoint: arch, input, plan, size, MACs")
     info.add_argument("checkpoint", type=Path)
