@@ -23,7 +23,7 @@ from ..evaluate.coco import coco_evaluate, detections_to_coco_results, ground_tr
 from ..evaluate.curves import plot_pr_curves
 from ..evaluate.voc import voc_ap50
 from ..losses import centernet_loss
-from ..predictor import Predictor, detect
+from ..predictor import Predictor, decode_heads, detect
 from . import distributed
 from .config import EvaluateConfig
 
@@ -58,11 +58,15 @@ def predict_source(
                             num_workers=config.workers, collate_fn=collate, worker_init_fn=worker_init_fn)
         for batch in tqdm(loader, desc="evaluate", leave=False):
             images = batch["image"].to(device)
-            if not config.flip:
+            if config.flip:
+                decoded = detect(model, images, flip=True, max_detections=config.max_detections)
+            else:
+                # One forward pass gives both the validation loss and the detections.
                 outputs = model(images)
                 targets = {key: batch[key].to(device) for key in TARGET_KEYS}
                 losses.append(centernet_loss(outputs, targets)[0].item())
-            decoded = detect(model, images, flip=config.flip, max_detections=config.max_detections).cpu().numpy()
+                decoded = decode_heads(outputs[-1], max_detections=config.max_detections)
+            decoded = decoded.cpu().numpy()
             for rows, meta in zip(decoded, batch["meta"]):
                 detections[meta["image_id"]] = detections_to_image(rows, meta["inverse_affine"]).astype(np.float32)
     finally:
