@@ -38,3 +38,17 @@ def test_import_original_command(tmp_path, capsys):
     out = tmp_path / "imported.pt"
     assert main(["import-original", str(path), "--arch", "res18", "--out", str(out)]) == 0
     assert torch.load(out, weights_only=True)["model_config"]["input"]["color_order"] == "BGR"
+
+
+def test_prune_command_writes_a_loadable_smaller_checkpoint(tmp_path, capsys):
+    from detector import count_parameters, load_model
+
+    config = tiny_config()
+    path = save_checkpoint(tmp_path / "m.pt", build_from_config(config), config)
+    out = tmp_path / "pruned.pt"
+    assert main(["prune", str(path), "--ratio", "0.5", "--round-to", "0", "--out", str(out)]) == 0
+    assert "| params (M) |" in capsys.readouterr().out
+    pruned, checkpoint = load_model(out)
+    assert checkpoint.channel_plan and count_parameters(pruned) < 0.5 * count_parameters(build_from_config(config))
+    assert main(["prune", str(path), "--ratio", "1.5", "--out", str(out)]) == 2
+    assert "ratio" in capsys.readouterr().err

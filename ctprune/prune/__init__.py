@@ -1,0 +1,20 @@
+"""Channel pruning of CenterNet models on torch-pruning's dependency graph.
+
+One entry point, `prune(model, ratio, criterion, ...) -> PruneResult(model, plan, stats)`;
+the folders mirror the algorithm: `graph` (coupled channels) -> `criteria` (importance) ->
+`allocate` (how many channels each group keeps) -> `merge` (k-means merging) -> `api`.
+"""
+
+from .allocate import rounded_keep
+from .api import DEFAULT_ROUND_TO, PruneResult, PruneStats, prune, widths_after_pruning
+from .criteria import CRITERIA
+
+__all__ = [
+    "CRITERIA",
+    "DEFAULT_ROUND_TO",
+    "PruneResult",
+    "PruneStats",
+    "prune",
+    "rounded_keep",
+    "widths_after_pruning",
+]

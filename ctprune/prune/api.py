@@ -1,0 +1,420 @@
+"""`prune`: the one entry point. Graph -> scores -> allocation -> selection -> pruning -> stats.
+
+result = prune(model, 0.3, "l1")                        # every group loses 30 %
+result = prune(model, 0.3, "bn_gamma", scope="global")  # 30 % of all channels, ranked together
+result = prune(model, None, "l1", target_macs=0.5)      # half the MACs
+save_checkpoint(path, result.model, config)             # config + channel plan + weights
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from numbers import Real
+
+import torch
+from torch import nn
+
+from detector import count_macs, count_parameters, layer_widths, output_layers, state_dict_mib
+from detector.channel_plan import ChannelPlan, apply_channel_plan
+
+from .allocate import allocate_global, allocate_layer, match_overrides
+from .criteria import (
+    SELECTORS,
+    Selection,
+    check_applicable,
+    check_criterion,
+    check_ties,
+    keep_highest,
+)
+from .graph import (
+    MISTRACE_HINT,
+    ChannelGroup,
+    build_graph,
+    collect_groups,
+    meta_copy,
+    modes_restored,
+    prune_channels,
+    requires_grad_restored,
+    resolve_ignored_layers,
+)
+from .merge import fold_into_kept
+
+SCOPES = ("layer", "global")
+# Graph building traces one forward pass; at 128 px it is ~18x faster than at 512 px and gives
+# the same groups (the architecture is fully convolutional).
+DEFAULT_EXAMPLE_SIZE = (128, 128)
+# Chosen from experiments/bench_prune.md: on CPU (oneDNN blocks channels by 16) widths that are
+# multiples of 16 turn MAC savings into real speed-ups; odd widths waste most of them.
+DEFAULT_ROUND_TO = 16
+# target_macs bisection stops when the ratio interval is this narrow.
+RATIO_RESOLUTION = 1e-4
+
+
+@dataclass
+class PruneStats:
+    """What pruning did, in plain Python types (`as_dict` is JSON-ready).
+
+    MACs are counted by `detector.count_macs` (torch.utils.flop_counter, FLOPs / 2) for one
+    image of ``input_size`` (height, width), the example input's size; for this fully
+    convolutional model their before/after ratio is the same at any size. MiB is the fp32
+    state dict as `torch.save` writes it. Widths are `detector.layer_widths` (module path ->
+    [in, out] or [num_features]). ``groups`` lists every pruned group: its root layer, the
+    layers writing its channels, its width and the channels kept. ``ratio`` is the ratio
+    applied (found by bisection when ``target_macs`` was given). ``seconds`` is the wall time
+    of the whole call, ``timings`` its parts.
+    """
+
+    criterion: str
+    scope: str
+    ratio: float
+    round_to: int | None
+    max_layer_ratio: float
+    target_macs: float | None
+    input_size: tuple[int, int]
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    mib_before: float
+    mib_after: float
+    seconds: float
+    widths_before: dict[str, list[int]]
+    widths_after: dict[str, list[int]]
+    groups: list[dict]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """Three lines for a terminal or a report."""
+
+        def change(before: float, after: float) -> str:
+            return f"{before:,.1f} -> {after:,.1f} ({(after / before - 1) * 100:+.1f}%)"
+
+        size = f"{self.input_size[0]}x{self.input_size[1]}"
+        return "\n".join(
+            [
+                f"pruned with {self.criterion}, {self.scope} scope, ratio {self.ratio:.3f}, "
+                f"round_to {self.round_to}, in {self.seconds:.2f} s",
+                f"params (M) {change(self.params_before / 1e6, self.params_after / 1e6)}; "
+                f"state dict (MiB) {change(self.mib_before, self.mib_after)}",
+                f"GMACs at {size} {change(self.macs_before / 1e9, self.macs_after / 1e9)}",
+            ]
+        )
+
+
+@dataclass
+class PruneResult:
+    """The pruned model, its channel plan (module path -> widths, the layers whose widths
+    differ from the model given to `prune`; None when nothing changed) and its statistics."""
+
+    model: nn.Module
+    plan: ChannelPlan | None
+    stats: PruneStats
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _check_arguments(
+    model,
+    ratio,
+    criterion,
+    scope,
+    example_inputs,
+    ratio_overrides,
+    max_layer_ratio,
+    round_to,
+    target_macs,
+    data,
+) -> None:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
+    check_criterion(criterion)
+    if scope not in SCOPES:
+        raise ValueError(f"scope: expected one of {SCOPES}, got {scope!r}")
+    if not _is_number(max_layer_ratio) or not 0 < max_layer_ratio < 1:
+        raise ValueError(f"max_layer_ratio: expected a number in (0, 1), got {max_layer_ratio!r}")
+    if target_macs is None:
+        if not _is_number(ratio) or not 0 <= ratio < 1:
+            raise ValueError(f"ratio: expected a number in [0, 1), got {ratio!r}")
+        if ratio > max_layer_ratio:
+            raise ValueError(
+                f"ratio {ratio} exceeds max_layer_ratio {max_layer_ratio}, the most any layer may "
+                "lose; raise max_layer_ratio to prune harder"
+            )
+    else:
+        if ratio is not None:
+            raise ValueError("give either ratio or target_macs, not both (pass ratio=None)")
+        if not _is_number(target_macs) or not 0 < target_macs <= 1:
+            raise ValueError(
+                "target_macs: expected the fraction of MACs to keep, in (0, 1], got "
+                f"{target_macs!r}"
+            )
+    if round_to is not None and (
+        not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1
+    ):
+        raise ValueError(f"round_to: expected None or a positive integer, got {round_to!r}")
+    if ratio_overrides is not None:
+        if not isinstance(ratio_overrides, dict):
+            raise ValueError(
+                f"ratio_overrides: expected a dict of module-name pattern -> ratio, got "
+                f"{type(ratio_overrides).__name__}"
+            )
+        for pattern, value in ratio_overrides.items():
+            if not isinstance(pattern, str):
+                raise ValueError(f"ratio_overrides: keys are module-name patterns, got {pattern!r}")
+            if not _is_number(value) or not 0 <= value <= max_layer_ratio:
+                raise ValueError(
+                    f"ratio_overrides[{pattern!r}]: expected a ratio in [0, max_layer_ratio = "
+                    f"{max_layer_ratio}], got {value!r}"
+                )
+    if example_inputs is not None and (
+        not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() != 4
+    ):
+        raise ValueError("example_inputs: expected an image batch tensor of shape (B, 3, H, W)")
+    if data is not None:
+        raise ValueError(
+            "data: none of the criteria (l1, l2, bn_gamma, kmeans, random) reads data; the "
+            "argument is reserved for data-driven criteria"
+        )
+
+
+def widths_after_pruning(
+    widths: dict[str, list[int]], groups: list[ChannelGroup], keeps: list[int]
+) -> dict[str, list[int]]:
+    """The layer widths pruning to ``keeps`` will produce, without pruning: every layer writing
+    a group's channels loses the removed channels from its outputs, every layer reading them
+    from its inputs."""
+    widths = copy.deepcopy(widths)
+    for group, keep in zip(groups, keeps, strict=True):
+        removed = group.width - keep
+        for layer in group.producers:
+            widths[layer.name][-1] -= removed
+        for layer in group.norms:
+            widths[layer.name][0] -= removed
+        for layer in group.consumers:
+            widths[layer.name][0] -= removed
+    return widths
+
+
+def _macs_of_widths(
+    model: nn.Module, before: dict, after: dict, input_size: tuple[int, int]
+) -> int:
+    """MACs of ``model`` resized to ``after`` widths, counted on a meta copy (no weights)."""
+    plan = {name: value for name, value in after.items() if value != before[name]}
+    return count_macs(apply_channel_plan(meta_copy(model), plan), input_size)
+
+
+def _bisect_ratio(target_macs: float, high: float, macs_of) -> float:
+    """The smallest ratio in [0, high] whose MACs fraction is at most ``target_macs``
+    (MACs fall monotonically with the ratio in both scopes)."""
+    if macs_of(0.0) <= target_macs:
+        return 0.0
+    reachable = macs_of(high)
+    if reachable > target_macs:
+        raise ValueError(
+            f"target_macs {target_macs} is out of reach: with every layer at max_layer_ratio "
+            f"({high}) the model keeps {reachable:.3f} of its MACs; raise max_layer_ratio or "
+            "aim higher"
+        )
+    low = 0.0
+    while high - low > RATIO_RESOLUTION:
+        middle = (low + high) / 2
+        if macs_of(middle) <= target_macs:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def prune(
+    model: nn.Module,
+    ratio: float | None,
+    criterion: str = "l1",
+    *,
+    scope: str = "layer",
+    example_inputs: torch.Tensor | None = None,
+    ignored_layers: Iterable[str | nn.Module] | None = None,
+    ratio_overrides: dict[str, float] | None = None,
+    max_layer_ratio: float = 0.8,
+    round_to: int | None = DEFAULT_ROUND_TO,
+    target_macs: float | None = None,
+    data: object = None,
+    inplace: bool = False,
+) -> PruneResult:
+    """Remove channels from ``model``; everything coupled to a channel goes with it.
+
+    Args:
+        model: a CenterNet (any model whose output layers `detector.output_layers` declares;
+            those keep their output channels).
+        ratio: the fraction of channels to remove, in [0, 1): of every group in ``"layer"``
+            scope, of all prunable channels together in ``"global"`` scope. None when
+            ``target_macs`` is given.
+        criterion: a name from `criteria.CRITERIA`: "l1", "l2", "bn_gamma", "kmeans" (merges
+            similar channels instead of dropping them), "random".
+        scope: "layer" (every group loses ``ratio``, rounded) or "global" (groups ranked
+            together on mean-normalised scores; no group loses more than ``max_layer_ratio``).
+        example_inputs: the input traced to find the coupled channels, also the size MACs are
+            counted at; default a 1 x 3 x 128 x 128 batch of zeros.
+        ignored_layers: module paths or modules of ``model`` whose output channels (and all
+            their submodules') are kept.
+        ratio_overrides: module-name pattern (fnmatch) -> ratio for the groups whose layers
+            it matches (see `allocate.match_overrides`); those groups lose exactly that ratio.
+        max_layer_ratio: the most any group may lose, in (0, 1).
+        round_to: kept channel counts are rounded to multiples of this (see `allocate`); None
+            rounds to whole channels.
+        target_macs: instead of ``ratio``, the fraction of MACs to keep, in (0, 1]: the ratio
+            (global or per layer, by ``scope``) is bisected until the pruned model's MACs are
+            at most this fraction of the original's.
+        data: reserved for data-driven criteria; none of today's criteria reads data.
+        inplace: prune ``model`` itself; by default a deep copy is pruned and ``model`` (often
+            the distillation teacher) is left untouched.
+
+    Returns:
+        PruneResult(model, plan, stats). Every module of the returned model is in the
+        train/eval mode it had, and frozen parameters stay frozen.
+
+    Raises:
+        ValueError: bad arguments, unknown criterion, nothing prunable, bn_gamma on a model
+            without BatchNorm or with untrained (all equal) gammas, unreachable target_macs.
+    """
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - since, 4)
+        return now
+
+    _check_arguments(
+        model,
+        ratio,
+        criterion,
+        scope,
+        example_inputs,
+        ratio_overrides,
+        max_layer_ratio,
+        round_to,
+        target_macs,
+        data,
+    )
+    score = check_criterion(criterion)
+    parameter = next(model.parameters(), None)
+    if parameter is None:
+        raise ValueError("nothing to prune: the model has no parameters")
+    if example_inputs is None:
+        example_inputs = torch.zeros(
+            1, 3, *DEFAULT_EXAMPLE_SIZE, dtype=parameter.dtype, device=parameter.device
+        )
+    input_size = tuple(int(side) for side in example_inputs.shape[-2:])
+
+    working = model if inplace else copy.deepcopy(model)
+    clock = lap("copy", started)
+    with modes_restored(working), requires_grad_restored(working), torch.inference_mode(False):
+        widths_before = layer_widths(working)
+        params_before = count_parameters(working)
+        mib_before = state_dict_mib(working)
+        macs_before = count_macs(meta_copy(working), input_size)
+        outputs = [(layer, layer.out_channels) for layer in output_layers(working)]
+        clock = lap("stats_before", clock)
+
+        graph = build_graph(working, example_inputs)
+        ignored = resolve_ignored_layers(working, ignored_layers, model)
+        groups = collect_groups(graph, working, ignored)
+        if not groups:
+            raise ValueError(
+                "nothing to prune: every layer's output channels are model outputs or ignored"
+            )
+        overrides = match_overrides(groups, ratio_overrides)
+        check_applicable(criterion, groups)
+        clock = lap("graph", clock)
+
+        need_scores = scope == "global" or criterion not in SELECTORS
+        scores = [score(group) for group in groups] if need_scores else [None] * len(groups)
+        if need_scores:
+            check_ties(criterion, groups, scores)
+        clock = lap("scores", clock)
+
+        def allocate(applied_ratio: float) -> list[int]:
+            if scope == "global":
+                return allocate_global(
+                    groups, scores, applied_ratio, overrides, round_to, max_layer_ratio
+                )
+            return allocate_layer(groups, applied_ratio, overrides, round_to, max_layer_ratio)
+
+        if target_macs is not None:
+
+            def macs_fraction(applied_ratio: float) -> float:
+                after = widths_after_pruning(widths_before, groups, allocate(applied_ratio))
+                return _macs_of_widths(working, widths_before, after, input_size) / macs_before
+
+            ratio = _bisect_ratio(target_macs, max_layer_ratio, macs_fraction)
+            clock = lap("target_macs", clock)
+        keeps = allocate(ratio)
+
+        select = SELECTORS.get(criterion, keep_highest)
+        selections: list[Selection] = [
+            select(group, group_scores, keep)
+            for group, group_scores, keep in zip(groups, scores, keeps, strict=True)
+        ]
+        clock = lap("select", clock)
+
+        # Fold every group before pruning any: folding changes values only, so each group's
+        # channel indices in its consumers are still the ones collected above.
+        for group, selection in zip(groups, selections, strict=True):
+            fold_into_kept(group, selection.merged)
+        with torch.no_grad():
+            for group, selection in zip(groups, selections, strict=True):
+                kept = set(selection.kept)
+                prune_channels(graph, group, [c for c in range(group.width) if c not in kept])
+        clock = lap("prune", clock)
+
+        widths_after = layer_widths(working)
+        changed = [layer for layer, channels in outputs if layer.out_channels != channels]
+        if changed:  # a bug, never a user error: output layers are never in a group
+            raise RuntimeError(f"pruning changed the output channels of {changed}")
+        try:  # one forward pass on a meta copy: every layer's widths must fit its neighbours'
+            macs_after = count_macs(meta_copy(working), input_size)
+        except RuntimeError as error:
+            raise ValueError(
+                f"the pruned model does not run ({str(error).splitlines()[0]}): torch-pruning "
+                f"mis-traced this model ({MISTRACE_HINT})"
+            ) from None
+        stats = PruneStats(
+            criterion=criterion,
+            scope=scope,
+            ratio=float(ratio),
+            round_to=round_to,
+            max_layer_ratio=float(max_layer_ratio),
+            target_macs=None if target_macs is None else float(target_macs),
+            input_size=input_size,
+            params_before=params_before,
+            params_after=count_parameters(working),
+            macs_before=macs_before,
+            macs_after=macs_after,
+            mib_before=mib_before,
+            mib_after=state_dict_mib(working),
+            seconds=0.0,
+            widths_before=widths_before,
+            widths_after=widths_after,
+            groups=[
+                {
+                    "name": group.name,
+                    "layers": group.output_layer_names,
+                    "width": group.width,
+                    "kept": len(selection.kept),
+                }
+                for group, selection in zip(groups, selections, strict=True)
+            ],
+            timings=timings,
+        )
+        lap("stats_after", clock)
+    plan = {name: value for name, value in widths_after.items() if value != widths_before[name]}
+    stats.seconds = round(time.perf_counter() - started, 4)
+    return PruneResult(working, plan or None, stats)
