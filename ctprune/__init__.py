@@ -12,7 +12,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+source"
 
-from .prune import CRITERIA, PruneResult, PruneStats, prune
+from .pruning import CRITERIA, PruneResult, PruneStats, prune
 from .recalibrate import recalibrate_bn
 from .slimming import SparsityConfig, bn_gamma_statistics, sparsity_callbacks
 

@@ -79,7 +79,7 @@ def _prune(args: argparse.Namespace) -> None:
 
     from detector import load_model, save_checkpoint
 
-    from .prune import DEFAULT_ROUND_TO, prune
+    from .pruning import DEFAULT_ROUND_TO, prune
 
     model, checkpoint = load_model(args.checkpoint)
     size = tuple(args.input_size or checkpoint.model_config.input.input_size)

@@ -1,4 +1,4 @@
-"""Benchmark of `ctprune.prune.prune` on full-size CenterNets, on CPU.
+"""Benchmark of `ctprune.pruning.prune` on full-size CenterNets, on CPU.
 
     python experiments/bench_prune.py --part structure   # sizes, MACs, time to prune (~3 min)
     python experiments/bench_prune.py --part latency     # paired CPU latency at 512 px (~6 min)
@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-import ctprune.prune.api as prune_api
-from ctprune.prune import prune
-from ctprune.prune.graph import meta_copy
+import ctprune.pruning.api as prune_api
+from ctprune.pruning import prune
+from ctprune.pruning.graph import meta_copy
 from ctprune.recalibrate import recalibrate_bn
 from detector import build_model, count_macs, input_preset
 from detector.data.dataset import CenterNetDataset, collate

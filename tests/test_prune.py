@@ -1,4 +1,4 @@
-"""The pruning engine: invariants of `ctprune.prune.prune` on tiny ResNet-18/50 CenterNets."""
+"""The pruning engine: invariants of `ctprune.pruning.prune` on tiny ResNet-18/50 CenterNets."""
 
 import math
 
@@ -7,8 +7,8 @@ import torch
 from tiny import TinyDetectionData, tiny_config, tiny_model
 from torch import nn
 
-from ctprune.prune import CRITERIA, prune, rounded_keep, widths_after_pruning
-from ctprune.prune.graph import build_graph, collect_groups, resolve_ignored_layers
+from ctprune.pruning import CRITERIA, prune, rounded_keep, widths_after_pruning
+from ctprune.pruning.graph import build_graph, collect_groups, resolve_ignored_layers
 from detector import (
     count_macs,
     layer_widths,
@@ -129,7 +129,7 @@ def test_l1_removes_exactly_dead_channels_and_outputs_do_not_change(arch, scope)
 
 
 def test_rounding_by_hand():
-    # Examples of the rounding documented in ctprune/prune/allocate.py.
+    # Examples of the rounding documented in ctprune/pruning/allocate.py.
     assert rounded_keep(0.8 * 64, 64, 16, 0.8) == 48  # 51.2 -> 48
     assert rounded_keep(0.5 * 256, 256, 16, 0.8) == 128
     assert rounded_keep(0.8 * 40, 40, 16, 0.8) == 32

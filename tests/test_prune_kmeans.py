@@ -5,11 +5,11 @@ import torch
 from test_prune import ARCHS, EXAMPLE, groups_of, outputs_of, randomised
 from torch import nn
 
-import ctprune.prune.api as api
-import ctprune.prune.merge as merge
-from ctprune.prune import prune
-from ctprune.prune.graph import ChannelGroup, LayerSlice
-from ctprune.prune.merge import kmeans_selection, merge_distance
+import ctprune.pruning.api as api
+import ctprune.pruning.merge as merge
+from ctprune.pruning import prune
+from ctprune.pruning.graph import ChannelGroup, LayerSlice
+from ctprune.pruning.merge import kmeans_selection, merge_distance
 
 pytestmark = pytest.mark.timeout(60)
 
