@@ -124,13 +124,12 @@ def _looks_like_original_centernet(data: dict) -> bool:
     )
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read and validate a ctprune checkpoint without building the model."""
-    path = Path(path)
+def load_tensors_only(path: Path, map_location: str | torch.device = "cpu") -> object:
+    """``torch.load(path, weights_only=True)`` with errors that name the file and the cause."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         raise CheckpointError(
             f"{path}: holds pickled Python objects (e.g. a whole module saved with "
@@ -140,6 +139,12 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from None
     except Exception as error:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint file ({error})") from None
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read and validate a ctprune checkpoint without building the model."""
+    path = Path(path)
+    data = load_tensors_only(path, map_location)
     if not isinstance(data, dict) or "format" not in data:
         if isinstance(data, dict) and _looks_like_original_centernet(data):
             raise CheckpointError(

@@ -9,12 +9,17 @@ BGR mean/std, keep-resolution testing with pad 31).
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, _check_state_dict, build_from_config, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    _check_state_dict,
+    build_from_config,
+    load_tensors_only,
+    save_checkpoint,
+)
 from .config import ModelConfig, input_preset
 
 # The original's head names -> ctprune's.
@@ -72,17 +77,7 @@ def import_original_checkpoint(
 ) -> Path:
     """Convert an original CenterNet checkpoint into a ctprune checkpoint at ``out``."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(
-            f"{path}: holds pickled Python objects; original CenterNet checkpoints hold only "
-            "tensors ({'epoch', 'state_dict', 'optimizer'})"
-        ) from None
-    except Exception as error:
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint file ({error})") from None
+    data = load_tensors_only(path)
     state_dict = data.get("state_dict", data) if isinstance(data, dict) else None
     if not isinstance(state_dict, dict) or not state_dict:
         raise CheckpointError(f"{path}: expected a dict with a 'state_dict' of tensors")
