@@ -41,7 +41,7 @@ import numpy as np
 # Changing any of these changes the benchmark. Bump BENCHMARK_VERSION with it: the version is
 # recorded in every generated data set, so an old folder is never mistaken for the new benchmark.
 
-BENCHMARK_VERSION = 1
+BENCHMARK_VERSION = 2
 
 # Classes differ by outline only. Square and diamond are the same polygon at different tilts, so
 # their tilt ranges must never meet (see SQUARE_MAX_TILT_DEGREES); an outlined circle is a ring,
@@ -52,7 +52,7 @@ CLASS_NAMES = ("circle", "square", "triangle", "diamond", "cross", "star")
 REFERENCE_IMAGE_SIZE = 128
 # The smallest box side: 6 px is 1.5 output cells at CenterNet's stride 4, about COCO's smallest
 # labelled objects relative to a 512 px input, and still enough pixels to tell the shapes apart.
-MIN_BOX_SIDE_AT_REFERENCE = 6
+MIN_BOX_SIDE_AT_REFERENCE = 12
 # The largest box side, as a share of the image side: big objects that still leave room for others.
 MAX_BOX_SIDE_FRACTION = 1 / 2
 # Width/height of an object's box lies in [1 / MAX_ASPECT_RATIO, MAX_ASPECT_RATIO], so the size
@@ -62,7 +62,7 @@ MAX_ASPECT_RATIO = 1.25
 # Objects per image in a non-empty image, drawn uniformly; fewer remain when an image is too
 # crowded to place all of them (see PLACEMENT_ATTEMPTS).
 MIN_OBJECTS_PER_IMAGE = 1
-MAX_OBJECTS_PER_IMAGE = 12
+MAX_OBJECTS_PER_IMAGE = 8
 # Images without any object: the detector must learn to say "nothing here" (false positives).
 EMPTY_IMAGE_PROBABILITY = 0.10
 
@@ -115,11 +115,11 @@ STRIPE_PERIOD_FRACTION = (6 / 128, 24 / 128)
 # three, which can close into a triangle) in random colours, drawn into the background (objects
 # cover them), so "any coloured edge" is not an object and empty images are not blank.
 # Count per image, segments per stroke, stroke width in px at 128 px.
-DISTRACTOR_COUNT = (0, 4)
+DISTRACTOR_COUNT = (0, 2)
 DISTRACTOR_SEGMENTS = (1, 2)
 DISTRACTOR_THICKNESS = (1, 3)
 # Per-pixel, per-channel gaussian noise, its sigma drawn per image.
-NOISE_SIGMA = (3.0, 12.0)
+NOISE_SIGMA = (2.0, 8.0)
 
 # Tries before an object that does not fit (free or occluding) is dropped from a crowded image,
 # and tries to draw a shape whose measured box lies within the size limits.

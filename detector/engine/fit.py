@@ -166,8 +166,11 @@ def fit(
                 epoch_aware.set_epoch(epoch)
         model.train()
         started, images_seen, loss_sum = time.perf_counter(), 0, 0.0
+        # Time spent waiting for the loader: a share near 0 means the data never starves the step.
+        data_wait, step_ended = 0.0, started
         progress = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not main, leave=False)
         for step, batch in enumerate(progress):
+            data_wait += time.perf_counter() - step_ended
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             if config.channels_last:
                 batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
@@ -196,7 +199,8 @@ def fit(
             global_step += 1
             images_seen += len(batch["image"])
             loss_sum += loss.item()
-            rate = images_seen / (time.perf_counter() - started)
+            step_ended = time.perf_counter()
+            rate = images_seen / (step_ended - started)
             progress.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.1f}")
             if global_step % config.log_interval == 0:
                 record = {"kind": "train", "epoch": epoch + 1, "step": global_step, "lr": scheduler.get_last_lr()[0],
@@ -206,7 +210,8 @@ def fit(
         done = epoch + 1
         epoch_record = {"kind": "epoch", "epoch": done, "step": global_step,
                         "train_loss": loss_sum / max(len(train_loader), 1),
-                        "seconds": time.perf_counter() - started, "lr": scheduler.get_last_lr()[0]}
+                        "seconds": time.perf_counter() - started, "lr": scheduler.get_last_lr()[0],
+                        "data_wait_share": data_wait / max(time.perf_counter() - started, 1e-9)}
         interval = config.eval_interval
         if evaluate is not None and interval > 0 and (done % interval == 0 or done == config.epochs):
             epoch_record.update(evaluate(plain_model))
