@@ -14,12 +14,11 @@ def _run_dir(name: str, out: Path | None) -> Path:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from detector.engine.config import load_train_recipe
-    from detector.engine.train import train_from_recipe
+    from .train import load_training_recipe, train
 
-    recipe = load_train_recipe(args.recipe, args.set)
+    recipe, sparsity = load_training_recipe(args.recipe, args.set)
     out_dir = _run_dir(recipe.name, args.out)
-    result = train_from_recipe(recipe, out_dir, resume=args.resume, device=args.device)
+    result = train(recipe, out_dir, sparsity=sparsity, resume=args.resume, device=args.device)
     last = result.history[-1] if result.history else {}
     metrics = {k: round(v, 4) for k, v in last.items() if k in ("ap", "ap50", "voc_ap50", "loss", "train_loss")}
     print(f"trained {result.epochs} epochs into {out_dir}: {metrics}")

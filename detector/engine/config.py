@@ -132,10 +132,10 @@ class TrainRecipe:
     """Evaluation settings."""
 
 
-def load_train_recipe(path: str | Path, overrides: list[str] = ()) -> TrainRecipe:
-    """Read a recipe YAML strictly; ``overrides`` are ``section.key=value`` strings. The data
-    section may be a mapping or the path of a data.yaml; its relative paths are resolved
-    against the file that declares them."""
+def read_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
+    """A recipe YAML as a dict with ``overrides`` (``section.key=value`` strings) merged in.
+    The data section may be a mapping or the path of a data.yaml; it comes back as a mapping
+    whose relative paths resolve against the file that declared them."""
     path = Path(path)
     raw = merge(read_yaml(path), parse_overrides(list(overrides)))
     data = raw.get("data")
@@ -144,4 +144,9 @@ def load_train_recipe(path: str | Path, overrides: list[str] = ()) -> TrainRecip
         raw["data"] = to_dict(load_data_yaml(data_path))
     elif isinstance(data, dict) and data.get("root") is None:
         raw["data"] = {**data, "root": str(path.parent.resolve())}
-    return from_dict(TrainRecipe, raw, "")
+    return raw
+
+
+def load_train_recipe(path: str | Path, overrides: list[str] = ()) -> TrainRecipe:
+    """Read a training recipe YAML strictly (see `read_recipe`)."""
+    return from_dict(TrainRecipe, read_recipe(path, overrides), "")

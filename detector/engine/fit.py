@@ -110,6 +110,14 @@ class MetricsLog:
                     self.writer.add_scalar(f"{record['kind']}/{key}", value, step)
 
 
+def completed_epochs(out_dir: str | Path) -> int:
+    """The epochs a run in ``out_dir`` has finished, as its resume file records (0 without one)."""
+    path = Path(out_dir) / "resume.pt"
+    if not path.is_file():
+        return 0
+    return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+
+
 def fit(
     model: nn.Module,
     model_config: ModelConfig,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import yaml
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..config import ConfigError, ModelConfig, to_dict
@@ -16,7 +18,7 @@ from ..data.sources import load_source
 from ..models import build_model
 from . import distributed
 from .config import TrainConfig, TrainRecipe
-from .fit import FitResult, fit
+from .fit import FitResult, completed_epochs, fit
 from .validate import make_evaluator
 
 logger = logging.getLogger(__name__)
@@ -70,12 +72,15 @@ def train_from_recipe(
     *,
     resume: bool = False,
     device: str | None = None,
+    options_for_model: Callable[[nn.Module, int, int], dict] | None = None,
     **fit_options,
 ) -> FitResult:
     """Train the recipe's model on its data; checkpoints, logs and the resolved recipe go to
     ``out_dir``. Under torchrun every process runs this and they train one model together.
     ``fit_options`` (loss_fn, after_backward, after_step, on_epoch_end, extra_parameters)
-    pass through to `fit`."""
+    pass through to `fit`. Options that need the built model or the schedule (sparsity
+    callbacks, distillation adapters) come from ``options_for_model(model, steps_per_epoch,
+    start_epoch)``, called once before training with the plain model."""
     out_dir = Path(out_dir)
     device = distributed.setup(device)
     torch.manual_seed(recipe.train.seed)
@@ -119,7 +124,12 @@ def train_from_recipe(
         evaluate = make_evaluator(val_source, model_config, recipe.evaluate, device, out_dir / "eval")
     logger.info("training %s on %d images, %d classes", model_config.arch, len(dataset), model_config.num_classes)
     memory_format = torch.channels_last if config.channels_last else torch.preserve_format
-    model = distributed.wrap(model.to(device, memory_format=memory_format), device, config.sync_batchnorm)
-    return fit(model, model_config, config, train_loader(dataset, config), out_dir,
+    model = model.to(device, memory_format=memory_format)
+    loader = train_loader(dataset, config)
+    if options_for_model is not None:
+        start_epoch = completed_epochs(out_dir) if resume else 0
+        fit_options = {**fit_options, **options_for_model(model, len(loader), start_epoch)}
+    model = distributed.wrap(model, device, config.sync_batchnorm)
+    return fit(model, model_config, config, loader, out_dir,
                evaluate=evaluate, resume=resume, device=device, **fit_options)
 
