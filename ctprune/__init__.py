@@ -1,8 +1,9 @@
 """ctprune: compress CenterNet detectors by channel pruning and knowledge distillation.
 
 Builds on `detector` (the CenterNet implementation): `prune(model, ratio, criterion)` on the
-dependency graph, BN-gamma slimming, BN recalibration and the `ctprune` command line.
-Distillation and recipes arrive in later issues.
+dependency graph, BN-gamma slimming, BN recalibration, recipes that chain baseline -> prune ->
+fine-tune -> evaluate -> report (`load_recipe`, `run_recipe`) and the `ctprune` command line.
+Distillation arrives in a later issue.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -14,16 +15,21 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 from .pruning import CRITERIA, PruneResult, PruneStats, prune
 from .recalibrate import recalibrate_bn
+from .recipe import Recipe, load_recipe
+from .run import run_recipe
 from .slimming import SparsityConfig, bn_gamma_statistics, sparsity_callbacks
 
 __all__ = [
     "CRITERIA",
     "PruneResult",
     "PruneStats",
+    "Recipe",
     "SparsityConfig",
     "__version__",
     "bn_gamma_statistics",
+    "load_recipe",
     "prune",
     "recalibrate_bn",
+    "run_recipe",
     "sparsity_callbacks",
 ]

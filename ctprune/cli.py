@@ -26,6 +26,27 @@ def _train(args: argparse.Namespace) -> None:
         print(f"best {recipe.train.best_metric} {result.best_value:.4f} at epoch {result.best_epoch}: {out_dir / 'best.pt'}")
 
 
+def _run(args: argparse.Namespace) -> None:
+    from .recipe import load_recipe
+    from .run import run_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    out_dir = _run_dir(recipe.name, args.out)
+    report = run_recipe(recipe, out_dir, command=sys.argv, device=args.device,
+                        rerun_from=args.from_stage, only=args.only)
+    if report is not None:
+        print((out_dir / "report.md").read_text())
+
+
+def _report(args: argparse.Namespace) -> None:
+    from .report import build_report
+
+    if len(args.runs) > 1 and args.out is None:
+        raise ValueError("comparing several runs needs --out DIR for the combined report")
+    build_report(args.runs, args.out, latency=not args.no_latency, threads=args.threads)
+    print(((args.out or args.runs[0]) / "report.md").read_text())
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     from detector import load_model
     from detector.config import from_dict, merge, parse_overrides
@@ -200,6 +221,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in the run folder")
     train.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     train.set_defaults(run=_train)
+
+    run = commands.add_parser("run", help="run a recipe: baseline -> prune -> fine-tune -> evaluate -> report")
+    run.add_argument("recipe", type=Path)
+    run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override a recipe value, e.g. --set prune.ratio=0.3")
+    run.add_argument("--out", type=Path, help="run folder (default experiments/<recipe name>)")
+    run.add_argument("--from", dest="from_stage", choices=("baseline", "prune", "finetune", "report"),
+                     help="run this stage and every later one again, even when done")
+    run.add_argument("--only", choices=("baseline", "prune", "finetune", "report"),
+                     help="run only this stage (the stages before it must be done)")
+    run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    run.set_defaults(run=_run)
+
+    report = commands.add_parser("report", help="rebuild or compare run reports from their artifacts")
+    report.add_argument("runs", type=Path, nargs="+")
+    report.add_argument("--out", type=Path, help="folder for a combined report (default: the run folder)")
+    report.add_argument("--threads", type=int, help="CPU threads for latency")
+    report.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    report.set_defaults(run=_report)
 
     evaluate = commands.add_parser("eval", help="COCO and VOC metrics of a checkpoint on a data split")
     evaluate.add_argument("checkpoint", type=Path)

@@ -42,14 +42,17 @@ def train(
     sparsity: SparsityConfig | None = None,
     resume: bool = False,
     device: str | None = None,
+    **options,
 ) -> FitResult:
-    """`detector.engine.train.train_from_recipe`, with sparsity training when asked for."""
+    """`detector.engine.train.train_from_recipe` (``options`` pass through to it), with
+    sparsity training when asked for."""
     if sparsity is None:
-        return train_from_recipe(recipe, out_dir, resume=resume, device=device)
+        return train_from_recipe(recipe, out_dir, resume=resume, device=device, **options)
 
     def sparsity_options(model: nn.Module, steps_per_epoch: int, start_epoch: int) -> dict:
         learning_rate = scheduled_lr(recipe.train, steps_per_epoch, start_epoch)
         after_backward, after_step = sparsity_callbacks(model, sparsity, learning_rate)
         return {"after_backward": after_backward, "after_step": after_step}
 
-    return train_from_recipe(recipe, out_dir, resume=resume, device=device, options_for_model=sparsity_options)
+    return train_from_recipe(recipe, out_dir, resume=resume, device=device, options_for_model=sparsity_options,
+                             **options)

@@ -73,6 +73,7 @@ def train_from_recipe(
     resume: bool = False,
     device: str | None = None,
     options_for_model: Callable[[nn.Module, int, int], dict] | None = None,
+    initial_model: nn.Module | None = None,
     **fit_options,
 ) -> FitResult:
     """Train the recipe's model on its data; checkpoints, logs and the resolved recipe go to
@@ -80,7 +81,9 @@ def train_from_recipe(
     ``fit_options`` (loss_fn, after_backward, after_step, on_epoch_end, extra_parameters)
     pass through to `fit`. Options that need the built model or the schedule (sparsity
     callbacks, distillation adapters) come from ``options_for_model(model, steps_per_epoch,
-    start_epoch)``, called once before training with the plain model."""
+    start_epoch)``, called once before training with the plain model. ``initial_model``
+    (e.g. a pruned model to fine-tune, of ``recipe.model``'s architecture) is trained instead of
+    a freshly built one; it is trained in place."""
     out_dir = Path(out_dir)
     device = distributed.setup(device)
     torch.manual_seed(recipe.train.seed)
@@ -101,13 +104,16 @@ def train_from_recipe(
         (out_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(resolved), sort_keys=False))
 
     config = recipe.train
-    model = build_model(
-        model_config.arch,
-        model_config.num_classes,
-        head_conv=model_config.head_conv,
-        widths=model_config.widths,
-        pretrained=config.pretrained,
-    )
+    if initial_model is not None:
+        model = initial_model
+    else:
+        model = build_model(
+            model_config.arch,
+            model_config.num_classes,
+            head_conv=model_config.head_conv,
+            widths=model_config.widths,
+            pretrained=config.pretrained,
+        )
     dataset = CenterNetDataset(
         train_source.records,
         model_config.num_classes,

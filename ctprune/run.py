@@ -1,0 +1,316 @@
+"""`ctprune run`: a recipe's stages in order, each in its own folder, never redoing finished work.
+
+Layout of a run (``experiments/<name>/`` unless --out says otherwise):
+
+    manifest.json, recipe.yaml           what ran: recipe hash, versions, git revision, command
+    baseline/                            the unpruned model (trained, imported or copied)
+    <branch>/prune/, <branch>/finetune/  per sweep point; prune_2/, finetune_2/ ... with rounds
+    control_random_r0.5/, control_unpruned/   the controls, when report.controls is on
+    report.json, report.md, report.html, *.png
+
+Every stage folder holds ``checkpoint.pt``, ``eval/metrics.json`` (val COCO metrics, P-R curves)
+and ``stage.json``; training stages add ``metrics.jsonl``, ``last.pt``, ``resume.pt``. A stage
+is skipped when its ``stage.json`` is complete and records the same fingerprint (its resolved
+configuration and its input's fingerprint); a stage that was interrupted resumes from its
+``resume.pt``; a stage whose configuration changed starts again from scratch. A failure leaves
+the folders of the finished stages untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from detector import load_model, save_checkpoint
+from detector.config import ModelConfig, to_dict
+from detector.data.dataset import CenterNetDataset, collate
+from detector.data.sources import load_source
+from detector.engine.config import TrainConfig, TrainRecipe
+from detector.engine.train import resolve_model_config
+from detector.engine.validate import evaluate_model
+from detector.original import import_original_checkpoint
+
+from .pruning import prune
+from .recalibrate import recalibrate_bn
+from .recipe import Branch, Recipe, branches, resolve_path, stage_fingerprint
+from .train import train
+
+STAGES = ("baseline", "prune", "finetune", "report")
+STAGE_FILE = "stage.json"
+CHECKPOINT = "checkpoint.pt"
+
+
+class RunError(ValueError):
+    """A run folder or stage that cannot be used as asked."""
+
+
+def _write_json(path: Path, data: dict) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(temporary, path)
+
+
+def _copy_atomic(source: Path, destination: Path) -> None:
+    temporary = destination.with_name(destination.name + ".tmp")
+    shutil.copyfile(source, temporary)
+    os.replace(temporary, destination)
+
+
+def _git_revision() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None
+
+
+def _versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "torchvision", "torch-pruning", "numpy", "ctprune"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def write_manifest(recipe: Recipe, out_dir: Path, command: list[str] | None) -> None:
+    """Record what runs in ``out_dir``; refuse a folder that holds another recipe's run."""
+    path = out_dir / "manifest.json"
+    recipe_dict = {k: v for k, v in to_dict(recipe).items() if k != "source"}
+    digest = stage_fingerprint(recipe_dict)
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    created = now
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if previous.get("recipe_name") != recipe.name:
+            raise RunError(
+                f"{out_dir}: holds a run of recipe {previous.get('recipe_name')!r}, not {recipe.name!r}; "
+                "choose another --out"
+            )
+        created = previous.get("created", now)
+    elif out_dir.is_dir() and any(out_dir.iterdir()):
+        raise RunError(f"{out_dir}: not empty and holds no ctprune run (no manifest.json); choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(path, {
+        "recipe_name": recipe.name, "recipe_sha256": digest, "recipe_file": recipe.source,
+        "command": command, "git_revision": _git_revision(), "versions": _versions(),
+        "seed": recipe.train.seed, "created": created, "updated": now,
+    })
+    (out_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_dict, sort_keys=False))
+
+
+@dataclasses.dataclass
+class Stage:
+    """One stage's folder and identity."""
+
+    folder: Path
+    name: str
+    kind: str
+    fingerprint: str
+    branch: str | None = None
+
+    def info(self) -> dict | None:
+        path = self.folder / STAGE_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def is_done(self) -> bool:
+        info = self.info()
+        return (
+            info is not None and info.get("complete") is True and info.get("fingerprint") == self.fingerprint
+            and (self.folder / CHECKPOINT).is_file() and (self.folder / "eval" / "metrics.json").is_file()
+        )
+
+
+class Runner:
+    """Runs one recipe's stages into ``out_dir``; see the module docstring."""
+
+    def __init__(self, recipe: Recipe, out_dir: Path, *, device: str | None = None,
+                 rerun_from: str | None = None, only: str | None = None,
+                 fit_hooks: dict | None = None, log: Callable[[str], None] = print) -> None:
+        for stage in (rerun_from, only):
+            if stage is not None and stage not in STAGES:
+                raise RunError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        self.recipe, self.out_dir, self.device = recipe, Path(out_dir), device
+        self.rerun_from, self.only, self.fit_hooks, self.log = rerun_from, only, fit_hooks or {}, log
+        self.order = 0
+        self.train_source = load_source(recipe.data, "train")
+        self.val_source = load_source(recipe.data, "val")
+        self.model_config = resolve_model_config(recipe.model, self.train_source.class_names)
+
+    # --- stage bookkeeping -------------------------------------------------------------------
+    def _wanted(self, kind: str) -> bool:
+        if self.only is not None:
+            return kind == self.only
+        return True
+
+    def _forced(self, kind: str) -> bool:
+        return self.rerun_from is not None and STAGES.index(kind) >= STAGES.index(self.rerun_from)
+
+    def _run_stage(self, stage: Stage, work: Callable[[Stage, bool], dict]) -> dict:
+        self.order += 1
+        if stage.is_done() and not self._forced(stage.kind):
+            self.log(f"[skip] {stage.name}: done, unchanged")
+            return stage.info()
+        if not self._wanted(stage.kind):
+            raise RunError(f"{stage.name}: needed by --only {self.only} but not done; run without --only first")
+        previous = stage.info()
+        resume = (previous is not None and previous.get("fingerprint") == stage.fingerprint
+                  and not self._forced(stage.kind) and (stage.folder / "resume.pt").is_file())
+        if not resume and stage.folder.exists():
+            shutil.rmtree(stage.folder)  # another configuration's leftovers: start clean
+        stage.folder.mkdir(parents=True, exist_ok=True)
+        base = {"name": stage.name, "stage": stage.kind, "branch": stage.branch, "order": self.order,
+                "fingerprint": stage.fingerprint, "input_size": list(self.model_config.input.input_size)}
+        _write_json(stage.folder / STAGE_FILE, {**base, "complete": False})
+        self.log(f"[{'resume' if resume else 'run'}] {stage.name}")
+        started = time.perf_counter()
+        extra = work(stage, resume)
+        info = {**base, **extra, "complete": True, "seconds": time.perf_counter() - started}
+        _write_json(stage.folder / STAGE_FILE, info)
+        return info
+
+    def _evaluate(self, model: torch.nn.Module, model_config: ModelConfig, stage: Stage) -> dict:
+        metrics = evaluate_model(model, self.val_source, model_config, self.recipe.evaluate,
+                                 self.device or "cpu", stage.folder / "eval")
+        return {k: v for k, v in metrics.items() if k in ("ap", "ap50", "ap75", "voc_ap50")}
+
+    def _train_into(self, stage: Stage, config: TrainConfig, resume: bool,
+                    initial_model: torch.nn.Module | None, model_config: ModelConfig) -> torch.nn.Module:
+        recipe = TrainRecipe(name=stage.name, model=model_config, data=self.recipe.data, train=config,
+                             evaluate=self.recipe.evaluate)
+        sparsity = self.recipe.sparsity if stage.kind == "baseline" else None
+        train(recipe, stage.folder, sparsity=sparsity, resume=resume, device=self.device,
+              initial_model=initial_model, **self.fit_hooks)
+        chosen = stage.folder / ("best.pt" if (stage.folder / "best.pt").is_file() else "last.pt")
+        _copy_atomic(chosen, stage.folder / CHECKPOINT)
+        model, _ = load_model(stage.folder / CHECKPOINT)
+        return model
+
+    # --- stages ------------------------------------------------------------------------------
+    def baseline(self) -> Stage:
+        recipe = self.recipe
+        inputs = {key: _file_digest(resolve_path(recipe, value))
+                  for key, value in dataclasses.asdict(recipe.baseline).items() if value is not None}
+        trained = not inputs
+        stage = Stage(self.out_dir / "baseline", "baseline", "baseline", stage_fingerprint(
+            "baseline", self.model_config, recipe.data, recipe.evaluate, inputs,
+            recipe.train if trained else None, recipe.sparsity if trained else None))
+
+        def work(stage: Stage, resume: bool) -> dict:
+            if recipe.baseline.checkpoint is not None:
+                _copy_atomic(resolve_path(recipe, recipe.baseline.checkpoint), stage.folder / CHECKPOINT)
+                model, checkpoint = load_model(stage.folder / CHECKPOINT)
+                config = checkpoint.model_config
+            elif recipe.baseline.original is not None:
+                import_original_checkpoint(resolve_path(recipe, recipe.baseline.original), self.model_config.arch,
+                                           stage.folder / CHECKPOINT, tuple(self.model_config.input.input_size))
+                model, checkpoint = load_model(stage.folder / CHECKPOINT)
+                config = checkpoint.model_config
+            else:
+                config = self.model_config
+                model = self._train_into(stage, recipe.train, resume, None, config)
+            return {"metrics": self._evaluate(model, config, stage)}
+
+        self._run_stage(stage, work)
+        return stage
+
+    def prune_stage(self, source: Stage, branch: Branch, round_index: int) -> Stage:
+        config = self.recipe.prune
+        suffix = "" if config.rounds == 1 else f"_{round_index}"
+        settings = {"criterion": branch.criterion, "ratio": branch.ratio, "target_macs": branch.target_macs,
+                    "scope": config.scope, "max_layer_ratio": config.max_layer_ratio, "round_to": config.round_to,
+                    "ratio_overrides": config.ratio_overrides, "recalibrate_batches": config.recalibrate_batches}
+        stage = Stage(self.out_dir / branch.name / f"prune{suffix}", f"{branch.name}/prune{suffix}", "prune",
+                      stage_fingerprint("prune", source.fingerprint, settings, self.recipe.evaluate,
+                                        self.recipe.finetune.augment), branch.name)
+
+        def work(stage: Stage, resume: bool) -> dict:
+            model, checkpoint = load_model(source.folder / CHECKPOINT)
+            size = tuple(checkpoint.model_config.input.input_size)
+            result = prune(model, branch.ratio, branch.criterion, scope=config.scope,
+                           example_inputs=torch.zeros(1, 3, *size), ratio_overrides=config.ratio_overrides or None,
+                           max_layer_ratio=config.max_layer_ratio, round_to=config.round_to,
+                           target_macs=branch.target_macs, inplace=True)
+            if config.recalibrate_batches > 0:
+                recalibrate_bn(result.model, self._recalibration_loader(checkpoint.model_config),
+                               config.recalibrate_batches)
+            save_checkpoint(stage.folder / CHECKPOINT, result.model, checkpoint.model_config,
+                            meta={"pruned_from": str(source.folder / CHECKPOINT)})
+            stats = dataclasses.asdict(result.stats)
+            stats.pop("groups", None)  # per-group details stay out of the report's input
+            return {"prune": stats, "metrics": self._evaluate(result.model, checkpoint.model_config, stage)}
+
+        self._run_stage(stage, work)
+        return stage
+
+    def finetune_stage(self, source: Stage, name: str, branch: str, epochs_factor: int = 1) -> Stage:
+        config = dataclasses.replace(self.recipe.finetune, epochs=self.recipe.finetune.epochs * epochs_factor)
+        stage = Stage(self.out_dir / name, name, "finetune",
+                      stage_fingerprint("finetune", source.fingerprint, config, self.recipe.evaluate), branch)
+
+        def work(stage: Stage, resume: bool) -> dict:
+            model, checkpoint = load_model(source.folder / CHECKPOINT)
+            model = self._train_into(stage, config, resume, model, checkpoint.model_config)
+            return {"metrics": self._evaluate(model, checkpoint.model_config, stage)}
+
+        self._run_stage(stage, work)
+        return stage
+
+    def _recalibration_loader(self, model_config: ModelConfig) -> DataLoader:
+        dataset = CenterNetDataset(self.train_source.records, model_config.num_classes, model_config.input,
+                                   train=True, augment=self.recipe.finetune.augment, seed=self.recipe.finetune.seed)
+        generator = torch.Generator().manual_seed(self.recipe.finetune.seed)
+        return DataLoader(dataset, batch_size=self.recipe.finetune.batch_size, shuffle=True,
+                          collate_fn=collate, generator=generator)
+
+    def report(self) -> dict:
+        from .report import build_report
+
+        config = self.recipe.report
+        return build_report([self.out_dir], self.out_dir, latency=config.latency,
+                            latency_repeats=config.latency_repeats, threads=config.threads)
+
+    def run(self) -> dict | None:
+        baseline = self.baseline()
+        for branch in branches(self.recipe):
+            if branch.control == "unpruned":
+                self.finetune_stage(baseline, f"{branch.name}/finetune", branch.name, self.recipe.prune.rounds)
+                continue
+            source = baseline
+            for round_index in range(1, self.recipe.prune.rounds + 1):
+                pruned = self.prune_stage(source, branch, round_index)
+                suffix = "" if self.recipe.prune.rounds == 1 else f"_{round_index}"
+                source = self.finetune_stage(pruned, f"{branch.name}/finetune{suffix}", branch.name)
+        if self.only in (None, "report"):
+            return self.report()
+        return None
+
+
+def _file_digest(path: Path) -> str:
+    """Size and modification time: enough to notice a replaced input without hashing 200 MB."""
+    stat = path.stat()
+    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def run_recipe(recipe: Recipe, out_dir: str | Path, *, command: list[str] | None = None, **options) -> dict | None:
+    """Run every stage of ``recipe`` into ``out_dir`` and return the report (None with --only
+    a stage other than report). ``options``: device, rerun_from, only, fit_hooks, log."""
+    out_dir = Path(out_dir)
+    runner = Runner(recipe, out_dir, **options)  # reads the data: errors surface before any work
+    write_manifest(recipe, out_dir, command)
+    return runner.run()

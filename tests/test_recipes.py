@@ -1,0 +1,160 @@
+"""Recipes and the runner: every shipped recipe validates, the smoke recipe runs the whole chain,
+a second run skips finished stages, a run killed during fine-tuning resumes, bad input is named."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ctprune.recipe import branches, load_recipe
+from ctprune.run import RunError, run_recipe
+from detector.config import ConfigError
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke.yaml"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[path.stem for path in RECIPES])
+def test_every_shipped_recipe_validates(path):
+    if path.stem == "shapes_res18":  # a training recipe (`ctprune train`), not a `ctprune run` one
+        from detector.config import from_dict, read_yaml
+        from detector.engine.config import TrainRecipe
+
+        raw = read_yaml(path)
+        raw.pop("data")
+        from_dict(TrainRecipe, raw, "")
+        return
+    recipe = load_recipe(path, check_files=False)
+    assert recipe.name == path.stem
+    assert branches(recipe)
+
+
+def _smoke_copy(tmp_path) -> Path:
+    """The smoke recipe in a folder of its own, so its relative data path lands in tmp_path."""
+    (tmp_path / "recipes").mkdir()
+    return Path(shutil.copy(SMOKE, tmp_path / "recipes" / "smoke.yaml"))
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("smoke")
+    recipe = load_recipe(_smoke_copy(tmp_path))
+    log = []
+    report = run_recipe(recipe, tmp_path / "run", log=log.append)
+    return tmp_path, recipe, report, log
+
+
+def test_smoke_recipe_runs_the_whole_chain(smoke_run):
+    tmp_path, recipe, report, log = smoke_run
+    run = tmp_path / "run"
+    names = [row["name"] for row in report["rows"]]
+    assert names[0] == "baseline"
+    assert {"l1_r0.5/prune", "l1_r0.5/finetune", "control_random_r0.5/finetune",
+            "control_unpruned/finetune"} <= set(names)
+    for row in report["rows"]:
+        assert row["params"] > 0 and row["gmacs"] > 0 and row["latency_ms"] > 0
+        assert 0.0 <= row["ap50"] <= 1.0
+    pruned = next(row for row in report["rows"] if row["name"] == "l1_r0.5/finetune")
+    baseline = report["rows"][0]
+    assert pruned["gmacs"] < baseline["gmacs"] and pruned["params"] < baseline["params"]
+    for name in ("report.json", "report.md", "report.html", "manifest.json", "recipe.yaml"):
+        assert (run / name).is_file()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["recipe_name"] == "smoke" and manifest["versions"]["torch"]
+    stage = json.loads((run / "l1_r0.5" / "prune" / "stage.json").read_text())
+    assert stage["complete"] and stage["prune"]["criterion"] == "l1"
+
+
+def test_a_second_run_skips_finished_stages(smoke_run):
+    tmp_path, recipe, _, _ = smoke_run
+    log = []
+    run_recipe(recipe, tmp_path / "run", log=log.append)
+    stage_lines = [line for line in log if line.startswith("[")]
+    assert stage_lines and all(line.startswith("[skip]") for line in stage_lines)
+
+
+def test_a_changed_finetune_reruns_only_the_finetunes(smoke_run):
+    tmp_path, _, _, _ = smoke_run
+    recipe = load_recipe(tmp_path / "recipes" / "smoke.yaml", ["finetune.lr=5e-4"])
+    shutil.copytree(tmp_path / "run", tmp_path / "changed")
+    log = []
+    run_recipe(recipe, tmp_path / "changed", log=log.append)
+    ran = sorted(line.split()[1] for line in log if line.startswith("[run]"))
+    assert ran == ["control_random_r0.5/finetune", "control_unpruned/finetune", "l1_r0.5/finetune"]
+
+
+def test_a_folder_of_another_recipe_is_refused(smoke_run, tmp_path):
+    _, recipe, _, _ = smoke_run
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps({"recipe_name": "something_else"}))
+    with pytest.raises(RunError, match="holds a run of recipe 'something_else'"):
+        run_recipe(recipe, tmp_path / "run")
+    (tmp_path / "stray").mkdir()
+    (tmp_path / "stray" / "notes.txt").write_text("mine")
+    with pytest.raises(RunError, match="not empty and holds no ctprune run"):
+        run_recipe(recipe, tmp_path / "stray")
+
+
+def test_bad_recipes_are_named_before_any_work(tmp_path):
+    path = _smoke_copy(tmp_path)
+    with pytest.raises(ConfigError, match=r"prune: unknown keys \['ration'\]"):
+        load_recipe(path, ["prune.ration=0.3"])
+    with pytest.raises(ConfigError, match="prune.criterion: unknown criterion 'l3'"):
+        load_recipe(path, ["prune.criterion=l3"])
+    with pytest.raises(FileNotFoundError, match="baseline.checkpoint: .*missing.pt does not exist"):
+        load_recipe(path, ["baseline.checkpoint=missing.pt"])
+    with pytest.raises(FileNotFoundError, match="no such recipe file"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+KILLED_RUN = """
+import os, signal, sys
+from ctprune.recipe import load_recipe
+from ctprune.run import run_recipe
+
+recipe_path, out_dir, kill = sys.argv[1], sys.argv[2], sys.argv[3] == "kill"
+calls = []
+
+def kill_in_first_finetune_epoch(epoch, model, record):
+    calls.append(epoch)
+    # The baseline trains 2 epochs; the 3rd call is the first fine-tuning epoch, right after its
+    # checkpoint is written: a deterministic kill point.
+    if kill and len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+recipe = load_recipe(recipe_path, ["finetune.epochs=2", "report.controls=false", "report.latency=false"])
+run_recipe(recipe, out_dir, fit_hooks={"on_epoch_end": kill_in_first_finetune_epoch})
+print("finished")
+"""
+
+
+def test_a_run_killed_during_finetuning_resumes_and_completes(tmp_path):
+    path = _smoke_copy(tmp_path)
+    out_dir = tmp_path / "run"
+
+    def run(mode):
+        return subprocess.run([sys.executable, "-c", KILLED_RUN, str(path), str(out_dir), mode],
+                              capture_output=True, text=True, timeout=300)
+
+    killed = run("kill")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    stage = json.loads((out_dir / "l1_r0.5" / "finetune" / "stage.json").read_text())
+    assert stage["complete"] is False and (out_dir / "l1_r0.5" / "finetune" / "resume.pt").is_file()
+    resumed = run("resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "[skip] baseline" in resumed.stdout and "[resume] l1_r0.5/finetune" in resumed.stdout
+    epochs = [json.loads(line)["epoch"] for line in
+              (out_dir / "l1_r0.5" / "finetune" / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "epoch"]
+    assert epochs == [1, 2]
+    assert json.loads((out_dir / "l1_r0.5" / "finetune" / "stage.json").read_text())["complete"] is True
+
+
+def test_the_recipe_key_reference_is_up_to_date():
+    from ctprune.recipe_keys import keys_markdown
+
+    committed = (Path(__file__).resolve().parents[1] / "docs" / "recipe_keys.md").read_text()
+    assert committed == keys_markdown(), "regenerate: python -m ctprune.recipe_keys > docs/recipe_keys.md"
