@@ -9,7 +9,9 @@ the same short fine-tune for every variant. `random` is the baseline every crite
     python experiments/prune_criteria/run.py CHECKPOINT [--ratio 0.5] [--finetune-epochs 1]
 
 The checkpoint must be trained on data/shapes (e.g. experiments/shapes_res18/run.py). Writes
-report.md and report.json beside this script.
+<name>.json and <name>_table.md beside this script (--name, default "report"); report.md
+discusses them. Without --finetune-epochs 0 the first row is the control: the unpruned
+baseline given the same fine-tune.
 """
 
 from __future__ import annotations
