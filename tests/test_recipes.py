@@ -158,3 +158,16 @@ def test_the_recipe_key_reference_is_up_to_date():
 
     committed = (Path(__file__).resolve().parents[1] / "docs" / "recipe_keys.md").read_text()
     assert committed == keys_markdown(), "regenerate: python -m ctprune.recipe_keys > docs/recipe_keys.md"
+
+
+def test_a_sweep_with_iterative_rounds(tmp_path):
+    recipe = load_recipe(_smoke_copy(tmp_path), ["prune.rounds=2", "prune.ratio=[0.3, 0.5]",
+                                                 "report.controls=false", "report.latency=false"])
+    report = run_recipe(recipe, tmp_path / "run", log=lambda line: None)
+    rows = {row["name"]: row for row in report["rows"]}
+    for ratio in ("0.3", "0.5"):
+        first, second = rows[f"l1_r{ratio}/prune_1"], rows[f"l1_r{ratio}/prune_2"]
+        assert f"l1_r{ratio}/finetune_1" in rows and f"l1_r{ratio}/finetune_2" in rows
+        # Each round removes its ratio of what the previous round left.
+        assert second["params"] < first["params"] < rows["baseline"]["params"]
+    assert rows["l1_r0.5/prune_1"]["params"] < rows["l1_r0.3/prune_1"]["params"]
