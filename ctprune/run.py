@@ -145,7 +145,8 @@ class Runner:
         for stage in (rerun_from, only):
             if stage is not None and stage not in STAGES:
                 raise RunError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-        self.recipe, self.out_dir, self.device = recipe, Path(out_dir), device
+        self.recipe, self.out_dir = recipe, Path(out_dir)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.rerun_from, self.only, self.fit_hooks, self.log = rerun_from, only, fit_hooks or {}, log
         self.order = 0
         self.train_source = load_source(recipe.data, "train")
@@ -185,8 +186,8 @@ class Runner:
         return info
 
     def _evaluate(self, model: torch.nn.Module, model_config: ModelConfig, stage: Stage) -> dict:
-        metrics = evaluate_model(model, self.val_source, model_config, self.recipe.evaluate,
-                                 self.device or "cpu", stage.folder / "eval")
+        metrics = evaluate_model(model.to(self.device), self.val_source, model_config, self.recipe.evaluate,
+                                 self.device, stage.folder / "eval")
         return {k: v for k, v in metrics.items() if k in ("ap", "ap50", "ap75", "voc_ap50")}
 
     def _train_into(self, stage: Stage, config: TrainConfig, resume: bool,

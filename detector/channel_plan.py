@@ -63,12 +63,13 @@ def _resize_norm(module: nn.Module, widths: list[int]) -> None:
 
 
 def _replace(module: nn.Module, name: str, shape) -> None:
-    """Swap a parameter or buffer for an uninitialised one of the new shape (same dtype and
-    device); its values come from the state dict that is loaded next."""
+    """Swap a parameter or buffer for a zero-filled one of the new shape (same dtype and
+    device); its values come from the state dict that is loaded next. Zeros, not
+    `torch.empty`: a resized model used before loading must not compute with garbage (NaNs)."""
     old = getattr(module, name, None)
     if old is None:
         return
-    new = torch.empty(tuple(shape), dtype=old.dtype, device=old.device)
+    new = torch.zeros(tuple(shape), dtype=old.dtype, device=old.device)
     if isinstance(old, nn.Parameter):
         setattr(module, name, nn.Parameter(new, requires_grad=old.requires_grad))
     else:
