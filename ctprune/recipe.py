@@ -25,12 +25,20 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from detector.config import ConfigError, ModelConfig, from_dict, merge, parse_overrides, read_yaml, to_dict
+from detector.config import (
+    ConfigError,
+    ModelConfig,
+    from_dict,
+    merge,
+    parse_overrides,
+    read_yaml,
+    to_dict,
+)
 from detector.data.sources import DataConfig
 from detector.engine.config import EvaluateConfig, TrainConfig, read_recipe
 
 from .pruning.api import DEFAULT_ROUND_TO
-from .pruning.criteria import CRITERIA
+from .pruning.criteria import check_criterion
 from .slimming import SparsityConfig
 
 
@@ -91,8 +99,10 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         for criterion in _as_list(self.criterion):
-            if criterion not in CRITERIA:
-                raise ValueError(f"criterion: unknown criterion {criterion!r}; known: {sorted(CRITERIA)}")
+            try:
+                check_criterion(criterion)
+            except ValueError as error:
+                raise ValueError(f"criterion: {error}") from None
         if (self.ratio is None) == (self.target_macs is None):
             raise ValueError("ratio: give exactly one of prune.ratio and prune.target_macs")
         for ratio in _as_list(self.ratio):

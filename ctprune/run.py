@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import platform
 import shutil
 import subprocess
@@ -41,6 +40,7 @@ from detector.data.sources import load_source
 from detector.engine.config import TrainConfig, TrainRecipe
 from detector.engine.train import resolve_model_config
 from detector.engine.validate import evaluate_model
+from detector.files import atomic_replace, atomic_write_text
 from detector.original import import_original_checkpoint
 
 from .pruning import prune
@@ -58,15 +58,11 @@ class RunError(ValueError):
 
 
 def _write_json(path: Path, data: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(temporary, path)
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))
 
 
 def _copy_atomic(source: Path, destination: Path) -> None:
-    temporary = destination.with_name(destination.name + ".tmp")
-    shutil.copyfile(source, temporary)
-    os.replace(temporary, destination)
+    atomic_replace(destination, lambda temporary: shutil.copyfile(source, temporary))
 
 
 def _git_revision() -> str | None:

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny import TINY_HEAD_CONV, TINY_WIDTHS
 
 from detector import load_model
-from detector.data.shapes import generate_shapes
 from detector.checkpoint import build_from_config
-from tiny import TINY_HEAD_CONV, TINY_WIDTHS
+from detector.data.shapes import generate_shapes
 
 TESTS = Path(__file__).parent
 SCRIPT = TESTS / "ddp_train.py"

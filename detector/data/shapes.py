@@ -37,6 +37,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..files import atomic_write_text
+
 # --- Frozen difficulty constants ---------------------------------------------------------------
 # Changing any of these changes the benchmark. Bump BENCHMARK_VERSION with it: the version is
 # recorded in every generated data set, so an old folder is never mistaken for the new benchmark.
@@ -526,12 +528,6 @@ def _split_summary(images: list[list[ShapeObject]], annotation_bytes: bytes) -> 
     }
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".partial")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def _json_text(value: dict) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":")) + "\n"
 
@@ -682,15 +678,15 @@ def generate_shapes(
             if bar is not None:
                 bar.update()
         text = _json_text(_coco_dataset(split, seed, image_size, images))
-        _write_text_atomically(out_dir / "annotations" / f"{split}.json", text)
+        atomic_write_text(out_dir / "annotations" / f"{split}.json", text)
         summary[split] = _split_summary(images, text.encode("utf-8"))
     if bar is not None:
         bar.close()
 
-    _write_text_atomically(
+    atomic_write_text(
         out_dir / "shapes.json", _json_text({"parameters": parameters, "summary": summary})
     )
-    _write_text_atomically(out_dir / "data.yaml", DATA_YAML)
+    atomic_write_text(out_dir / "data.yaml", DATA_YAML)
     return summary
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
+from ..files import atomic_write_text
 from .coco import read_coco_json
 from .records import DataError
 
@@ -19,20 +19,6 @@ def _split_rank(seed: int, image_id: object) -> str:
     # their order in the file or on any library's random-number stream, and adding images to
     # the file moves few of the existing ones across the split.
     return hashlib.sha256(f"{seed}:{image_id}".encode()).hexdigest()
-
-
-def _write_json_atomically(data: dict, path: Path) -> None:
-    # Write a temporary file next to the target and rename it over the target, so an
-    # interrupted run never leaves a truncated json behind.
-    # (Not tempfile.mkstemp: its files are private, mode 0600, and the rename would keep that.)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "w", encoding="utf-8") as file:
-            json.dump(data, file, separators=(",", ":"))
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def split_coco(
@@ -111,8 +97,8 @@ def split_coco(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     train, val = subset(keep_val=False), subset(keep_val=True)
-    _write_json_atomically(train, train_path)
-    _write_json_atomically(val, val_path)
+    atomic_write_text(train_path, json.dumps(train, separators=(",", ":")))
+    atomic_write_text(val_path, json.dumps(val, separators=(",", ":")))
     logger.info(
         "split %s: %d train images (%d boxes), %d val images (%d boxes)",
         annotation_file,

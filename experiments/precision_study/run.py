@@ -42,7 +42,7 @@ def main() -> None:
     runs = {}
     for precision in PRECISIONS:
         recipe = load_train_recipe(args.recipe, [*args.set, f"train.precision={precision}",
-                                                 f"train.eval_interval=1000"])
+                                                 "train.eval_interval=1000"])
         started = time.perf_counter()
         result = train_from_recipe(recipe, args.out / precision, device="cpu")
         runs[precision] = {"seconds": time.perf_counter() - started,

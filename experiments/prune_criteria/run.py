@@ -130,7 +130,7 @@ def main() -> None:
               "baseline": baseline, "rows": rows}
     (HERE / f"{args.name}.json").write_text(json.dumps(report, indent=2))
     lines = [
-        f"| scope | criterion | ratio | GMACs | AP50 pruned | AP50 fine-tuned | AP fine-tuned | prune s | fine-tune s |",
+        "| scope | criterion | ratio | GMACs | AP50 pruned | AP50 fine-tuned | AP fine-tuned | prune s | fine-tune s |",
         "|---|---|---|---|---|---|---|---|---|",
         f"| – | unpruned | 0 | {baseline['gmacs']:.3f} | {baseline['ap50']:.3f} | | {baseline['ap']:.3f} | | |",
     ]
