@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from cuda_ops import ModulatedDeformConv2d
+
 ChannelPlan = dict[str, list[int]]
 
 
@@ -76,9 +78,25 @@ def _replace(module: nn.Module, name: str, shape) -> None:
         module.register_buffer(name, new)
 
 
-# Layer type -> (read widths, resize). Later layer types (deformable conv) add their entry.
+def _resize_deformable_conv(module: ModulatedDeformConv2d, widths: list[int]) -> None:
+    """A deformable conv and its offset/mask conv read the same input, so the offset conv's
+    input channels follow the layer's; its outputs (offsets and mask per tap) never change."""
+    in_channels, out_channels = widths
+    if in_channels % module.deformable_groups:
+        raise ValueError(
+            f"widths {widths} are not divisible by the layer's {module.deformable_groups} "
+            "deformable groups"
+        )
+    module.in_channels, module.out_channels = in_channels, out_channels
+    _replace(module, "weight", (out_channels, in_channels, *module.kernel_size))
+    _replace(module, "bias", (out_channels,))
+    _resize_conv(module.conv_offset_mask, [in_channels, module.conv_offset_mask.out_channels])
+
+
+# Layer type -> (read widths, resize). The first matching type wins.
 RESIZABLE: dict[type[nn.Module], tuple[Callable, Callable]] = {
     nn.modules.conv._ConvNd: (_conv_widths, _resize_conv),
+    ModulatedDeformConv2d: (_conv_widths, _resize_deformable_conv),
     nn.Linear: (_linear_widths, _resize_linear),
     nn.modules.batchnorm._BatchNorm: (_norm_widths, _resize_norm),
 }

@@ -21,6 +21,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import ModelConfig, input_preset
+from .models import hourglass
 
 # The original's head names -> ctprune's.
 HEAD_RENAMES = {"hm": "heads.heatmap", "wh": "heads.wh", "reg": "heads.offset"}
@@ -29,7 +30,25 @@ HEAD_RENAMES = {"hm": "heads.heatmap", "wh": "heads.wh", "reg": "heads.offset"}
 # backbone. Later families (resdcn, dla, hourglass) add their entries.
 NECK_RENAMES = {
     "res": {"deconv_layers": "neck"},
+    # resnet_dcn.py: `deconv_layers` is the same Sequential of DCN, BN, ReLU, deconv, BN, ReLU
+    # per stage, the DCN keeping DCNv2's `weight`, `bias` and `conv_offset_mask.*`.
+    "resdcn": {"deconv_layers": "neck"},
+    # large_hourglass: our HourglassNet keeps the original's module names; KEY_CONVERTERS
+    # renames its per-stack heads.
+    "hourglass": {},
+    # pose_dla_dcn (dla34) and dlav0 (dlav0_34): `base` is our trunk; `dla_up` and `ida_up`
+    # (dlav0 has no `ida_up`) sit under the neck with their module names unchanged.
+    "dla": {"base": "backbone", "dla_up": "neck.dla_up", "ida_up": "neck.ida_up"},
+    "dlav0_": {"base": "backbone", "dla_up": "neck.dla_up"},
 }
+
+# Original keys dropped on import. The DLA checkpoints keep the 1000-class ImageNet classifier
+# `base.fc` (Conv2d(512, 1000, 1): 513,000 parameters) that never runs in the detector; ctprune's
+# DLA trunk has no classifier, so the imported model has 513,000 parameters fewer.
+DROPPED_PREFIXES = {"dla": ("base.fc.",), "dlav0_": ("base.fc.",)}
+
+# Families whose keys are converted by a function of their own instead of the renames above.
+KEY_CONVERTERS = {"hourglass": hourglass.original_key}
 
 
 def _family(arch: str) -> str:
@@ -46,10 +65,16 @@ def convert_original_state_dict(
     state_dict: dict[str, torch.Tensor], arch: str
 ) -> dict[str, torch.Tensor]:
     """Rename an original CenterNet state dict to ctprune's module names."""
-    neck_renames = NECK_RENAMES[_family(arch)]
+    family = _family(arch)
+    if family in KEY_CONVERTERS:
+        return {KEY_CONVERTERS[family](k.removeprefix("module.")): v for k, v in state_dict.items()}
+    neck_renames = NECK_RENAMES[family]
     converted = {}
+    dropped = DROPPED_PREFIXES.get(family, ())
     for key, value in state_dict.items():
         key = key.removeprefix("module.")
+        if key.startswith(dropped):
+            continue
         top, _, rest = key.partition(".")
         if top in HEAD_RENAMES:
             # With head_conv 0 the original's head is a bare conv ("hm.weight"); ours is
@@ -65,17 +90,24 @@ def convert_original_state_dict(
 
 def _head_shape(state_dict: dict[str, torch.Tensor]) -> tuple[int, int]:
     """(num_classes, head_conv) read off the heatmap head's weights."""
-    if "heads.heatmap.2.weight" in state_dict:
-        return state_dict["heads.heatmap.2.weight"].shape[0], state_dict["heads.heatmap.0.weight"].shape[0]
-    if "heads.heatmap.0.weight" in state_dict:
-        return state_dict["heads.heatmap.0.weight"].shape[0], 0
+    for heatmap in ("heads.heatmap", "heads.0.heatmap"):  # single-stack, stacked (hourglass)
+        first, last = state_dict.get(f"{heatmap}.0.weight"), state_dict.get(f"{heatmap}.2.weight")
+        if last is not None:
+            return last.shape[0], first.shape[0]
+        if first is not None:
+            return first.shape[0], 0
     raise CheckpointError("no heatmap head ('hm.*') found: not an original CenterNet ctdet checkpoint")
 
 
 def import_original_checkpoint(
-    path: str | Path, arch: str, out: str | Path, input_size: tuple[int, int] = (512, 512)
+    path: str | Path,
+    arch: str,
+    out: str | Path,
+    input_size: tuple[int, int] = (512, 512),
+    widths: dict | None = None,
 ) -> Path:
-    """Convert an original CenterNet checkpoint into a ctprune checkpoint at ``out``."""
+    """Convert an original CenterNet checkpoint into a ctprune checkpoint at ``out``;
+    ``widths`` describes a checkpoint of non-default widths (as `build_model` takes them)."""
     path = Path(path)
     data = load_tensors_only(path)
     state_dict = data.get("state_dict", data) if isinstance(data, dict) else None
@@ -90,8 +122,11 @@ def import_original_checkpoint(
         arch=arch,
         num_classes=num_classes,
         head_conv=head_conv,
+        widths=widths,
         input=input_preset("centernet", input_size),
     )
+    if _family(arch) == "hourglass":
+        config.input.pad = hourglass.KEEP_RESOLUTION_PAD  # the original's 127 for hourglass
     model = build_from_config(config)
     _check_state_dict(model, converted, f"{path} (as an original {arch!r})")
     model.load_state_dict(converted)

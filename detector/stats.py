@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from cuda_ops import FLOP_FORMULAS
+
 MIB = 2**20
 
 
@@ -32,13 +34,16 @@ def count_macs(model: nn.Module, input_size: tuple[int, int], batch: int = 1) ->
     """Multiply-accumulates of one forward pass at ``input_size = (height, width)``, counted by
     torch.utils.flop_counter (FLOPs / 2). Convolutions, transposed convolutions and matrix
     products are counted; BN, ReLU, additions and pooling count 0, as in the reference
-    figures. (torch-pruning's counter over-counts transposed convs 4x: see the reference.)"""
+    figures. Deformable convs (torchvision's deform_conv2d, unknown to the counter) count as
+    a plain conv of the same shape (`cuda_ops.deform_conv2d_flops`), their offset conv on its
+    own. (torch-pruning's counter over-counts transposed convs 4x: see the reference.)"""
     parameter = next(model.parameters())
     images = torch.zeros(batch, 3, *input_size, device=parameter.device, dtype=parameter.dtype)
     was_training = model.training
     model.eval()
     try:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
+        counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
+        with counter, torch.no_grad():
             model(images)
     finally:
         model.train(was_training)

@@ -15,6 +15,13 @@ ORIGINAL_PARAMETERS = {
     "res34": 25_928_532,
     "res50": 34_443_348,
     "res101": 53_435_476,
+    "resdcn18": 14_437_349,  # resnet_dcn: DCN + deconv neck 256/128/64, 64-wide heads
+    "resdcn101": 49_673_189,
+    "hourglass104": 191_284_008,  # the original's large_hourglass, two stacks
+    # pose_dla_dcn and dlav0 without the unused 1000-class `base.fc` the original keeps
+    # (20,188,892 and 18,474,476 with it; see tests/test_dla.py)
+    "dla34": 19_675_892,
+    "dlav0_34": 17_961_476,
 }
 
 
@@ -43,8 +50,10 @@ def test_outputs_and_stride_in_train_and_eval(arch):
     for mode in ("train", "eval"):
         getattr(model, mode)()
         outputs = model(images)
-        assert isinstance(outputs, list) and len(outputs) == 1
-        shapes[mode] = {k: tuple(v.shape) for k, v in outputs[0].items()}
+        stacks = 2 if arch.startswith("hourglass") else 1  # hourglass: intermediate supervision
+        assert isinstance(outputs, list) and len(outputs) == stacks
+        assert all(output.keys() == outputs[-1].keys() for output in outputs)
+        shapes[mode] = {k: tuple(v.shape) for k, v in outputs[-1].items()}
     assert shapes["train"] == shapes["eval"] == {
         "heatmap": (2, 3, 16, 24),
         "wh": (2, 2, 16, 24),
@@ -130,3 +139,22 @@ def test_pretrained_errors_name_the_file(tmp_path):
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, wrong)
     with pytest.raises(ValueError, match="wrong.pth.*do not fit"):
         tiny_model(pretrained=wrong)
+
+
+def test_resunet_neck_follows_the_trunk_at_sizes_not_divisible_by_32():
+    # 72 x 88 gives stage maps of 18x22, 9x11, 5x6 and 3x3; up-sampling by exactly 2 would
+    # give 6x6 and 10x12 and fail the shortcut additions.
+    model = tiny_model("resunet18").eval()
+    with torch.no_grad():
+        outputs = model(torch.randn(1, 3, 72, 88))[0]
+    assert outputs["heatmap"].shape[-2:] == (18, 22)
+
+
+def test_resunet_trunk_keeps_torchvision_keys():
+    from detector.models.resunet import build_resunet
+
+    with torch.device("meta"):
+        reference = torchvision.models.resnet18(weights=None)
+        model = build_resunet(18, 80)
+    expected = {k: v.shape for k, v in reference.state_dict().items() if not k.startswith("fc.")}
+    assert {k: v.shape for k, v in model.backbone.state_dict().items()} == expected

@@ -87,7 +87,7 @@ def test_wrong_architecture_is_named(tmp_path):
 def test_unsupported_family_and_non_ctdet_files(tmp_path):
     _, path = _original_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="not supported yet"):
-        import_original_checkpoint(path, "dla34", tmp_path / "x.pt")
+        import_original_checkpoint(path, "vgg16", tmp_path / "x.pt")
     other = tmp_path / "other.pth"
     torch.save({"epoch": 1, "state_dict": {"conv1.weight": torch.zeros(1)}}, other)
     with pytest.raises(CheckpointError, match="other.pth: no heatmap head"):

@@ -24,7 +24,7 @@ from detector.losses import centernet_loss
 # deformable convs) must fail the test instead of blocking the suite.
 pytestmark = pytest.mark.timeout(60)
 
-ARCHS = ["res18", "res50"]
+ARCHS = ["res18", "res50", "resunet18"]
 EXAMPLE = torch.zeros(1, 3, 64, 64)
 IMAGES = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
@@ -161,7 +161,8 @@ def test_layer_widths_follow_the_documented_rounding(round_to, expected):
     assert widths["backbone.layer4.0.conv2"][1] == expected[32]  # residual stream
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+# The msra neck's first deconv is the hand-made weak layer here; resunet's neck has no such layer.
+@pytest.mark.parametrize("arch", [arch for arch in ARCHS if not arch.startswith("resunet")])
 def test_global_pruning_never_exceeds_max_layer_ratio(arch):
     model = randomised(arch)
     # Unnormalised, neck.0's 14 near-zero channels would all go; the cap must stop at 0.6.

@@ -30,8 +30,11 @@ from torch import nn
 
 from detector import output_layers
 
-# Layer types whose weights hold channels in a known layout (convs, transposed convs, linear).
-WEIGHTED_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+from .dcn import CUSTOMIZED_PRUNERS, DEFORMABLE_TYPES, coupled_input_layers, tracing
+
+# Layer types whose weights hold channels in a known layout (convs, transposed convs, linear,
+# deformable convs: out x in x k x k). Each is also a root torch-pruning grows groups from.
+WEIGHTED_TYPES = (nn.modules.conv._ConvNd, nn.Linear, *DEFORMABLE_TYPES)
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 # Measured with torch-pruning 1.6.1: an in-place operation on a convolution's raw output
 # (`out += identity` in a ResNet block without BatchNorm) hides the convolution from its trace
@@ -63,7 +66,9 @@ class ChannelGroup:
         producers: convolutions, transposed convolutions and linear layers whose OUTPUT
             channels are the group's channels (several in a residual stream).
         norms: BatchNorm layers on the group's channels.
-        consumers: layers that read the group's channels as INPUT channels.
+        consumers: layers that read the group's channels as INPUT channels; a layer reading
+            them at several places (a DLA Root) appears once per place, a depthwise layer
+            both here and among the producers.
     """
 
     name: str
@@ -84,12 +89,23 @@ def is_transposed(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.conv._ConvTransposeNd)
 
 
+def is_depthwise(module: nn.Module) -> bool:
+    """A grouped conv with one input and one output channel per group."""
+    groups = getattr(module, "groups", 1)
+    return groups > 1 and groups == module.in_channels == module.out_channels
+
+
 def output_filters(layer: LayerSlice) -> torch.Tensor:
     """(width, -1): the weights computing each group channel in a producer, one row per channel.
-    Conv weights are out x in x k x k; transposed conv weights are in x out x k x k."""
-    weight = layer.module.weight.detach()
-    if is_transposed(layer.module):
-        weight = weight.transpose(0, 1)
+    Conv weights are out x in/groups x k x k; transposed conv weights are in x out/groups x k x k,
+    i.e. per group g an (in/groups) x (out/groups) block: output channel g * out/groups + j is
+    computed by column j of group g's block (for a depthwise one, DLA's upsampling, channel c
+    by weight[c, 0])."""
+    module = layer.module
+    weight = module.weight.detach()
+    if is_transposed(module):
+        groups = module.groups
+        weight = weight.unflatten(0, (groups, -1)).transpose(1, 2).flatten(0, 1)
     return weight[layer.channels].flatten(1)
 
 
@@ -144,16 +160,19 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.Dependency
     Autograd is switched on for the trace, with every parameter requiring grad (torch-pruning
     follows grad_fns, so a frozen stem would vanish from the graph); every module's mode and
     every parameter's requires_grad are restored afterwards (torch-pruning leaves the model in
-    eval)."""
+    eval). Deformable convs are traced with their offsets outside autograd (see `dcn.py`)."""
     with (
         modes_restored(model),
         requires_grad_restored(model),
         torch.inference_mode(False),
         torch.enable_grad(),
+        tracing(),
     ):
         for parameter in model.parameters():
             parameter.requires_grad_(True)  # a frozen layer would be invisible to the trace
-        return tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
+        return tp.DependencyGraph().build_dependency(
+            model, example_inputs, customized_pruners=CUSTOMIZED_PRUNERS, verbose=False
+        )
 
 
 def resolve_ignored_layers(
@@ -204,29 +223,27 @@ def resolve_ignored_layers(
 
 def _channel_map(
     name: str, group_name: str, width: int, size: int, idxs: list[int], root_idxs: list[int]
-) -> torch.Tensor:
-    """Member index of each root channel, from torch-pruning's (idxs, root_idxs) pairs;
-    ``size`` is the layer's own channel count on that side."""
+) -> list[torch.Tensor]:
+    """Member index of each root channel, from torch-pruning's (idxs, root_idxs) pairs, one
+    (width,) map per copy: a layer reading the group's channels at several places of its input
+    (a DLA Root concatenating a block's input and output, which a residual addition couples)
+    gets one map per place, in input order. ``size`` is the layer's own channel count on that
+    side."""
     if max(idxs, default=0) >= size or max(root_idxs, default=0) >= width:
         raise ValueError(
             f"torch-pruning's graph couples {width} channels of group {group_name} to layer "
             f"{name}, which has {size}: it mis-traced this model ({MISTRACE_HINT})"
         )
-    index = torch.tensor(idxs, dtype=torch.long)
-    root = torch.tensor(root_idxs, dtype=torch.long)
-    if torch.unique(torch.stack([root, index]), dim=1).shape[1] != torch.unique(root).numel():
-        raise ValueError(
-            f"layer {name} uses a channel of group {group_name} twice; ctprune cannot prune "
-            "such a layer (add it to ignored_layers)"
-        )
-    channels = torch.full((width,), -1, dtype=torch.long)
-    channels[root] = index
-    if (channels < 0).any():
+    places: list[list[int]] = [[] for _ in range(width)]
+    for root, index in sorted(set(zip(root_idxs, idxs, strict=True))):
+        places[root].append(index)
+    copies = {len(indices) for indices in places}
+    if len(copies) != 1 or 0 in copies:
         raise ValueError(
             f"layer {name} holds only part of group {group_name}'s channels (a split or slice "
             "along channels); ctprune cannot prune such a layer (add it to ignored_layers)"
         )
-    return channels
+    return [torch.tensor(column, dtype=torch.long) for column in zip(*places, strict=True)]
 
 
 def _channel_count(module: nn.Module, consumer: bool) -> int:
@@ -283,10 +300,26 @@ def collect_groups(
                 continue
             seen.add(key)
             size = _channel_count(module, consumer=role is channel_group.consumers)
-            channels = _channel_map(
+            copies = _channel_map(
                 names[module], channel_group.name, width, size, item.idxs, item.root_idxs
             )
-            role.append(LayerSlice(names[module], module, channels))
+            if len(copies) > 1 and role is not channel_group.consumers:
+                raise ValueError(
+                    f"layer {names[module]} writes a channel of group {channel_group.name} "
+                    "twice; ctprune cannot prune such a layer (add it to ignored_layers)"
+                )
+            for channels in copies:  # a consumer reading the channels twice is listed twice
+                role.append(LayerSlice(names[module], module, channels))
+                if role is channel_group.consumers:  # e.g. a deformable conv's offset/mask conv
+                    for suffix, layer in coupled_input_layers(module):
+                        role.append(LayerSlice(f"{names[module]}.{suffix}", layer, channels))
+            consumer_key = (id(channel_group.consumers), module)
+            if role is channel_group.producers and is_depthwise(module):
+                if consumer_key not in seen:
+                    # Its input channels are its output channels (torch-pruning prunes both
+                    # through one dependency, DLA's upsampling): it reads the group too.
+                    seen.add(consumer_key)
+                    channel_group.consumers.append(LayerSlice(names[module], module, copies[0]))
         groups.append(channel_group)
     return groups
 

@@ -6,15 +6,34 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from .centernet import HEAD_NAMES, CenterNet, output_layers
-from .resnet import build_resnet
+from torch import nn
 
-# name -> factory(num_classes, head_conv, widths, pretrained) -> CenterNet
-ARCHITECTURES: dict[str, Callable[..., CenterNet]] = {
+from .centernet import HEAD_NAMES, CenterNet, output_layers
+from .dla import build_dla
+from .hourglass import build_hourglass
+from .hrnet import build_hrnet
+from .mobilenet import build_mobilenet
+from .resdcn import build_resdcn
+from .resnet import build_resnet
+from .resunet import build_resunet
+
+# name -> factory(num_classes, head_conv, widths, pretrained) -> CenterNet (hourglass104: its
+# two-stack HourglassNet, which returns the same list of per-stack dicts)
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "res18": partial(build_resnet, 18),
     "res34": partial(build_resnet, 34),
     "res50": partial(build_resnet, 50),
     "res101": partial(build_resnet, 101),
+    "resunet18": partial(build_resunet, 18),
+    "resunet50": partial(build_resunet, 50),
+    "resdcn18": partial(build_resdcn, 18),
+    "resdcn101": partial(build_resdcn, 101),
+    "dla34": partial(build_dla, "dcn"),
+    "dlav0_34": partial(build_dla, "v0"),
+    "hourglass104": build_hourglass,
+    "hrnet_w18": partial(build_hrnet, 18),
+    "hrnet_w32": partial(build_hrnet, 32),
+    "mobilenet_v3_large": build_mobilenet,
 }
 
 
@@ -32,9 +51,12 @@ def build_model(
         arch: a name from `ARCHITECTURES`, e.g. "res18".
         num_classes: heatmap channels.
         head_conv: width of each head's 3x3 conv; None takes the architecture's default
-            (64 for ResNets, 256 for DLA, as the original), 0 makes each head one 1x1 conv.
+            (64 for ResNets, 256 for DLA, as the original; 256 for hourglass104, the
+            original's fixed head width; 64 for HRNet and MobileNetV3, the original's rule for
+            non-DLA backbones), 0 makes each head one 1x1 conv.
         widths: channel widths for a scaled-down model (keys depend on the family).
-        pretrained: a local file with torchvision ImageNet weights for the trunk.
+        pretrained: a local file with ImageNet weights for the trunk (torchvision's for ResNet
+            and MobileNetV3, the HRNet release's for HRNet; hourglass104 has none).
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; known architectures: {', '.join(ARCHITECTURES)}")

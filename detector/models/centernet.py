@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cuda_ops import ModulatedDeformConv2d
+
 # The original initialises the heatmap's last bias to the constant -2.19, its rounding of
 # -log((1 - prior) / prior) for a prior of 0.1; sigmoid(-2.19) = 0.1006. Keeping its constant
 # keeps fresh models identical to the original's.
@@ -65,14 +67,21 @@ def build_heads(in_channels: int, head_conv: int, num_classes: int) -> dict[str,
 
 
 def output_layers(model: nn.Module) -> list[nn.Module]:
-    """The layers whose output channels are the model's outputs and must never be pruned:
-    the last conv of every head, in every stack. The one place pruning asks."""
-    return [
+    """The layers whose output channels must never be pruned: the last conv of every head,
+    in every stack (the model's outputs), and the offset/mask conv of every deformable conv
+    (its output channels are the kernel taps' offsets and mask). The one place pruning asks."""
+    heads = [
         head[-1]
         for module in model.modules()
         if isinstance(module, nn.ModuleDict) and set(HEAD_NAMES) <= set(module.keys())
         for head in module.values()
     ]
+    offsets = [
+        module.conv_offset_mask
+        for module in model.modules()
+        if isinstance(module, ModulatedDeformConv2d)
+    ]
+    return heads + offsets
 
 
 def deconv_neck(in_channels: int, widths: list[int], kernel_size: int = 4) -> nn.Sequential:
