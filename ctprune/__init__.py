@@ -2,8 +2,8 @@
 
 Builds on `detector` (the CenterNet implementation): `prune(model, ratio, criterion)` on the
 dependency graph, BN-gamma slimming, BN recalibration, recipes that chain baseline -> prune ->
-fine-tune -> evaluate -> report (`load_recipe`, `run_recipe`) and the `ctprune` command line.
-Distillation arrives in a later issue.
+fine-tune -> evaluate -> report (`load_recipe`, `run_recipe`) and the `ctprune` command line,
+and knowledge distillation from the unpruned model or other teachers (`distillation_loss`).
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -13,6 +13,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+source"
 
+from .distill import DistillConfig, TeacherConfig, distillation_loss
 from .pruning import CRITERIA, PruneResult, PruneStats, prune
 from .recalibrate import recalibrate_bn
 from .recipe import Recipe, load_recipe
@@ -21,12 +22,15 @@ from .slimming import SparsityConfig, bn_gamma_statistics, sparsity_callbacks
 
 __all__ = [
     "CRITERIA",
+    "DistillConfig",
     "PruneResult",
     "PruneStats",
     "Recipe",
     "SparsityConfig",
+    "TeacherConfig",
     "__version__",
     "bn_gamma_statistics",
+    "distillation_loss",
     "load_recipe",
     "prune",
     "recalibrate_bn",

@@ -12,7 +12,8 @@ type raises with its dotted path, ``--set section.key=value`` overrides any key)
     train:      how the baseline is trained (detector.engine.config.TrainConfig)
     sparsity:   optional; sparsity-train the baseline's BN scales (ctprune.slimming)
     prune:      what to prune and how (PruneConfig); a list of ratios or criteria is a sweep
-    finetune:   how each pruned model is trained afterwards (a TrainConfig)
+    finetune:   how each pruned model is trained afterwards (a TrainConfig), with an optional
+                `distill` part: the unpruned baseline (or other teachers) as teacher
     evaluate:   detector.engine.config.EvaluateConfig, used after every stage
     report:     ReportConfig
 """
@@ -37,6 +38,7 @@ from detector.config import (
 from detector.data.sources import DataConfig
 from detector.engine.config import EvaluateConfig, TrainConfig, read_recipe
 
+from .distill import DistillConfig
 from .pruning.api import DEFAULT_ROUND_TO
 from .pruning.criteria import check_criterion
 from .slimming import SparsityConfig
@@ -136,6 +138,20 @@ class ReportConfig:
 
 
 @dataclass
+class FinetuneConfig(TrainConfig):
+    """How each pruned model is trained afterwards: the `train` keys, plus `distill`."""
+
+    distill: DistillConfig | None = None
+    """Knowledge distillation while fine-tuning (ctprune.distill); by default the teacher is the
+    run's unpruned baseline. None: the task loss alone."""
+
+    def train_config(self) -> TrainConfig:
+        """The training keys alone, as the detector's training loop takes them."""
+        keys = [f.name for f in dataclasses.fields(TrainConfig)]
+        return TrainConfig(**{key: getattr(self, key) for key in keys})
+
+
+@dataclass
 class Recipe:
     """A whole experiment: baseline -> prune -> fine-tune -> evaluate -> report."""
 
@@ -148,7 +164,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     sparsity: SparsityConfig | None = None
     prune: PruneConfig = field(default_factory=PruneConfig)
-    finetune: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     source: str = ""
@@ -227,6 +243,17 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, check_files: boo
         value = getattr(recipe.baseline, key)
         if value is not None and not resolve_path(recipe, value).is_file():
             raise FileNotFoundError(f"{path}: baseline.{key}: {resolve_path(recipe, value)} does not exist")
+    distill = recipe.finetune.distill
+    if distill is not None:
+        for index, teacher in enumerate(distill.teachers):
+            teacher_path = resolve_path(recipe, teacher.checkpoint or ".")
+            if teacher.checkpoint is not None and not teacher_path.is_file():
+                raise FileNotFoundError(f"{path}: finetune.distill.teachers[{index}].checkpoint: "
+                                        f"{teacher_path} does not exist")
+        images = distill.unlabelled_images
+        if images is not None and not resolve_path(recipe, images).is_dir():
+            raise FileNotFoundError(f"{path}: finetune.distill.unlabelled_images: "
+                                    f"{resolve_path(recipe, images)} is not a folder")
     return recipe
 
 

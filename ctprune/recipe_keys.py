@@ -21,7 +21,15 @@ from detector.data.sources import DataConfig
 from detector.data.transforms import AugmentConfig
 from detector.engine.config import EvaluateConfig, TrainConfig
 
-from .recipe import BaselineConfig, PruneConfig, Recipe, ReportConfig, SyntheticConfig
+from .distill import DistillConfig, TeacherConfig
+from .recipe import (
+    BaselineConfig,
+    FinetuneConfig,
+    PruneConfig,
+    Recipe,
+    ReportConfig,
+    SyntheticConfig,
+)
 from .slimming import SparsityConfig
 
 # (section as written in a recipe, its dataclass), in the order a recipe reads.
@@ -35,7 +43,9 @@ SECTIONS = (
     ("train.augment", AugmentConfig),
     ("sparsity", SparsityConfig),
     ("prune", PruneConfig),
-    ("finetune", TrainConfig),
+    ("finetune", FinetuneConfig),
+    ("finetune.distill", DistillConfig),
+    ("finetune.distill.teachers[]", TeacherConfig),
     ("evaluate", EvaluateConfig),
     ("report", ReportConfig),
 )
@@ -82,7 +92,10 @@ def keys_markdown() -> str:
     recipe_docs.update(field_docs(Recipe))
     for section, cls in SECTIONS:
         hints = typing.get_type_hints(cls)
-        docs = field_docs(cls)
+        docs = {}
+        for base in reversed(cls.__mro__):  # a subclass (finetune) documents only its own fields
+            if dataclasses.is_dataclass(base):
+                docs.update(field_docs(base))
         summary = inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0].replace("\n", " ")
         lines += [f"## `{section}`", "", summary, "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for field in dataclasses.fields(cls):

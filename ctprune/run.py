@@ -11,9 +11,11 @@ Layout of a run (``experiments/<name>/`` unless --out says otherwise):
 Every stage folder holds ``checkpoint.pt``, ``eval/metrics.json`` (val COCO metrics, P-R curves)
 and ``stage.json``; training stages add ``metrics.jsonl``, ``last.pt``, ``resume.pt``. A stage
 is skipped when its ``stage.json`` is complete and records the same fingerprint (its resolved
-configuration and its input's fingerprint); a stage that was interrupted resumes from its
-``resume.pt``; a stage whose configuration changed starts again from scratch. A failure leaves
-the folders of the finished stages untouched.
+configuration and its input's fingerprint; with ``finetune.distill``, also the distillation
+settings and each teacher's identity, so changing them reruns the fine-tunes only); a stage
+that was interrupted resumes from its ``resume.pt``; a stage whose configuration changed starts
+again from scratch. A failure leaves the folders of the finished stages untouched. A fine-tune
+whose `distill` names no teacher checkpoint learns from ``baseline/checkpoint.pt``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from detector.files import atomic_replace, atomic_write_text
 from detector.original import import_original_checkpoint
 
 from .pruning import prune
+from .distill import DistillConfig
 from .recalibrate import recalibrate_bn
 from .recipe import Branch, Recipe, branches, resolve_path, stage_fingerprint
 from .train import train
@@ -145,6 +148,7 @@ class Runner:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.rerun_from, self.only, self.fit_hooks, self.log = rerun_from, only, fit_hooks or {}, log
         self.order = 0
+        self.baseline_stage: Stage | None = None
         self.train_source = load_source(recipe.data, "train")
         self.val_source = load_source(recipe.data, "val")
         self.model_config = resolve_model_config(recipe.model, self.train_source.class_names)
@@ -187,16 +191,43 @@ class Runner:
         return {k: v for k, v in metrics.items() if k in ("ap", "ap50", "ap75", "voc_ap50")}
 
     def _train_into(self, stage: Stage, config: TrainConfig, resume: bool,
-                    initial_model: torch.nn.Module | None, model_config: ModelConfig) -> torch.nn.Module:
+                    initial_model: torch.nn.Module | None, model_config: ModelConfig,
+                    distill: DistillConfig | None = None) -> torch.nn.Module:
         recipe = TrainRecipe(name=stage.name, model=model_config, data=self.recipe.data, train=config,
                              evaluate=self.recipe.evaluate)
         sparsity = self.recipe.sparsity if stage.kind == "baseline" else None
-        train(recipe, stage.folder, sparsity=sparsity, resume=resume, device=self.device,
-              initial_model=initial_model, **self.fit_hooks)
+        teacher_paths = self._teacher_paths(distill) if distill is not None else None
+        if distill is not None and distill.unlabelled_images is not None:
+            images = resolve_path(self.recipe, distill.unlabelled_images)
+            distill = dataclasses.replace(distill, unlabelled_images=str(images))
+        train(recipe, stage.folder, sparsity=sparsity, distill=distill, teacher_paths=teacher_paths,
+              resume=resume, device=self.device, initial_model=initial_model, **self.fit_hooks)
         chosen = stage.folder / ("best.pt" if (stage.folder / "best.pt").is_file() else "last.pt")
         _copy_atomic(chosen, stage.folder / CHECKPOINT)
         model, _ = load_model(stage.folder / CHECKPOINT)
         return model
+
+    def _teacher_paths(self, distill: DistillConfig) -> list[Path]:
+        """Each teacher's checkpoint; a teacher without one is the run's unpruned baseline."""
+        return [resolve_path(self.recipe, teacher.checkpoint) if teacher.checkpoint is not None
+                else self.out_dir / "baseline" / CHECKPOINT for teacher in distill.teachers]
+
+    def _distill_fingerprint(self, baseline: Stage | None) -> dict | None:
+        """What a fine-tune's distillation depends on: its settings and each teacher's identity
+        (the baseline stage's fingerprint, or a teacher file's size and time). None without
+        distillation, so recipes without it keep their fingerprints."""
+        distill = self.recipe.finetune.distill
+        if distill is None:
+            return None
+        teachers = [
+            _file_digest(resolve_path(self.recipe, teacher.checkpoint))
+            if teacher.checkpoint is not None
+            else (baseline.fingerprint if baseline is not None else "baseline")
+            for teacher in distill.teachers
+        ]
+        images = distill.unlabelled_images
+        return {"settings": to_dict(distill), "teachers": teachers,
+                "images": str(resolve_path(self.recipe, images)) if images is not None else None}
 
     # --- stages ------------------------------------------------------------------------------
     def baseline(self) -> Stage:
@@ -213,6 +244,12 @@ class Runner:
                 _copy_atomic(resolve_path(recipe, recipe.baseline.checkpoint), stage.folder / CHECKPOINT)
                 model, checkpoint = load_model(stage.folder / CHECKPOINT)
                 config = checkpoint.model_config
+                if config.arch != self.model_config.arch:
+                    raise RunError(
+                        f"baseline.checkpoint {recipe.baseline.checkpoint} holds a {config.arch} "
+                        f"model, but the recipe's model.arch is {self.model_config.arch}: make "
+                        "them agree"
+                    )
             elif recipe.baseline.original is not None:
                 import_original_checkpoint(resolve_path(recipe, recipe.baseline.original), self.model_config.arch,
                                            stage.folder / CHECKPOINT, tuple(self.model_config.input.input_size))
@@ -256,13 +293,18 @@ class Runner:
         return stage
 
     def finetune_stage(self, source: Stage, name: str, branch: str, epochs_factor: int = 1) -> Stage:
-        config = dataclasses.replace(self.recipe.finetune, epochs=self.recipe.finetune.epochs * epochs_factor)
-        stage = Stage(self.out_dir / name, name, "finetune",
-                      stage_fingerprint("finetune", source.fingerprint, config, self.recipe.evaluate), branch)
+        config = dataclasses.replace(self.recipe.finetune.train_config(),
+                                     epochs=self.recipe.finetune.epochs * epochs_factor)
+        distill = self.recipe.finetune.distill
+        parts = [config, self.recipe.evaluate]
+        if distill is not None:
+            parts.append(self._distill_fingerprint(self.baseline_stage))
+        fingerprint = stage_fingerprint("finetune", source.fingerprint, *parts)
+        stage = Stage(self.out_dir / name, name, "finetune", fingerprint, branch)
 
         def work(stage: Stage, resume: bool) -> dict:
             model, checkpoint = load_model(source.folder / CHECKPOINT)
-            model = self._train_into(stage, config, resume, model, checkpoint.model_config)
+            model = self._train_into(stage, config, resume, model, checkpoint.model_config, distill)
             return {"metrics": self._evaluate(model, checkpoint.model_config, stage)}
 
         self._run_stage(stage, work)
@@ -284,6 +326,7 @@ class Runner:
 
     def run(self) -> dict | None:
         baseline = self.baseline()
+        self.baseline_stage = baseline
         for branch in branches(self.recipe):
             if branch.control == "unpruned":
                 self.finetune_stage(baseline, f"{branch.name}/finetune", branch.name, self.recipe.prune.rounds)

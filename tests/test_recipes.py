@@ -98,6 +98,17 @@ def test_a_folder_of_another_recipe_is_refused(smoke_run, tmp_path):
         run_recipe(recipe, tmp_path / "stray")
 
 
+def test_a_baseline_checkpoint_of_another_arch_is_refused(smoke_run, tmp_path):
+    smoke_dir, _, _, _ = smoke_run
+    baseline = smoke_dir / "run" / "baseline" / "checkpoint.pt"
+    recipe = load_recipe(
+        _smoke_copy(tmp_path),
+        [f"baseline.checkpoint={baseline}", "model.arch=resunet18"],
+    )
+    with pytest.raises(RunError, match=r"holds a res18 model, but the recipe's model.arch is resunet18"):
+        run_recipe(recipe, tmp_path / "run")
+
+
 def test_bad_recipes_are_named_before_any_work(tmp_path):
     path = _smoke_copy(tmp_path)
     with pytest.raises(ConfigError, match=r"prune: unknown keys \['ration'\]"):

@@ -1,0 +1,472 @@
+"""Knowledge distillation for CenterNet: a loss factory with the task loss's signature.
+
+`distillation_loss(teachers, config)` returns ``loss_fn(outputs, batch) -> (total, parts)``,
+the signature of `detector.losses.centernet_loss`, so `detector.engine.fit.fit` trains with it
+unchanged; the feature adapters it optimises go in through fit's ``extra_parameters``. The main
+use is compression: fine-tune a pruned model with the unpruned one as its teacher.
+
+Output distillation is centerX's (JDAI-CV/centerX, ``centernet_kdloss.py``; formulas in
+shared/reference/peers.md section 2.3). For teacher k, S and T the student's and teacher's heads
+at the same output cell, and the teacher's classes mapped to student channels ``classes``:
+
+- heatmap: ``mean (sigmoid(S_c) - sigmoid(T_c))^2`` over every image, mapped class and cell
+  (background included). centerX's head applies the sigmoid itself; ours returns logits.
+- peak weight ``W(x) = max_c P_c(x)``, ``P_c(x) = T_c(x)`` where the teacher's probability is a
+  3 x 3 local maximum, else 0: the teacher's confidence at its own peaks. ``Z = sum W + 1e-4``.
+- wh: ``sum |W S_wh / n - W T_wh / n| / Z`` with ``n = (T_w + T_h) / 2`` when ``normalize_wh``
+  (relative size errors, for data whose boxes span many sizes), else 1.
+- offset: ``sum |W S_offset - W T_offset| / Z``.
+
+Options beyond centerX: ``heatmap_loss: kl`` (temperature-softened binary KL per cell, times
+T^2 as Hinton et al. do so that gradients keep their size when T changes), and feature
+distillation: an MSE between the student's neck output, through a 1x1 adapter per teacher, and
+the teacher's neck output. An adapter starts as the identity where the widths match, so a
+pruned student of other widths still learns from its teacher through a learned projection.
+
+Where centerX is deliberately not followed:
+- its "communism" loss balancing rescales every term whose name contains cls/wh/off to a fixed
+  value, which silently cancels the distillation weights; there is no such balancing here, the
+  weights below are what the terms get.
+- with ``normalize_wh`` the divisor is clamped to at least one output cell instead of adding
+  1e-4: at background peaks the teacher's predicted size can be near 0 or negative, where
+  centerX divides by almost nothing.
+
+The adapters are trained (fit's ``extra_parameters``) but not saved with the student; a resumed
+fine-tune starts them again from their initial values, and under torchrun each process trains its
+own copy (DDP averages the student's gradients, not theirs).
+
+Teachers are frozen (no gradients), kept in eval mode, never wrapped in DistributedDataParallel,
+and run under ``no_grad`` on the same input tensor as the student; a teacher whose input spec
+(colour order, mean/std, down ratio) differs from the student's is refused, since it would see
+pixels it was not trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import torch
+from torch import Tensor, nn
+from torch.nn import functional
+
+from detector.checkpoint import load_model
+from detector.config import ModelConfig
+from detector.losses import centernet_loss
+
+LossFn = Callable[[list[dict[str, Tensor]], dict], tuple[Tensor, dict[str, Tensor]]]
+
+# centerX's normaliser of the peak-weighted regression sums (Z = sum W + 1e-4).
+PEAK_EPSILON = 1e-4
+# The smallest wh divisor with normalize_wh: one output-map cell (see the module docstring).
+MIN_WH_NORM = 1.0
+# Local maxima are found over this window, as CenterNet's decoding pseudo-NMS does.
+PEAK_WINDOW = 3
+# Keeps log() finite in the softened KL.
+PROBABILITY_MARGIN = 1e-6
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+# Defaults: wh and offset as the task loss weighs them. The heatmap MSE is a mean over every cell,
+# almost all background, so it is 1e-4 to 1e-2 and needs a large weight (centerX's own recipes
+# use 10 to 5e5). On the synthetic benchmark 100 gave a pruned res18 more than 1000 did
+# (experiments/distill_study/report.md), although the heatmap term is then only ~0.05 there.
+DEFAULT_HEATMAP_WEIGHT = 100.0
+DEFAULT_WH_WEIGHT = 0.1
+DEFAULT_OFFSET_WEIGHT = 1.0
+
+
+class DistillError(ValueError):
+    """A teacher or distillation setting that cannot be used; the message names it."""
+
+
+@dataclass
+class TeacherConfig:
+    """One teacher: a ctprune checkpoint and the student classes its heatmap channels stand for."""
+
+    checkpoint: str | None = None
+    """A ctprune checkpoint (relative to the recipe file). None in a `ctprune run` recipe: the
+    run's own unpruned baseline (the compression case)."""
+    classes: list[int] | None = None
+    """Student class index of each of the teacher's heatmap channels, in order (several teachers
+    each cover a slice: [0, 1, 2] and [3, 4, 5]); None: the teacher has the student's classes."""
+    weight: float = 1.0
+    """Multiplies all of this teacher's distillation terms."""
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"weight: expected a value >= 0, got {self.weight}")
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes: a student class listed twice in {self.classes}")
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation during fine-tuning (centerX's output distillation, optionally
+    with a temperature-softened heatmap and neck-feature distillation)."""
+
+    teachers: list[TeacherConfig] = field(default_factory=lambda: [TeacherConfig()])
+    """The teachers; the default is one teacher, the run's unpruned baseline."""
+    with_labels: bool = True
+    """True: task loss plus distillation. False: distillation alone, so images need no labels
+    (see `unlabelled_images`)."""
+    unlabelled_images: str | None = None
+    """With with_labels false: a folder of images (no annotations) to train on, relative to the
+    recipe file; None trains on the train split's images with their labels ignored."""
+    heatmap_weight: float = DEFAULT_HEATMAP_WEIGHT
+    """Weight of the heatmap term (centerX's KD_WEIGHT x KD_CLS_WEIGHT). The MSE is a mean over
+    all cells, mostly background, so it is small and needs a large weight."""
+    wh_weight: float = DEFAULT_WH_WEIGHT
+    """Weight of the peak-weighted L1 on box sizes (KD_WEIGHT x KD_WH_WEIGHT); sizes are in
+    output cells, so as in the task loss it is 10x below the offset's."""
+    offset_weight: float = DEFAULT_OFFSET_WEIGHT
+    """Weight of the peak-weighted L1 on centre offsets (KD_WEIGHT x KD_REG_WEIGHT)."""
+    normalize_wh: bool = False
+    """Divide wh by the teacher's mean box side (centerX's NORM_WH): relative size errors."""
+    heatmap_loss: Literal["mse", "kl"] = "mse"
+    """mse: centerX's MSE of probabilities; kl: binary KL between temperature-softened teacher
+    and student probabilities, times temperature^2."""
+    temperature: float = 1.0
+    """Softening temperature of heatmap_loss kl (logits / T before the sigmoid)."""
+    feature_weight: float = 0.0
+    """Weight of the neck-feature MSE through 1x1 adapters (0: off)."""
+
+    def __post_init__(self) -> None:
+        if not self.teachers:
+            raise ValueError("teachers: expected at least one teacher")
+        for name in ("heatmap_weight", "wh_weight", "offset_weight", "feature_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected a value >= 0, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature: expected a positive value, got {self.temperature}")
+        if self.unlabelled_images is not None and self.with_labels:
+            raise ValueError("unlabelled_images: only used with with_labels: false")
+
+
+@dataclass
+class Teacher:
+    """A loaded, frozen teacher and the student classes its heatmap channels map to."""
+
+    model: nn.Module
+    model_config: ModelConfig
+    classes: list[int]
+    """Student class index of each teacher heatmap channel."""
+    weight: float = 1.0
+    name: str = "teacher"
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode with every parameter frozen (returned for chaining)."""
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def check_input_spec(student: ModelConfig, teacher: ModelConfig, name: str) -> None:
+    """Refuse a teacher that would see other pixels or produce maps of another size."""
+    for key in ("color_order", "mean", "std", "down_ratio"):
+        mine, theirs = _plain(getattr(student.input, key)), _plain(getattr(teacher.input, key))
+        if mine != theirs:
+            raise DistillError(
+                f"{name}: input {key} is {theirs!r} but the student's is {mine!r}; a teacher "
+                "runs on the student's input tensor, so both must share colour order, mean/std "
+                "and down ratio"
+            )
+
+
+def _plain(value):
+    return [float(item) for item in value] if isinstance(value, (list, tuple)) else value
+
+
+def load_teacher(
+    config: TeacherConfig, student: ModelConfig, path: str | Path | None = None
+) -> Teacher:
+    """Load ``config``'s teacher (from ``path`` when given, else its checkpoint), frozen, and
+    check it against the student: same input spec, classes mapped into the student's."""
+    path = Path(path if path is not None else config.checkpoint or "")
+    if not path.is_file():
+        raise FileNotFoundError(f"distill teacher: checkpoint {path} does not exist")
+    model, checkpoint = load_model(path)
+    teacher_config = checkpoint.model_config
+    check_input_spec(student, teacher_config, f"distill teacher {path}")
+    classes = resolve_classes(config.classes, teacher_config, student, str(path))
+    return Teacher(freeze(model), teacher_config, classes, config.weight, name=str(path))
+
+
+def resolve_classes(
+    classes: list[int] | None, teacher: ModelConfig, student: ModelConfig, name: str
+) -> list[int]:
+    """The student class of each teacher channel; names must agree where both models have them."""
+    if classes is None:
+        if teacher.num_classes != student.num_classes:
+            raise DistillError(
+                f"distill teacher {name}: has {teacher.num_classes} classes, the student "
+                f"{student.num_classes}; give `classes` (the student class of each teacher class)"
+            )
+        classes = list(range(teacher.num_classes))
+    if len(classes) != teacher.num_classes:
+        raise DistillError(
+            f"distill teacher {name}: classes lists {len(classes)} student classes "
+            f"for a teacher with {teacher.num_classes}"
+        )
+    for index in classes:
+        if not 0 <= index < student.num_classes:
+            raise DistillError(
+                f"distill teacher {name}: class {index} is not a student class "
+                f"(0..{student.num_classes - 1})"
+            )
+    if teacher.class_names and student.class_names:
+        for channel, index in enumerate(classes):
+            if teacher.class_names[channel] != student.class_names[index]:
+                raise DistillError(
+                    f"distill teacher {name}: its class {channel} is "
+                    f"{teacher.class_names[channel]!r} but student class {index} is "
+                    f"{student.class_names[index]!r}"
+                )
+    return list(classes)
+
+
+def check_teachers(teachers: Sequence[Teacher]) -> None:
+    """Several teachers must cover disjoint student classes (each owns its slice)."""
+    seen: dict[int, str] = {}
+    for teacher in teachers:
+        for index in teacher.classes:
+            if index in seen:
+                raise DistillError(
+                    f"distill: student class {index} is covered by both {seen[index]} "
+                    f"and {teacher.name}; give each teacher its own classes"
+                )
+            seen[index] = teacher.name
+
+
+def peak_weight(teacher_probability: Tensor) -> Tensor:
+    """centerX's W: (B, C, H, W) probabilities -> (B, 1, H, W), the largest class probability
+    among those at a 3x3 local maximum of their own channel, 0 where no channel peaks."""
+    pooled = functional.max_pool2d(
+        teacher_probability, PEAK_WINDOW, stride=1, padding=PEAK_WINDOW // 2
+    )
+    peaks = teacher_probability * (pooled == teacher_probability)
+    return peaks.amax(dim=1, keepdim=True)
+
+
+def heatmap_term(
+    student_logits: Tensor, teacher_logits: Tensor, mode: str = "mse", temperature: float = 1.0
+) -> Tensor:
+    """Heatmap distillation over matching (B, C, H, W) logits: the mean squared difference of
+    probabilities (mse) or the mean binary KL(teacher || student) of the temperature-softened
+    probabilities times temperature^2 (kl)."""
+    if mode == "mse":
+        return (torch.sigmoid(student_logits) - torch.sigmoid(teacher_logits)).pow(2).mean()
+    teacher = torch.sigmoid(teacher_logits / temperature).clamp(
+        PROBABILITY_MARGIN, 1 - PROBABILITY_MARGIN
+    )
+    log_student = functional.logsigmoid(student_logits / temperature)
+    log_student_negative = functional.logsigmoid(-student_logits / temperature)
+    divergence = teacher * (teacher.log() - log_student) + (1 - teacher) * (
+        (1 - teacher).log() - log_student_negative
+    )
+    return divergence.mean() * temperature**2
+
+
+def regression_term(
+    student: Tensor, teacher: Tensor, weight: Tensor, norm: Tensor | float = 1.0
+) -> Tensor:
+    """centerX's peak-weighted L1: student, teacher (B, D, H, W), weight (B, 1, H, W) ->
+    ``sum |W S / n - W T / n| / (sum W + 1e-4)`` (summed over the D channels, not averaged)."""
+    difference = (weight * student / norm - weight * teacher / norm).abs().sum()
+    return difference / (weight.sum() + PEAK_EPSILON)
+
+
+def feature_adapters(
+    student: nn.Module, teachers: Sequence[Teacher], example: Tensor
+) -> nn.ModuleList:
+    """One 1x1 conv (no bias) per teacher from the student's neck width to the teacher's: the
+    identity where the widths match, PyTorch's default initialisation elsewhere. ``example``
+    (1, 3, H, W) is run once through both models to read the widths."""
+    with torch.no_grad():
+        was_training = student.training
+        student.eval()
+        student_width = student(example, return_features=True)[-1]["features"].shape[1]
+        student.train(was_training)
+        adapters = []
+        for teacher in teachers:
+            teacher_width = teacher.model(
+                example.to(_device_of(teacher.model)), return_features=True
+            )[-1]["features"].shape[1]
+            adapter = nn.Conv2d(student_width, teacher_width, kernel_size=1, bias=False)
+            if teacher_width == student_width:
+                adapter.weight.copy_(
+                    torch.eye(student_width).view(student_width, student_width, 1, 1)
+                )
+            adapters.append(adapter)
+    return nn.ModuleList(adapters)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    parameter = next(module.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def request_features(model: nn.Module) -> torch.utils.hooks.RemovableHandle:
+    """Make ``model`` return its neck features (``return_features=True``) while training, so a
+    loss function with the task loss's signature can read them from the outputs. The training
+    loop calls ``model(images)``; this forward pre-hook adds the keyword. Remove it after."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict):
+        if module.training:
+            return args, {**kwargs, "return_features": True}
+        return None
+
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def distillation_loss(
+    teachers: Sequence[Teacher],
+    config: DistillConfig,
+    *,
+    task_loss: LossFn = centernet_loss,
+    adapters: nn.ModuleList | None = None,
+    precision: str = "fp32",
+) -> LossFn:
+    """A loss function with `centernet_loss`'s signature: ``loss_fn(outputs, batch) ->
+    (total, parts)``. outputs: the student's list of per-stack dicts (with ``features`` when
+    feature distillation is on, see `request_features`); batch: the training batch, whose
+    ``image`` (B, 3, H, W) the teachers run on.
+
+    ``total = task (when config.with_labels) + sum_k weight_k (heatmap_weight L_heatmap +
+    wh_weight L_wh + offset_weight L_offset + feature_weight L_feature)``; every student stack
+    is distilled from the teacher's last stack and the terms are averaged over the stacks.
+    parts: the task parts, ``distill_heatmap``, ``distill_wh``, ``distill_offset``,
+    ``distill_feature`` (unweighted sums over teachers) and ``total``, all detached.
+    """
+    teachers = list(teachers)
+    if not teachers:
+        raise DistillError("distill: no teacher")
+    check_teachers(teachers)
+    if config.feature_weight > 0 and (adapters is None or len(adapters) != len(teachers)):
+        raise DistillError(
+            "distill: feature_weight > 0 needs one adapter per teacher (feature_adapters)"
+        )
+    for teacher in teachers:
+        freeze(teacher.model)
+
+    def loss_fn(outputs: list[dict[str, Tensor]], batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        images = batch["image"]
+        if config.with_labels:
+            total, parts = task_loss(outputs, batch)
+            parts = dict(parts)
+        else:
+            total, parts = images.new_zeros((), dtype=torch.float32), {}
+        sums = {
+            name: images.new_zeros((), dtype=torch.float32)
+            for name in ("distill_heatmap", "distill_wh", "distill_offset", "distill_feature")
+        }
+        for index, teacher in enumerate(teachers):
+            if teacher.model.training:  # someone called .train() on it: statistics must not move
+                teacher.model.eval()
+            teacher.model.to(images.device)
+            with torch.no_grad(), _autocast(precision, images.device):
+                stacks = teacher.model(images, return_features=config.feature_weight > 0)
+            teacher_output = {key: value.float() for key, value in stacks[-1].items()}
+            teacher_probability = torch.sigmoid(teacher_output["heatmap"])
+            weight = peak_weight(teacher_probability)
+            norm: Tensor | float = 1.0
+            if config.normalize_wh:
+                mean_side = teacher_output["wh"].mean(dim=1, keepdim=True)  # (w + h) / 2
+                norm = mean_side.clamp(min=MIN_WH_NORM)
+            classes = torch.as_tensor(teacher.classes, device=images.device)
+            terms = {name: [] for name in sums}
+            for output in outputs:
+                student_heatmap = output["heatmap"].float().index_select(1, classes)
+                terms["distill_heatmap"].append(
+                    heatmap_term(
+                        student_heatmap,
+                        teacher_output["heatmap"],
+                        config.heatmap_loss,
+                        config.temperature,
+                    )
+                )
+                terms["distill_wh"].append(
+                    regression_term(output["wh"].float(), teacher_output["wh"], weight, norm)
+                )
+                if "offset" in output and "offset" in teacher_output:
+                    terms["distill_offset"].append(
+                        regression_term(output["offset"].float(), teacher_output["offset"], weight)
+                    )
+                if config.feature_weight > 0:
+                    if "features" not in output:
+                        raise DistillError(
+                            "distill: feature_weight > 0 but the student outputs no 'features'; "
+                            "call request_features(model) before training"
+                        )
+                    adapted = adapters[index](output["features"].float())
+                    terms["distill_feature"].append(
+                        functional.mse_loss(adapted, teacher_output["features"])
+                    )
+            for name, values in terms.items():
+                if not values:
+                    continue
+                term = sum(values) / len(values)
+                sums[name] = sums[name] + term
+                total = total + teacher.weight * _weight_of(config, name) * term
+        parts.update({name: value.detach() for name, value in sums.items()})
+        parts["total"] = total.detach()
+        return total, parts
+
+    return loss_fn
+
+
+def _weight_of(config: DistillConfig, name: str) -> float:
+    return {
+        "distill_heatmap": config.heatmap_weight,
+        "distill_wh": config.wh_weight,
+        "distill_offset": config.offset_weight,
+        "distill_feature": config.feature_weight,
+    }[name]
+
+
+def _autocast(precision: str, device: torch.device):
+    """The teacher runs at the student's precision (bf16 halves its CPU cost); fp16 only on CUDA."""
+    if precision == "fp32" or (precision == "amp" and device.type != "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(
+        device.type, dtype=torch.float16 if precision == "amp" else torch.bfloat16
+    )
+
+
+def image_folder_json(folder: str | Path, class_names: Sequence[str], out_path: str | Path) -> Path:
+    """Write a COCO json that lists every image in ``folder`` (recursively) with no annotation
+    and the student's classes, so unlabelled images go through the labelled data's own loader
+    and input pipeline (`detector.data.load_coco`; images without boxes are kept).
+
+    Raises DistillError when the folder holds no image or an image cannot be read."""
+    folder = Path(folder).expanduser().resolve()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"distill.unlabelled_images: {folder} is not a folder")
+    files = sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DistillError(
+            f"distill.unlabelled_images: {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})"
+        )
+    images = []
+    for image_id, path in enumerate(files, start=1):
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            raise DistillError(f"distill.unlabelled_images: {path} cannot be read as an image")
+        images.append(
+            {
+                "id": image_id,
+                "file_name": str(path.relative_to(folder)),
+                "height": int(image.shape[0]),
+                "width": int(image.shape[1]),
+            }
+        )
+    categories = [{"id": index + 1, "name": name} for index, name in enumerate(class_names)]
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps({"images": images, "annotations": [], "categories": categories}))
+    return out_path
