@@ -129,6 +129,31 @@ def _prune(args: argparse.Namespace) -> None:
     print(f"pruned in {stats.seconds:.2f} s; wrote {args.out}")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from detector import load_model
+    from detector.export import export_onnx, export_pt2
+
+    model, checkpoint = load_model(args.checkpoint)
+    out = args.out or Path(args.checkpoint).with_suffix(f".{args.format}")
+    options = dict(decode=args.decode, max_detections=args.max_detections, dynamic=args.dynamic,
+                   raw_pixels=args.raw_pixels,
+                   input_size=tuple(args.input_size) if args.input_size else None)
+    if args.format == "onnx":
+        path = export_onnx(out, model, checkpoint.model_config.input, **options)
+    else:
+        path = export_pt2(out, model, checkpoint.model_config.input, **options)
+    outputs = "detections (B, K, 6) in input pixels" if args.decode else "heatmap, wh, offset"
+    print(f"wrote {path}: input images (B, 3, H, W), outputs {outputs}")
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from .bench import bench_checkpoints, format_bench
+
+    rows = bench_checkpoints(args.checkpoints, input_size=args.input, threads=args.threads,
+                             runtime=args.runtime, rounds=args.rounds, device=args.device)
+    print(format_bench(rows))
+
+
 def torch_cuda() -> bool:
     import torch
 
@@ -284,6 +309,30 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("checkpoint", type=Path)
     info.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"))
     info.set_defaults(run=_info)
+
+    export = commands.add_parser("export", help="write a checkpoint as ONNX or torch.export")
+    export.add_argument("checkpoint", type=Path)
+    export.add_argument("--format", required=True, choices=("onnx", "pt2"))
+    export.add_argument("--out", type=Path, help="output file (default: beside the checkpoint)")
+    export.add_argument("--decode", action="store_true",
+                        help="decode in the graph: (B, K, 6) detections")
+    export.add_argument("--max-detections", type=int, default=100, help="K of --decode")
+    export.add_argument("--dynamic", action="store_true",
+                        help="free batch and image sides (multiples of the spec's pad + 1)")
+    export.add_argument("--raw-pixels", action="store_true",
+                        help="the graph normalises 0-255 pixels itself")
+    export.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
+                        help="trace size (default: the model's)")
+    export.set_defaults(run=_export)
+
+    bench = commands.add_parser("bench", help="deployed latency of checkpoints, interleaved")
+    bench.add_argument("checkpoints", type=Path, nargs="+")
+    bench.add_argument("--input", type=int, default=512, help="square input side in pixels")
+    bench.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    bench.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime"))
+    bench.add_argument("--rounds", type=int, default=10, help="interleaved timed rounds")
+    bench.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    bench.set_defaults(run=_bench)
 
     original = commands.add_parser(
         "import-original", help="convert a checkpoint of the original CenterNet code"

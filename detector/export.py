@@ -1,0 +1,399 @@
+"""Deployment: a CenterNet as one graph (ONNX or a torch.export program), with the decoding and
+the input normalisation optionally inside it.
+
+It lives in `detector`, not `ctprune`: exporting needs a model and its input spec, which a
+checkpoint alone gives (pruned or not, since loading applies the channel plan here), so a user
+who deploys a detector never needs the pruning library. `ctprune export` is a thin command over
+these functions.
+
+- `DeployModel` wraps a model for export: raw heads ``(heatmap logits, wh, offset)`` of the last
+  stack, or with ``decode`` the top-K detections ``(B, K, 6)`` in input-image pixels.
+- `decode_in_graph` is `detector.decode.ctdet_decode` written with operators every runtime has:
+  max-pool peak suppression and TopK, with K clamped to the map size symbolically. No NonZero,
+  no OneHot (TensorRT rejects NonZero); the same detections as `ctdet_decode`.
+- `fold_batchnorm` folds each BatchNorm into the (transposed) convolution before it.
+- `export_onnx` / `export_pt2` write the files; deformable convolutions (torchvision's
+  ``deform_conv2d``) become ONNX ``DeformConv`` (opset 19), see `DEFORM_CONV_MIN_ORT`.
+
+onnx, onnxscript, onnxruntime and onnxslim are the ``export`` extra; they are imported only
+when an ONNX function runs.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from .config import InputSpec
+from .decode import PEAK_WINDOW
+
+# ONNX opset of the exported graphs: 19 is the first with DeformConv; everything else CenterNet
+# needs exists since opset 11.
+ONNX_OPSET = 19
+# The first onnxruntime release with a DeformConv kernel (CPU and CUDA, microsoft/onnxruntime
+# PR 27393). Checked on the wheels: 1.24.4 fails with NOT_IMPLEMENTED for DeformConv(19), 1.25.0
+# runs it and matches torchvision's deform_conv2d to 1e-6.
+DEFORM_CONV_MIN_ORT = "1.25.0"
+# Raw pixels are 8-bit: the input spec's mean/std are for pixels scaled to [0, 1].
+PIXEL_MAX = 255.0
+HEAD_OUTPUTS = ("heatmap", "wh", "offset")
+
+
+class ExportError(ValueError):
+    """A model, option or installed runtime that cannot give the requested export."""
+
+
+def decode_in_graph(
+    heatmap_logits: Tensor, wh: Tensor, offset: Tensor | None, max_detections: int, down_ratio: int
+) -> Tensor:
+    """`ctdet_decode` as an exportable graph, with boxes in input-image pixels.
+
+    heatmap_logits: (B, C, H, W) raw heatmap head (sigmoid is applied here).
+    wh, offset: (B, 2, H, W) in output-map cells; offset None puts centres at cell + 0.5.
+    max_detections: K; the graph takes min(K, C * H * W), computed from the runtime shape.
+    down_ratio: input pixels per output cell; boxes are map coordinates times it.
+
+    Returns (B, K', 6) float32: x1, y1, x2, y2 in input pixels, score, class (0-based, as a
+    float), highest score first; K' = min(K, C * H * W). Only MaxPool, Equal, Mul, TopK,
+    GatherElements, Div, Mod, Concat and shape arithmetic: no NonZero, no OneHot.
+    """
+    batch, classes, height, width = heatmap_logits.shape
+    heatmap = heatmap_logits.float().sigmoid()
+    neighbourhood_max = F.max_pool2d(heatmap, PEAK_WINDOW, stride=1, padding=PEAK_WINDOW // 2)
+    peaks = heatmap * (neighbourhood_max == heatmap).to(heatmap.dtype)
+    # sym_min stays symbolic under torch.export: a Min of the runtime shape in the graph.
+    k = torch.sym_min(max_detections, classes * height * width)
+    scores, flat_index = peaks.reshape(batch, -1).topk(k, dim=1)
+    cells = height * width
+    labels = torch.div(flat_index, cells, rounding_mode="floor")
+    pixels = flat_index - labels * cells
+    ys = torch.div(pixels, width, rounding_mode="floor")
+    xs = (pixels - ys * width).float()
+    ys = ys.float()
+    index = pixels.unsqueeze(1).expand(batch, 2, pixels.shape[1])
+    if offset is None:
+        xs, ys = xs + 0.5, ys + 0.5
+    else:
+        centre_offset = offset.float().reshape(batch, 2, cells).gather(2, index)
+        xs, ys = xs + centre_offset[:, 0], ys + centre_offset[:, 1]
+    sizes = wh.float().reshape(batch, 2, cells).gather(2, index)
+    half_width, half_height = sizes[:, 0] / 2, sizes[:, 1] / 2
+    boxes = torch.stack(
+        [xs - half_width, ys - half_height, xs + half_width, ys + half_height], dim=2
+    )
+    return torch.cat(
+        [boxes * down_ratio, scores.unsqueeze(2), labels.float().unsqueeze(2)], dim=2
+    )
+
+
+class DeployModel(nn.Module):
+    """A CenterNet as a deployed graph sees it: one image tensor in, plain tensors out.
+
+    images: (B, 3, H, W) float32 in the spec's colour order, either normalised as the model was
+    trained (``raw_pixels=False``) or raw 0-255 pixels (``raw_pixels=True``: the graph applies
+    ``(pixels / 255 - mean) / std`` itself, one multiply-add per pixel).
+
+    forward returns ``(heatmap, wh, offset)`` of the last stack (heatmap as logits, all
+    (B, ., H/down, W/down)), or with ``decode`` the detections of `decode_in_graph`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: InputSpec,
+        *,
+        decode: bool = False,
+        max_detections: int = 100,
+        raw_pixels: bool = False,
+    ):
+        super().__init__()
+        if int(max_detections) != max_detections or max_detections < 1:
+            raise ExportError(
+                f"max_detections: expected a positive integer, got {max_detections!r}"
+            )
+        self.model = model
+        self.decode, self.max_detections = decode, int(max_detections)
+        self.down_ratio, self.raw_pixels = spec.down_ratio, raw_pixels
+        std = torch.tensor(spec.std).reshape(1, 3, 1, 1)
+        mean = torch.tensor(spec.mean).reshape(1, 3, 1, 1)
+        # Folded into the graph's first op rather than into conv1's weights: conv1 pads with
+        # zeros in normalised space, which raw pixels cannot express at the borders.
+        self.register_buffer("pixel_scale", 1.0 / (PIXEL_MAX * std), persistent=False)
+        self.register_buffer("pixel_shift", -mean / std, persistent=False)
+
+    def forward(self, images: Tensor) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+        if self.raw_pixels:
+            images = images * self.pixel_scale + self.pixel_shift
+        outputs = self.model(images)[-1]
+        if self.decode:
+            return decode_in_graph(
+                outputs["heatmap"], outputs["wh"], outputs.get("offset"),
+                self.max_detections, self.down_ratio,
+            )
+        return outputs["heatmap"], outputs["wh"], outputs["offset"]
+
+
+def _fusable_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv path, batchnorm path) where the BN reads only that conv's output and nothing else
+    reads it, found on a torch.fx trace; [] when the model does not trace."""
+    from torch import fx
+
+    try:
+        graph = fx.symbolic_trace(model, concrete_args={"return_features": False}).graph
+    except Exception:  # a model fx cannot trace (data-dependent Python): nothing is folded
+        return []
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
+            continue
+        source = node.args[0]
+        if (
+            isinstance(source, fx.Node)
+            and source.op == "call_module"
+            and isinstance(modules[source.target], (nn.Conv2d, nn.ConvTranspose2d))
+            and len(source.users) == 1
+            and calls[source.target] == 1
+            and calls[node.target] == 1
+        ):
+            pairs.append((source.target, node.target))
+    return pairs
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (in eval mode) with every BatchNorm that directly follows a Conv2d or
+    ConvTranspose2d folded into it and replaced by Identity: the same outputs (to float
+    rounding) with one memory-bound pass less per layer. BNs in any other position stay."""
+    folded = copy.deepcopy(model).eval()
+    modules = dict(folded.named_modules())
+    for conv_path, norm_path in _fusable_pairs(folded):
+        conv, norm = modules[conv_path], modules[norm_path]
+        fused = fuse_conv_bn_eval(conv, norm, transpose=isinstance(conv, nn.ConvTranspose2d))
+        parent_path, _, name = conv_path.rpartition(".")
+        setattr(modules[parent_path] if parent_path else folded, name, fused)
+        parent_path, _, name = norm_path.rpartition(".")
+        setattr(modules[parent_path] if parent_path else folded, name, nn.Identity())
+    return folded
+
+
+def side_multiple(spec: InputSpec) -> int:
+    """Image sides the model maps exactly to input / down_ratio: multiples of ``pad + 1``, the
+    keep-resolution padding of its input spec (32 for ResNet and DLA, 128 for hourglass)."""
+    return spec.pad + 1
+
+
+def _example_input(spec: InputSpec, input_size: tuple[int, int] | None, batch: int) -> Tensor:
+    height, width = input_size or spec.input_size
+    multiple = side_multiple(spec)
+    if height % multiple or width % multiple:
+        raise ExportError(
+            f"input size {height}x{width}: expected sides that are multiples of {multiple} "
+            "(the model's input spec pads to that)"
+        )
+    # Mid-range values: a zero image would give a flat heatmap, where every cell is a peak.
+    return torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(0))
+
+
+def dynamic_shapes_spec(spec: InputSpec) -> dict:
+    """torch.export dynamic shapes for the ``images`` input: any batch, sides any multiple of
+    `side_multiple` up to 8192 pixels."""
+    from torch.export import Dim
+
+    multiple = side_multiple(spec)
+    most_blocks = 8192 // multiple
+    batch = Dim("batch", min=1, max=1024)
+    height_blocks = Dim("height_blocks", min=1, max=most_blocks)
+    width_blocks = Dim("width_blocks", min=1, max=most_blocks)
+    return {"images": {0: batch, 2: multiple * height_blocks, 3: multiple * width_blocks}}
+
+
+def prepare_for_export(
+    model: nn.Module,
+    spec: InputSpec,
+    *,
+    decode: bool = False,
+    max_detections: int = 100,
+    raw_pixels: bool = False,
+) -> DeployModel:
+    """The eval-mode, BN-folded `DeployModel` both exporters trace (``model`` is not changed)."""
+    return DeployModel(
+        fold_batchnorm(model), spec, decode=decode, max_detections=max_detections,
+        raw_pixels=raw_pixels,
+    ).eval()
+
+
+def output_names(decode: bool) -> list[str]:
+    return ["detections"] if decode else list(HEAD_OUTPUTS)
+
+
+def export_program(
+    model: nn.Module,
+    spec: InputSpec,
+    *,
+    decode: bool = False,
+    max_detections: int = 100,
+    raw_pixels: bool = False,
+    dynamic: bool = False,
+    input_size: tuple[int, int] | None = None,
+) -> torch.export.ExportedProgram:
+    """``torch.export`` of the prepared model, traced at ``input_size`` (default the spec's)
+    with batch 2 when ``dynamic`` (a batch of 1 would be specialised), else batch 1."""
+    deploy = prepare_for_export(
+        model, spec, decode=decode, max_detections=max_detections, raw_pixels=raw_pixels
+    )
+    example = _example_input(spec, input_size, 2 if dynamic else 1)
+    with torch.no_grad():
+        return torch.export.export(
+            deploy, (example,), dynamic_shapes=dynamic_shapes_spec(spec) if dynamic else None
+        )
+
+
+def export_pt2(path: str | Path, model: nn.Module, spec: InputSpec, **options) -> Path:
+    """Write a ``torch.export`` program (``.pt2``); options as `export_program`. Load it with
+    ``torch.export.load(path).module()``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(export_program(model, spec, **options), path)
+    return path
+
+
+def _require(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ExportError(
+            f"ONNX export needs the package {module!r}: pip install 'ctprune[export]'"
+        ) from None
+
+
+def _deform_conv_translation():
+    """ONNX DeformConv for ``torchvision::deform_conv2d`` (an onnxscript trace-only function).
+
+    torchvision's op and ONNX's take the same tensors in a different order and the same offset
+    layout ((dy, dx) pairs per kernel tap and offset group), so it is a one-node translation;
+    kernel_shape is inferred from the weight. torchvision passes a mask of ones with
+    ``use_mask=False`` when there is none; ONNX's default mask is also ones.
+    """
+    from onnxscript import opset19 as op
+
+    def deform_conv2d(
+        input, weight, offset, mask, bias, stride_h, stride_w, pad_h, pad_w,
+        dilation_h, dilation_w, groups, offset_groups, use_mask,
+    ):
+        return op.DeformConv(
+            input, weight, offset, bias, mask if use_mask else None,
+            strides=[stride_h, stride_w],
+            pads=[pad_h, pad_w, pad_h, pad_w],
+            dilations=[dilation_h, dilation_w],
+            group=groups,
+            offset_group=offset_groups,
+        )
+
+    return deform_conv2d
+
+
+def uses_deform_conv(onnx_model) -> bool:
+    return any(node.op_type == "DeformConv" for node in onnx_model.graph.node)
+
+
+def check_runtime_supports(onnx_model) -> None:
+    """Raise ExportError naming the needed version when the installed onnxruntime lacks a
+    kernel this graph uses (today: DeformConv, from `DEFORM_CONV_MIN_ORT`)."""
+    if not uses_deform_conv(onnx_model):
+        return
+    onnxruntime = _require("onnxruntime")
+    installed = tuple(int(part) for part in onnxruntime.__version__.split(".")[:2])
+    needed = tuple(int(part) for part in DEFORM_CONV_MIN_ORT.split(".")[:2])
+    if installed < needed:
+        raise ExportError(
+            f"this model uses deformable convolution (ONNX DeformConv, opset 19); onnxruntime "
+            f"{onnxruntime.__version__} has no kernel for it: onnxruntime>={DEFORM_CONV_MIN_ORT} "
+            "runs it (the .onnx file itself is valid for any runtime that implements DeformConv)"
+        )
+
+
+def export_onnx(
+    path: str | Path,
+    model: nn.Module,
+    spec: InputSpec,
+    *,
+    decode: bool = False,
+    max_detections: int = 100,
+    raw_pixels: bool = False,
+    dynamic: bool = False,
+    input_size: tuple[int, int] | None = None,
+    simplify: bool = True,
+) -> Path:
+    """Write ``model`` as ONNX (opset `ONNX_OPSET`) through torch.export, check it with
+    ``onnx.checker``, simplify it with onnxslim and check it again.
+
+    Input ``images`` (B, 3, H, W); outputs ``heatmap``, ``wh``, ``offset`` or, with ``decode``,
+    ``detections`` (B, K, 6) in input pixels (see `DeployModel`). ``dynamic``: batch and image
+    sides (multiples of `side_multiple`) are free. Raises ExportError when a package is missing.
+    """
+    onnx = _require("onnx")
+    _require("onnxscript")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program = export_program(
+        model, spec, decode=decode, max_detections=max_detections, raw_pixels=raw_pixels,
+        dynamic=dynamic, input_size=input_size,
+    )
+    translations = {}
+    if hasattr(torch.ops, "torchvision") and hasattr(torch.ops.torchvision, "deform_conv2d"):
+        translations[torch.ops.torchvision.deform_conv2d.default] = _deform_conv_translation()
+    onnx_program = torch.onnx.export(
+        program,
+        input_names=["images"],
+        output_names=output_names(decode),
+        opset_version=ONNX_OPSET,
+        dynamo=True,
+        custom_translation_table=translations,
+        optimize=True,
+        verbose=False,
+    )
+    onnx_model = onnx_program.model_proto
+    onnx.checker.check_model(onnx_model, full_check=True)
+    if simplify:
+        onnxslim = _require("onnxslim")
+        onnx_model = onnxslim.slim(onnx_model)
+        onnx.checker.check_model(onnx_model, full_check=True)
+    onnx.save(onnx_model, path)
+    return path
+
+
+def onnx_session(
+    path: str | Path, threads: int | None = None, optimize: bool = True, spinning: bool = True
+):
+    """An onnxruntime CPU (or CUDA when available) session for an exported file, with all
+    graph optimisations and ``threads`` intra-op threads (None: onnxruntime's default);
+    ``spinning=False`` lets idle pool threads sleep instead of spinning (less CPU burnt on a
+    shared machine, slightly higher latency on an idle one)."""
+    onnx = _require("onnx")
+    onnxruntime = _require("onnxruntime")
+    check_runtime_supports(onnx.load(str(path), load_external_data=False))
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = (
+        onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    available = onnxruntime.get_available_providers()
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    return onnxruntime.InferenceSession(str(path), options, providers=providers)

@@ -1,0 +1,116 @@
+"""Benchmarking: interleaving order, the statistics, the default torch path's outputs, peak
+memory against a hand count, and `ctprune bench` on tiny pruned and unpruned checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny import tiny_config, tiny_model
+from torch import nn
+
+from ctprune.bench import (
+    bench_models,
+    deploy_torch,
+    interleaved_times,
+    paired_speedup,
+    percentile,
+    torch_peak_mib,
+)
+from ctprune.cli import main
+from ctprune.pruning import prune
+from detector import count_macs, save_checkpoint
+from detector.stats import MIB
+
+
+def test_interleaving_alternates_order_after_warmup() -> None:
+    calls = []
+    runners = {name: (lambda images, name=name: calls.append(name)) for name in "abc"}
+    times = interleaved_times(runners, torch.zeros(1), rounds=3, warmup=1)
+    assert calls == list("abc") + list("abc") + list("cba") + list("abc")
+    assert {name: len(seconds) for name, seconds in times.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_statistics() -> None:
+    values = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0]
+    for fraction in (0.0, 0.5, 0.9, 1.0):
+        assert percentile(values, fraction) == pytest.approx(np.percentile(values, fraction * 100))
+    # per-round ratios 2, 3, 0.5: median 2
+    assert paired_speedup([2.0, 6.0, 1.0], [1.0, 2.0, 2.0]) == (2.0, 0.5, 3.0)
+
+
+def test_default_path_keeps_outputs() -> None:
+    model = tiny_model().eval()
+    images = torch.randn(2, 3, 64, 64)
+    deployed = deploy_torch(model)
+    with torch.inference_mode():
+        expected = model(images)[-1]
+        actual = deployed(images.contiguous(memory_format=torch.channels_last))[-1]
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, atol=1e-4, rtol=1e-4)
+
+
+class TwoSteps(nn.Module):
+    """x * 2 + 1: the product is alive while the sum is allocated, so the peak is two
+    tensors of the input's size (no weights)."""
+
+    def forward(self, images):
+        return images * 2 + 1
+
+
+def test_peak_memory_against_hand_counts() -> None:
+    images = torch.randn(1, 3, 32, 32)
+    tensor_bytes = 3 * 32 * 32 * 4
+    # (+ a few bytes: torch wraps the Python scalars as 0-dim tensors)
+    assert torch_peak_mib(TwoSteps(), images) * MIB == pytest.approx(2 * tensor_bytes, abs=64)
+    conv = nn.Conv2d(3, 8, 3, padding=1).eval()
+    weights, output = (8 * 3 * 3 * 3 + 8) * 4, 8 * 32 * 32 * 4
+    # At least the weights and the output; the CPU kernel may add a workspace (im2col).
+    assert torch_peak_mib(conv, images) >= (weights + output) / MIB
+
+
+def test_bench_models_pairs_and_ideal_speedups() -> None:
+    spec = tiny_config().input
+    model = tiny_model().eval()
+    pruned = prune(model, 0.5, "l1", round_to=None).model.eval()
+    rows = bench_models(
+        {"base": (model, spec), "pruned": (pruned, spec)}, pairs={"pruned": "base"},
+        eager=("base",), input_size=64, threads=1, rounds=3, device="cpu", throughput_batch=2,
+    )
+    by_name = {row.name: row for row in rows}
+    assert list(by_name) == ["base", "pruned", "base (eager)"]
+    assert by_name["pruned"].ideal_speedup == pytest.approx(
+        count_macs(model, (64, 64)) / count_macs(pruned, (64, 64))
+    )
+    assert by_name["base"].pair == "base (eager)" and by_name["base"].ideal_speedup == 1.0
+    for row in rows:
+        assert 0 < row.latency_ms <= row.latency_p90_ms
+        assert row.throughput > 0 and row.peak_mib > 0
+        assert row.speedup_min <= row.speedup <= row.speedup_max if row.pair else True
+    assert by_name["pruned"].peak_mib < by_name["base"].peak_mib
+
+
+def test_bench_rejects_bad_arguments() -> None:
+    spec = tiny_config().input
+    models = {"base": (tiny_model(), spec)}
+    with pytest.raises(ValueError, match="multiple of 32"):
+        bench_models(models, input_size=50)
+    with pytest.raises(ValueError, match="runtime"):
+        bench_models(models, runtime="tensorrt")
+    with pytest.raises(ValueError, match="not given"):
+        bench_models(models, pairs={"base": "other"})
+
+
+def test_cli_bench_pruned_and_unpruned(tmp_path, capsys) -> None:
+    config = tiny_config()
+    model = tiny_model().eval()
+    unpruned = save_checkpoint(tmp_path / "base.pt", model, config)
+    pruned = save_checkpoint(
+        tmp_path / "pruned.pt", prune(model, 0.5, "l1", round_to=None).model, config
+    )
+    arguments = ["bench", str(unpruned), str(pruned), "--input", "64", "--threads", "1",
+                 "--rounds", "2", "--device", "cpu"]
+    assert main(arguments) == 0
+    table = capsys.readouterr().out
+    assert f"{pruned} (unpruned)" in table and f"{unpruned} (eager)" in table
+    assert main(["bench", str(tmp_path / "missing.pt")]) == 2
