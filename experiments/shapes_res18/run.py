@@ -2,10 +2,11 @@
 
 Target (issue 4): COCO AP50 >= 0.80 on the val split within 8 minutes on 2 CPU cores.
 
-    python experiments/shapes_res18/run.py            # generates data/shapes if absent
+    python experiments/shapes_res18/run.py            # resunet18; generates data/shapes if absent
+    python experiments/shapes_res18/run.py --recipe recipes/shapes_res18.yaml   # the msra neck
     python experiments/shapes_res18/run.py --set train.epochs=20 --out /tmp/long
 
-Writes report.md and report.json beside this script (the run folder itself is not committed).
+Writes <recipe name>.md and .json beside this script (the run folder itself is not committed).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "shapes_res18.yaml")
+    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "shapes_resunet18.yaml")
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--out", type=Path, default=HERE / "run")
     parser.add_argument("--threads", type=int, default=2)
@@ -57,11 +58,13 @@ def main() -> None:
         "best_epoch": result.best_epoch,
         "history": history,
     }
-    (HERE / "report.json").write_text(json.dumps(report, indent=2))
+    (HERE / f"{args.recipe.stem}.json").write_text(json.dumps(report, indent=2))
+    command = ["python experiments/shapes_res18/run.py --recipe", report["recipe"]]
+    command += [f"--set {override}" for override in args.set]
     lines = [
         "# ResNet-18 from scratch on the synthetic benchmark (CPU)",
         "",
-        f"Command: `python experiments/shapes_res18/run.py {' '.join('--set ' + s for s in args.set)}`".rstrip(),
+        f"Command: `{' '.join(command)}`",
         f"Recipe: `{report['recipe']}`; {report['machine']}.",
         "",
         f"**Wall time {minutes:.2f} min** (data loading, training and every evaluation included); "
@@ -73,7 +76,7 @@ def main() -> None:
     for record in history:
         cells = [record.get(k) for k in ("train_loss", "seconds", "data_wait_share", "loss", "ap", "ap50", "voc_ap50")]
         lines.append(f"| {record['epoch']} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |")
-    (HERE / "report.md").write_text("\n".join(lines) + "\n")
+    (HERE / f"{args.recipe.stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
