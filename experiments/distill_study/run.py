@@ -1,13 +1,13 @@
 """Does distillation from the unpruned model help a pruned one recover? A paired study.
 
-A res18 baseline on the synthetic benchmark (recipes/quickstart.yaml's: 6 epochs at 128 px) is
-pruned globally by 0.5 (L1, at most 0.8 per layer, BN recalibrated on 20 batches), then
-fine-tuned for the same epochs with and without distillation (the baseline as teacher,
-`ctprune.distill` defaults), once per seed. The seed sets the fine-tune's data order and
+A ResNet-18 baseline on the synthetic benchmark (recipes/quickstart.yaml's resunet18: 5 epochs
+at 128 px) is pruned globally by 0.5 (L1, at most 0.8 per layer, BN recalibrated on 20
+batches), then fine-tuned for the same epochs with and without distillation (the baseline as
+teacher, `ctprune.distill` defaults), once per seed. The seed sets the fine-tune's data order and
 augmentation; both arms of a seed start from the same pruned weights, so their difference is
 paired.
 
-    nice -n 15 python experiments/distill_study/run.py                   # the committed figures
+    python experiments/distill_study/run.py --epochs 1 --full-val      # the committed figures
     python experiments/distill_study/run.py --train-images 64 --epochs 1 --seeds 0 --out /tmp/t
 
 Writes report.md and report.json beside this script (run folders go under --out, not committed).
