@@ -30,6 +30,7 @@ from torch import nn
 from cuda_ops import ModulatedDeformConv2d
 
 from .centernet import CenterNet, build_heads
+from .pretrained import load_trunk_weights
 
 # Trunk widths of DLA-34, one per level (strides 1, 2, 4, 8, 16, 32), and the number of
 # BasicBlock pairs per Tree level (levels 0 and 1 are single convs).
@@ -378,34 +379,14 @@ class DLAV0Neck(nn.Module):
 
 def load_imagenet_weights(trunk: DLATrunk, path: str | Path) -> None:
     """Load the DLA-34 ImageNet weights (the original's dla34-ba72cf86.pth: keys `base_layer.*`,
-    `level0.*`, ..., `fc.*`) from a local file; the classifier `fc.*` is dropped and every
-    trunk tensor must be present with its shape. Nothing is downloaded."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights {path}: no such file")
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(
-            f"pretrained weights {path}: not a readable state dict ({error})"
-        ) from None
-    if isinstance(state_dict, dict) and "state_dict" in state_dict:
-        state_dict = state_dict["state_dict"]
-    if not isinstance(state_dict, dict):
-        raise ValueError(f"pretrained weights {path}: expected a state dict of tensors")
-    state_dict = {
-        key.removeprefix("module.").removeprefix("base."): value
-        for key, value in state_dict.items()
-    }
-    own = trunk.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    wrong = [key for key in own if key in state_dict and state_dict[key].shape != own[key].shape]
-    if missing or wrong:
-        raise ValueError(
-            f"pretrained weights {path} do not fit this trunk: missing {missing[:5]}, wrong "
-            f"shapes {wrong[:5]} (expected DLA-34 ImageNet weights at the original widths)"
-        )
-    trunk.load_state_dict({key: state_dict[key] for key in own})
+    `level0.*`, ..., `fc.*`, sometimes under `base.`) from a local file; the classifier `fc.*` is
+    ignored and every trunk tensor must be present with its shape. Nothing is downloaded."""
+    load_trunk_weights(
+        trunk,
+        path,
+        expected="DLA-34 ImageNet weights at the original widths",
+        strip_prefixes=("module.", "base."),
+    )
 
 
 def _check_widths(widths: dict | None) -> list[int]:

@@ -39,6 +39,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from .centernet import CenterNet, build_heads
+from .pretrained import load_trunk_weights
 
 # HRNetV2-W{C}: branch widths C * (1, 2, 4, 8); stages 2-4 repeat 1, 4 and 3 modules; every
 # branch of every module, and stage 1, has 4 blocks.
@@ -217,40 +218,15 @@ class UpsampleConcat(nn.Module):
 
 def load_imagenet_weights(trunk: HRNetTrunk, path: str | Path) -> None:
     """Load an HRNet ImageNet state dict (the release's ``hrnetv2_w18_imagenet_pretrained.pth``
-    or timm's ``hrnet_w18`` weights) from a local file. Classification-only modules are dropped;
-    every trunk tensor must be present with its shape. Nothing is downloaded."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights {path}: no such file")
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(
-            f"pretrained weights {path}: not a readable state dict ({error})"
-        ) from None
-    if isinstance(state_dict, dict) and "state_dict" in state_dict:
-        state_dict = state_dict["state_dict"]
-    if not isinstance(state_dict, dict):
-        raise ValueError(
-            f"pretrained weights {path}: expected a state dict, got {type(state_dict).__name__}"
-        )
-    state_dict = {
-        key.removeprefix("module."): value
-        for key, value in state_dict.items()
-        if not key.removeprefix("module.").startswith(CLASSIFIER_PREFIXES)
-    }
-    own = trunk.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    wrong = [
-        k for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or wrong:
-        raise ValueError(
-            f"pretrained weights {path} do not fit this trunk: missing {missing[:5]}, wrong "
-            f"shapes {wrong[:5]} (expected HRNet ImageNet weights of the same width, e.g. "
-            f"hrnetv2_w18_imagenet_pretrained.pth for hrnet_w18)"
-        )
-    trunk.load_state_dict({key: state_dict[key] for key in own})
+    or timm's ``hrnet_w18`` weights) from a local file. Classification-only modules
+    (`CLASSIFIER_PREFIXES`) are not part of the trunk and are ignored; every trunk tensor must be
+    present with its shape. Nothing is downloaded."""
+    load_trunk_weights(
+        trunk,
+        path,
+        expected="HRNet ImageNet weights of the same width, e.g. "
+        "hrnetv2_w18_imagenet_pretrained.pth for hrnet_w18",
+    )
 
 
 def build_hrnet(

@@ -25,6 +25,7 @@ from torch import nn
 from torchvision.models.mobilenetv3 import MobileNetV3, _mobilenet_v3_conf
 
 from .centernet import CenterNet, build_heads
+from .pretrained import load_trunk_weights
 
 DEFAULT_WIDTHS = {"width_mult": 1.0, "neck": [128, 64, 64]}
 DEFAULT_HEAD_CONV = 64
@@ -63,36 +64,10 @@ def upsampling_neck(in_channels: int, widths: list[int]) -> nn.Sequential:
 
 def load_imagenet_weights(trunk: MobileNetV3Trunk, path: str | Path) -> None:
     """Load a torchvision ``mobilenet_v3_large`` state dict from a local file. The classifier
-    (``classifier.*``) is dropped; every trunk tensor must be present with its shape."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights {path}: no such file")
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(
-            f"pretrained weights {path}: not a readable state dict ({error})"
-        ) from None
-    if isinstance(state_dict, dict) and "state_dict" in state_dict:
-        state_dict = state_dict["state_dict"]
-    if not isinstance(state_dict, dict):
-        raise ValueError(
-            f"pretrained weights {path}: expected a state dict, got {type(state_dict).__name__}"
-        )
-    # Keys outside the trunk (the classifier) are ignored: only the trunk's own are read.
-    state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
-    own = trunk.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    wrong = [
-        k for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or wrong:
-        raise ValueError(
-            f"pretrained weights {path} do not fit this trunk: missing {missing[:5]}, wrong "
-            f"shapes {wrong[:5]} (expected torchvision mobilenet_v3_large weights at the same "
-            f"width_mult)"
-        )
-    trunk.load_state_dict({key: state_dict[key] for key in own})
+    (``classifier.*``) is ignored; every trunk tensor must be present with its shape."""
+    load_trunk_weights(
+        trunk, path, expected="torchvision mobilenet_v3_large weights at the same width_mult"
+    )
 
 
 def build_mobilenet(

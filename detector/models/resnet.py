@@ -15,6 +15,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from .centernet import CenterNet, build_heads, deconv_neck
+from .pretrained import load_trunk_weights
 
 DEPTHS: dict[int, tuple[type[nn.Module], list[int]]] = {
     18: (BasicBlock, [2, 2, 2, 2]),
@@ -69,31 +70,11 @@ class ResNetTrunk(nn.Module):
 
 
 def load_imagenet_weights(trunk: ResNetTrunk, path: str | Path) -> None:
-    """Load a torchvision ResNet state dict (e.g. resnet18-f37072fd.pth) from a local file.
-
-    The classifier (`fc.*`) is dropped; every trunk tensor must be present with its shape.
-    Nothing is downloaded.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights {path}: no such file")
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"pretrained weights {path}: not a readable state dict ({error})") from None
-    if isinstance(state_dict, dict) and "state_dict" in state_dict:
-        state_dict = state_dict["state_dict"]
-    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items() if not k.startswith("fc.")}
-    own = trunk.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    wrong = [k for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
-    if missing or wrong:
-        raise ValueError(
-            f"pretrained weights {path} do not fit this trunk: missing {missing[:5]}, "
-            f"wrong shapes {wrong[:5]} (expected torchvision ResNet weights of the same depth "
-            f"at the original widths)"
-        )
-    trunk.load_state_dict({k: state_dict[k] for k in own})
+    """Load a torchvision ResNet state dict (e.g. resnet18-f37072fd.pth) from a local file; the
+    classifier (`fc.*`) is ignored, every trunk tensor must be present with its shape."""
+    load_trunk_weights(
+        trunk, path, expected="torchvision ResNet weights of the same depth at the original widths"
+    )
 
 
 def build_resnet(
