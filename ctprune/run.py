@@ -69,12 +69,20 @@ def _copy_atomic(source: Path, destination: Path) -> None:
 
 
 def _git_revision() -> str | None:
+    """The package's git commit, with "+dirty" when tracked files differ from it (the run's
+    code is then not exactly that commit); None outside a git checkout."""
+    folder = Path(__file__).resolve().parent
     try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent, timeout=10)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=folder, timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, cwd=folder, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return result.stdout.strip() or None
+    revision = head.stdout.strip()
+    if not revision:
+        return None
+    return revision + ("+dirty" if status.stdout.strip() else "")
 
 
 def _versions() -> dict:
