@@ -201,7 +201,7 @@ def _info(args: argparse.Namespace) -> None:
     print(f"size         {state_dict_mib(model):.2f} MiB (fp32 state dict)")
     print(f"compute      {count_macs(model, size) / 1e9:.3g} GMACs at {size[0]}x{size[1]}")
     for key, value in sorted(checkpoint.meta.items()):
-        print(f"meta.{key:<8}{value}")
+        print(f"{'meta.' + key:<12} {value}")
 
 
 def _import_original(args: argparse.Namespace) -> None:
