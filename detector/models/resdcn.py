@@ -21,7 +21,7 @@ from torch import nn
 from cuda_ops import ModulatedDeformConv2d
 
 from .centernet import CenterNet, build_heads
-from .resnet import DEPTHS, ResNetTrunk, load_imagenet_weights
+from .resnet import resnet_trunk
 
 DEFAULT_WIDTHS = {"stem": 64, "stages": [64, 128, 256, 512], "neck": [256, 128, 64]}
 DEFAULT_HEAD_CONV = 64
@@ -75,18 +75,7 @@ def build_resdcn(
 ) -> CenterNet:
     """resnet_dcn CenterNet. ``widths`` may override ``stem`` (int), ``stages`` (4 ints) and
     ``neck`` (one int per DCN + deconv stage); missing keys take the original widths."""
-    if depth not in DEPTHS:
-        raise ValueError(f"ResNet depth {depth} not supported; known depths: {sorted(DEPTHS)}")
-    widths = {**DEFAULT_WIDTHS, **(widths or {})}
-    unknown = sorted(set(widths) - set(DEFAULT_WIDTHS))
-    if unknown:
-        raise ValueError(
-            f"model.widths: unknown keys {unknown}; known keys: {sorted(DEFAULT_WIDTHS)}"
-        )
-    block, blocks_per_stage = DEPTHS[depth]
-    trunk = ResNetTrunk(block, blocks_per_stage, widths["stem"], tuple(widths["stages"]))
-    if pretrained is not None:
-        load_imagenet_weights(trunk, pretrained)
+    trunk, widths = resnet_trunk(depth, widths, DEFAULT_WIDTHS, pretrained)
     neck = dcn_neck(trunk.out_channels, list(widths["neck"]))
     head_conv = DEFAULT_HEAD_CONV if head_conv is None else head_conv
     heads = build_heads(widths["neck"][-1], head_conv, num_classes)

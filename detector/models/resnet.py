@@ -59,7 +59,8 @@ class ResNetTrunk(nn.Module):
                         nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
                         nn.BatchNorm2d(out_channels),
                     )
-                stage.append(block(in_channels, width, stride if block_index == 0 else 1, downsample))
+                block_stride = stride if block_index == 0 else 1
+                stage.append(block(in_channels, width, block_stride, downsample))
                 in_channels = out_channels
             self.add_module(f"layer{index + 1}", nn.Sequential(*stage))
         self.out_channels = in_channels  # read once by the builder, never in forward
@@ -77,6 +78,29 @@ def load_imagenet_weights(trunk: ResNetTrunk, path: str | Path) -> None:
     )
 
 
+def resnet_trunk(
+    depth: int,
+    widths: dict | None,
+    defaults: dict,
+    pretrained: str | Path | None = None,
+    trunk_class: type[ResNetTrunk] = ResNetTrunk,
+) -> tuple[ResNetTrunk, dict]:
+    """The trunk every ResNet family (msra, resdcn, resunet) starts from, and its widths:
+    ``defaults`` updated by ``widths`` (unknown keys raise), ImageNet weights loaded when a
+    local file is given."""
+    if depth not in DEPTHS:
+        raise ValueError(f"ResNet depth {depth} not supported; known depths: {sorted(DEPTHS)}")
+    widths = {**defaults, **(widths or {})}
+    unknown = sorted(set(widths) - set(defaults))
+    if unknown:
+        raise ValueError(f"model.widths: unknown keys {unknown}; known keys: {sorted(defaults)}")
+    block, blocks_per_stage = DEPTHS[depth]
+    trunk = trunk_class(block, blocks_per_stage, widths["stem"], tuple(widths["stages"]))
+    if pretrained is not None:
+        load_imagenet_weights(trunk, pretrained)
+    return trunk, widths
+
+
 def build_resnet(
     depth: int,
     num_classes: int,
@@ -86,16 +110,7 @@ def build_resnet(
 ) -> CenterNet:
     """msra_resnet CenterNet. ``widths`` may override ``stem`` (int), ``stages`` (4 ints) and
     ``neck`` (one int per deconv stage); missing keys take the original widths."""
-    if depth not in DEPTHS:
-        raise ValueError(f"ResNet depth {depth} not supported; known depths: {sorted(DEPTHS)}")
-    widths = {**DEFAULT_WIDTHS, **(widths or {})}
-    unknown = sorted(set(widths) - set(DEFAULT_WIDTHS))
-    if unknown:
-        raise ValueError(f"model.widths: unknown keys {unknown}; known keys: {sorted(DEFAULT_WIDTHS)}")
-    block, blocks_per_stage = DEPTHS[depth]
-    trunk = ResNetTrunk(block, blocks_per_stage, widths["stem"], tuple(widths["stages"]))
-    if pretrained is not None:
-        load_imagenet_weights(trunk, pretrained)
+    trunk, widths = resnet_trunk(depth, widths, DEFAULT_WIDTHS, pretrained)
     neck = deconv_neck(trunk.out_channels, list(widths["neck"]))
     head_conv = DEFAULT_HEAD_CONV if head_conv is None else head_conv
     heads = build_heads(widths["neck"][-1], head_conv, num_classes)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .centernet import CenterNet, build_heads
-from .resnet import DEFAULT_HEAD_CONV, DEPTHS, ResNetTrunk, load_imagenet_weights
+from .resnet import DEFAULT_HEAD_CONV, DEPTHS, ResNetTrunk, resnet_trunk
 
 DEFAULT_WIDTHS = {"stem": 64, "stages": [64, 128, 256, 512], "neck": [256, 128, 64]}
 
@@ -92,19 +92,9 @@ def build_resunet(
     """ResNet-U-Net CenterNet. ``widths`` may override ``stem`` (int), ``stages`` (4 ints) and
     ``neck`` (3 ints, the up-sampling levels from stride 16 to 4); missing keys take the
     defaults (the torchvision trunk, a 256/128/64 neck)."""
-    if depth not in DEPTHS:
-        raise ValueError(f"ResNet depth {depth} not supported; known depths: {sorted(DEPTHS)}")
-    widths = {**DEFAULT_WIDTHS, **(widths or {})}
-    unknown = sorted(set(widths) - set(DEFAULT_WIDTHS))
-    if unknown:
-        raise ValueError(
-            f"model.widths: unknown keys {unknown}; known keys: {sorted(DEFAULT_WIDTHS)}"
-        )
-    block, blocks_per_stage = DEPTHS[depth]
-    trunk = ResNetStages(block, blocks_per_stage, widths["stem"], tuple(widths["stages"]))
-    if pretrained is not None:
-        load_imagenet_weights(trunk, pretrained)
-    stage_channels = [width * block.expansion for width in widths["stages"]]
+    trunk, widths = resnet_trunk(depth, widths, DEFAULT_WIDTHS, pretrained, ResNetStages)
+    expansion = DEPTHS[depth][0].expansion
+    stage_channels = [width * expansion for width in widths["stages"]]
     neck = SkipNeck(stage_channels, list(widths["neck"]))
     head_conv = DEFAULT_HEAD_CONV if head_conv is None else head_conv
     heads = build_heads(widths["neck"][-1], head_conv, num_classes)
