@@ -101,6 +101,15 @@ def resnet_trunk(
     return trunk, widths
 
 
+def init_regression_heads(heads: dict[str, nn.Sequential]) -> None:
+    """msra_resnet's head initialisation: the original touches only each head's last conv; wh
+    and offset get N(0, 0.001) weights and zero bias, so the first regression outputs are close
+    to 0."""
+    for name in ("wh", "offset"):
+        nn.init.normal_(heads[name][-1].weight, std=0.001)
+        nn.init.zeros_(heads[name][-1].bias)
+
+
 def build_resnet(
     depth: int,
     num_classes: int,
@@ -114,9 +123,5 @@ def build_resnet(
     neck = deconv_neck(trunk.out_channels, list(widths["neck"]))
     head_conv = DEFAULT_HEAD_CONV if head_conv is None else head_conv
     heads = build_heads(widths["neck"][-1], head_conv, num_classes)
-    # The original touches only each head's last conv: wh and offset get N(0, 0.001) weights
-    # and zero bias, so the first regression outputs are close to 0.
-    for name in ("wh", "offset"):
-        nn.init.normal_(heads[name][-1].weight, std=0.001)
-        nn.init.zeros_(heads[name][-1].bias)
+    init_regression_heads(heads)
     return CenterNet(trunk, neck, heads)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .centernet import CenterNet, build_heads
-from .resnet import DEFAULT_HEAD_CONV, DEPTHS, ResNetTrunk, resnet_trunk
+from .resnet import DEFAULT_HEAD_CONV, DEPTHS, ResNetTrunk, init_regression_heads, resnet_trunk
 
 DEFAULT_WIDTHS = {"stem": 64, "stages": [64, 128, 256, 512], "neck": [256, 128, 64]}
 
@@ -98,8 +98,5 @@ def build_resunet(
     neck = SkipNeck(stage_channels, list(widths["neck"]))
     head_conv = DEFAULT_HEAD_CONV if head_conv is None else head_conv
     heads = build_heads(widths["neck"][-1], head_conv, num_classes)
-    # As msra_resnet: the regression heads start close to 0.
-    for name in ("wh", "offset"):
-        nn.init.normal_(heads[name][-1].weight, std=0.001)
-        nn.init.zeros_(heads[name][-1].bias)
+    init_regression_heads(heads)  # as msra_resnet: regression outputs start close to 0
     return CenterNet(trunk, neck, heads)
