@@ -2,16 +2,16 @@
 checkpoints, and pruning through Tree/Root concatenations, IDA aggregation and the depthwise
 upsampling."""
 
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from test_prune import EXAMPLE, IMAGES, groups_of, outputs_of, randomised
 from tiny import TINY_WIDTHS, tiny_config, tiny_model
 from torch import nn
 
 from ctprune.pruning import CRITERIA, prune, rounded_keep, widths_after_pruning
-from ctprune.pruning.graph import build_graph, collect_groups, meta_copy, resolve_ignored_layers
+from ctprune.pruning.graph import meta_copy
 from cuda_ops import ModulatedDeformConv2d
 from detector import (
     apply_channel_plan,
@@ -29,8 +29,6 @@ from detector.original import convert_original_state_dict, import_original_check
 pytestmark = pytest.mark.timeout(60)
 
 ARCHS = ["dla34", "dlav0_34"]
-EXAMPLE = torch.zeros(1, 3, 64, 64)
-IMAGES = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 # The original keeps DLA-34's 1000-class ImageNet classifier, Conv2d(512, 1000, 1), in base.fc.
 FC_PARAMETERS = 512 * 1000 + 1000
 # The original's parameter counts for 80 classes, base.fc included (measured on its code).
@@ -51,40 +49,6 @@ def original_key(key: str) -> str:
         if key.startswith(ours):
             return theirs + key.removeprefix(ours)
     raise AssertionError(key)
-
-
-def randomised(arch: str) -> nn.Module:
-    """A tiny model with distinct BatchNorm statistics, random filters (variance 1 / fan-in,
-    the deformable convs' offset/mask convs included, so sampling is really deformed) and
-    biases, so a removed or misplaced live channel shows in the outputs."""
-    model = tiny_model(arch)
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                width = module.num_features
-                module.weight.copy_(torch.rand(width, generator=generator) + 0.5)
-                module.bias.copy_(torch.rand(width, generator=generator) - 0.5)
-                module.running_mean.copy_(torch.rand(width, generator=generator) - 0.5)
-                module.running_var.copy_(torch.rand(width, generator=generator) + 0.5)
-            elif isinstance(getattr(module, "weight", None), nn.Parameter):
-                weight = module.weight
-                scale = 1 / math.sqrt(weight[0].numel())
-                weight.copy_(torch.randn(weight.shape, generator=generator) * scale)
-                if module.bias is not None:
-                    module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
-    return model.eval()
-
-
-def outputs_of(model: nn.Module) -> dict:
-    model.eval()
-    with torch.no_grad():
-        return model(IMAGES)[0]
-
-
-def groups_of(model: nn.Module):
-    graph = build_graph(model, EXAMPLE)
-    return collect_groups(graph, model, resolve_ignored_layers(model, None, model))
 
 
 # --- structure --------------------------------------------------------------------------------

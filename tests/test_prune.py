@@ -31,8 +31,9 @@ IMAGES = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
 def randomised(arch: str) -> nn.Module:
     """A tiny model with non-trivial BatchNorms (distinct gammas, statistics) and biases, so
-    that removing or mixing up a live channel shows in the outputs. Filters are drawn with
-    variance 1 / fan-in, so activations keep their scale through the network."""
+    that removing or mixing up a live channel shows in the outputs. Every weighted layer's
+    filters (convs, transposed convs, deformable convs and their offset/mask convs) are drawn
+    with variance 1 / fan-in, so activations keep their scale through the network."""
     model = tiny_model(arch)
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -44,7 +45,7 @@ def randomised(arch: str) -> nn.Module:
                     torch.rand(module.num_features, generator=generator) - 0.5
                 )
                 module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-            elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            elif isinstance(getattr(module, "weight", None), nn.Parameter):
                 fan_in = module.weight[0].numel()
                 module.weight.copy_(
                     torch.randn(module.weight.shape, generator=generator) / math.sqrt(fan_in)

@@ -6,12 +6,13 @@ import math
 import pytest
 import torch
 import torchvision
+from test_prune import EXAMPLE, IMAGES, groups_of, outputs_of
+from test_prune import randomised as randomised_model
 from tiny import TINY_WIDTHS, tiny_config, tiny_model
 from torch import nn
 
 from ctprune.pruning import CRITERIA, prune, rounded_keep, widths_after_pruning
 from ctprune.pruning.dcn import ModulatedDeformConvPruner
-from ctprune.pruning.graph import build_graph, collect_groups, resolve_ignored_layers
 from cuda_ops import ModulatedDeformConv2d, modulated_deform_conv2d_reference
 from detector import (
     build_model,
@@ -31,8 +32,6 @@ from detector.original import import_original_checkpoint
 pytestmark = pytest.mark.timeout(60)
 
 ARCHS = ["resdcn18", "resdcn101"]
-EXAMPLE = torch.zeros(1, 3, 64, 64)
-IMAGES = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
 
 def deformable_convs(model: nn.Module) -> list[ModulatedDeformConv2d]:
@@ -40,36 +39,13 @@ def deformable_convs(model: nn.Module) -> list[ModulatedDeformConv2d]:
 
 
 def randomised(arch: str = "resdcn18") -> nn.Module:
-    """A tiny model with distinct BatchNorm gammas and statistics, biases, and learnt-looking
-    offsets (a non-zero offset/mask conv), so a removed or mixed-up live channel shows."""
-    model = tiny_model(arch)
-    generator = torch.Generator().manual_seed(2)
-
-    def rand(shape):
-        return torch.rand(shape, generator=generator)
-
+    """test_prune's randomised model with learnt-looking offsets (about a pixel), so sampling is
+    really deformed."""
+    model = randomised_model(arch)
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.weight.copy_(rand(module.num_features) + 0.5)
-                module.bias.copy_(rand(module.num_features) - 0.5)
-                module.running_mean.copy_(rand(module.num_features) - 0.5)
-                module.running_var.copy_(rand(module.num_features) + 0.5)
-            elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, ModulatedDeformConv2d)):
-                fan_in = module.weight[0].numel()
-                weight = torch.randn(module.weight.shape, generator=generator) / math.sqrt(fan_in)
-                module.weight.copy_(weight)
-                if module.bias is not None:
-                    module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
-        for module in deformable_convs(model):  # offsets of about a pixel
+        for module in deformable_convs(model):
             module.conv_offset_mask.weight.mul_(3)
-    return model.eval()
-
-
-def outputs_of(model: nn.Module) -> dict:
-    model.eval()
-    with torch.no_grad():
-        return model(IMAGES)[0]
+    return model
 
 
 # Structure and initialisation.
@@ -241,11 +217,6 @@ def test_imported_original_checkpoint_gives_the_original_outputs(tmp_path):
 
 
 # Pruning.
-
-
-def groups_of(model: nn.Module):
-    graph = build_graph(model, EXAMPLE)
-    return collect_groups(graph, model, resolve_ignored_layers(model, None, model))
 
 
 def test_groups_prune_deformable_convs_with_their_offset_convs():
