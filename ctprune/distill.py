@@ -66,8 +66,6 @@ PEAK_EPSILON = 1e-4
 MIN_WH_NORM = 1.0
 # Local maxima are found over this window, as CenterNet's decoding pseudo-NMS does.
 PEAK_WINDOW = 3
-# Keeps log() finite in the softened KL.
-PROBABILITY_MARGIN = 1e-6
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 # Defaults: wh and offset as the task loss weighs them. The heatmap MSE is a mean over every cell,
@@ -261,14 +259,13 @@ def heatmap_term(
     probabilities times temperature^2 (kl)."""
     if mode == "mse":
         return (torch.sigmoid(student_logits) - torch.sigmoid(teacher_logits)).pow(2).mean()
-    teacher = torch.sigmoid(teacher_logits / temperature).clamp(
-        PROBABILITY_MARGIN, 1 - PROBABILITY_MARGIN
-    )
-    log_student = functional.logsigmoid(student_logits / temperature)
-    log_student_negative = functional.logsigmoid(-student_logits / temperature)
-    divergence = teacher * (teacher.log() - log_student) + (1 - teacher) * (
-        (1 - teacher).log() - log_student_negative
-    )
+    # In log space from the logits on both sides: stable for saturated teachers, and exactly 0
+    # where the student equals its teacher.
+    student_logits, teacher_logits = student_logits / temperature, teacher_logits / temperature
+    teacher = torch.sigmoid(teacher_logits)
+    divergence = teacher * (functional.logsigmoid(teacher_logits) - functional.logsigmoid(student_logits)) + (
+        1 - teacher
+    ) * (functional.logsigmoid(-teacher_logits) - functional.logsigmoid(-student_logits))
     return divergence.mean() * temperature**2
 
 

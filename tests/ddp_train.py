@@ -1,5 +1,6 @@
 """Run by torchrun in tests/test_distributed.py: train a recipe, optionally SIGKILL one rank
-right after a given epoch's checkpoint (a deterministic kill point)."""
+right after a given epoch's checkpoint (a deterministic kill point). Device: cpu unless a
+sixth argument names one."""
 
 import os
 import signal
@@ -9,6 +10,7 @@ from detector.engine.config import load_train_recipe
 from detector.engine.train import train_from_recipe
 
 recipe_path, out_dir, kill_rank, kill_epoch, mode = sys.argv[1:6]
+device = sys.argv[6] if len(sys.argv) > 6 else "cpu"
 
 
 def kill_point(epoch, model, record):
@@ -16,6 +18,6 @@ def kill_point(epoch, model, record):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-result = train_from_recipe(load_train_recipe(recipe_path), out_dir, device="cpu",
+result = train_from_recipe(load_train_recipe(recipe_path), out_dir, device=device,
                            resume=mode == "resume", on_epoch_end=kill_point)
 print(f"FINAL epochs={result.epochs} checksum={result.parameter_checksum:.6f}")

@@ -118,7 +118,7 @@ def test_every_distillation_term_is_zero_when_the_student_is_its_teacher(heatmap
     total, parts = loss_fn(student(batch["image"], return_features=True), batch)
     for name in ALL_TERMS:
         assert parts[name].item() == pytest.approx(0.0, abs=1e-6), name
-    assert total.item() == pytest.approx(0.0, abs=1e-6)
+    assert total.item() == pytest.approx(0.0, abs=1e-5)  # heatmap_weight 100 scales the rounding
 
 
 def test_no_gradient_reaches_the_teacher_and_the_student_learns_from_it():

@@ -1,7 +1,6 @@
 """torchrun DDP on CPU (gloo): two processes train like one, and a killed worker stops the
 job cleanly so that it can resume."""
 
-import os
 import re
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny import TINY_HEAD_CONV, TINY_WIDTHS
+from tiny import TINY_HEAD_CONV, TINY_WIDTHS, child_environment
 
 from detector import load_model
 from detector.checkpoint import build_from_config
@@ -41,8 +40,7 @@ def recipe(tmp_path_factory):
 
 
 def _environment():
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)]),
-            "OMP_NUM_THREADS": "1"}
+    return child_environment(OMP_NUM_THREADS="1")
 
 
 def _single(recipe, out_dir):

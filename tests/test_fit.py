@@ -1,6 +1,5 @@
 """The training loop: learning, checkpoints, best selection, resume and kill-and-resume."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TinyDetectionData, child_environment, tiny_config
 from torch.utils.data import default_collate
 
 from detector import load_model, read_checkpoint
@@ -16,7 +16,6 @@ from detector.checkpoint import build_from_config
 from detector.engine.config import TrainConfig
 from detector.engine.fit import TrainingDiverged, fit
 from detector.engine.train import train_loader
-from tiny import TinyDetectionData, tiny_config
 
 TESTS = Path(__file__).parent
 
@@ -116,7 +115,7 @@ KILLED_RUN = textwrap.dedent(
     from detector.engine.config import TrainConfig
     from detector.engine.fit import fit
     from detector.engine.train import train_loader
-    from tiny import TinyDetectionData, tiny_config
+    from tiny import TinyDetectionData, child_environment, tiny_config
 
     out_dir, kill_after, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "resume"
     torch.manual_seed(0)
@@ -135,7 +134,7 @@ KILLED_RUN = textwrap.dedent(
 
 
 def test_sigkill_after_a_checkpoint_then_resume(tmp_path):
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)])}
+    environment = child_environment()
 
     def run(out_dir, kill_after, mode):
         return subprocess.run([sys.executable, "-c", KILLED_RUN, str(out_dir), str(kill_after), mode],

@@ -63,3 +63,14 @@ class TinyDetectionData(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return self.items[index]
+
+
+def child_environment(**extra: str) -> dict:
+    """The environment for a test's child Python process: these helpers and the project
+    importable ahead of whatever PYTHONPATH the caller had."""
+    import os
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    paths = [str(tests), str(tests.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), **extra}

@@ -14,6 +14,7 @@ import json
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -61,6 +62,18 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def _advance(scheduler, quiet: bool) -> None:
+    """Step the learning-rate schedule. Under float16 AMP, GradScaler skips the first steps
+    whose gradients overflow while it finds its scale; the schedule advances all the same (as
+    in PyTorch's AMP recipe), so PyTorch's "scheduler before optimizer" warning is noise."""
+    if not quiet:
+        scheduler.step()
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+        scheduler.step()
+
+
 def _improved(metric: str, value: float, best: float | None) -> bool:
     if best is None:
         return True
@@ -73,11 +86,15 @@ def _rng_state() -> dict:
         "torch": torch.get_rng_state(),
         "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].copy()), *numpy_state[2:]],
         "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
+    cuda_states = state.get("cuda", [])
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy(), *rest))
     version, internal, gauss = state["python"]
@@ -157,7 +174,9 @@ def fit(
     if resume:
         if not (out_dir / "resume.pt").is_file() or not (out_dir / "last.pt").is_file():
             raise FileNotFoundError(f"{out_dir}: nothing to resume (no last.pt and resume.pt)")
-        state = torch.load(out_dir / "resume.pt", map_location=device, weights_only=True)
+        # On the CPU: RNG states must stay CPU byte tensors; the optimiser moves its own state
+        # to its parameters' device.
+        state = torch.load(out_dir / "resume.pt", map_location="cpu", weights_only=True)
         resumed, _ = load_model(out_dir / "last.pt", arch=model_config.arch, num_classes=model_config.num_classes)
         plain_model.load_state_dict(resumed.state_dict())
         optimizer.load_state_dict(state["optimizer"])
@@ -185,9 +204,11 @@ def fit(
             with _autocast(config.precision, device):
                 outputs = model(batch["image"])
             loss, parts = loss_fn(outputs, batch)
-            if not torch.isfinite(loss):
+            # The step's one wait for the device: everything after it is queued asynchronously.
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
                 raise TrainingDiverged(
-                    f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}; "
+                    f"non-finite loss ({loss_value}) at epoch {epoch + 1}, step {step + 1}; "
                     f"the last good checkpoint is {out_dir / 'last.pt'} (epoch {result.epochs}). "
                     "Try a lower train.lr or train.grad_clip."
                 )
@@ -201,15 +222,16 @@ def fit(
                 torch.nn.utils.clip_grad_norm_([*model.parameters(), *extra_parameters], config.grad_clip)
             scaler.step(optimizer)
             scaler.update()
-            scheduler.step()
+            _advance(scheduler, quiet=scaler.is_enabled())
             if after_step is not None:
                 after_step(plain_model)
             global_step += 1
             images_seen += len(batch["image"])
-            loss_sum += loss.item()
+            loss_sum += loss_value
             step_ended = time.perf_counter()
             rate = images_seen / (step_ended - started)
-            progress.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.1f}")
+            # refresh=False: the bar redraws at tqdm's own pace, not once per step (log files)
+            progress.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{rate:.1f}", refresh=False)
             if global_step % config.log_interval == 0:
                 record = {"kind": "train", "epoch": epoch + 1, "step": global_step, "lr": scheduler.get_last_lr()[0],
                           "images_per_s": rate, **{f"loss_{k}": float(v) for k, v in parts.items()}}

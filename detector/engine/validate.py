@@ -37,11 +37,12 @@ def predict_source(
     device: torch.device,
 ) -> tuple[dict[int, np.ndarray], float | None]:
     """Detections (image id -> (K, 6) in image pixels) for every image of ``source``, and the
-    mean validation loss when it can be computed (single scale, fixed resolution)."""
+    mean validation loss when it can be computed (single scale, fixed resolution). The model
+    is moved to ``device``."""
     spec = model_config.input
     keep_resolution = spec.keep_resolution if config.keep_resolution is None else config.keep_resolution
     was_training = model.training
-    model.eval()
+    model.to(device).eval()  # where the images go (a checkpoint loads on the CPU)
     detections: dict[int, np.ndarray] = {}
     losses = []
     try:
@@ -97,7 +98,8 @@ def evaluate_model(
         return distributed.broadcast_from_main(None)
     detections = {image_id: rows for part, _, _ in gathered for image_id, rows in part.items()}
     weighted = [(part_loss, count) for _, part_loss, count in gathered if part_loss is not None]
-    loss = sum(l * c for l, c in weighted) / sum(c for _, c in weighted) if weighted else None
+    images = sum(count for _, count in weighted)
+    loss = sum(value * count for value, count in weighted) / images if weighted else None
     metrics = _score(detections, loss, source, config, out_dir, write_reports)
     return distributed.broadcast_from_main(metrics)
 
