@@ -21,6 +21,7 @@ import copy
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from torch import nn
 
 from detector import count_macs, load_model
 from detector.checkpoint import build_from_config
-from detector.export import export_onnx, fold_batchnorm, onnx_session
+from detector.export import export_onnx, fold_batchnorm, fuse_heads, onnx_session
 
 RUNTIMES = ("torch", "onnxruntime")
 MIB = 2**20
@@ -87,6 +88,22 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+@contextlib.contextmanager
+def room_for_recompiles(count: int) -> Iterator[None]:
+    """Models of one architecture share the code of their forward, and torch.compile keeps a
+    few compiled versions per code object (8 by default), then silently runs the rest eagerly.
+    Empty the compile cache (models compiled before recompile on their next call) and make
+    room for ``count`` versions (one per model and input shape)."""
+    import torch._dynamo
+    import torch._dynamo.config as dynamo_config
+
+    torch._dynamo.reset()
+    # recompile_limit since torch 2.6, cache_size_limit before
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    with dynamo_config.patch({name: max(getattr(dynamo_config, name), count)}):
+        yield
+
+
 def deploy_torch(
     model: nn.Module,
     device: str | torch.device = "cpu",
@@ -95,17 +112,29 @@ def deploy_torch(
     channels_last: bool = True,
     compile: bool = False,
 ) -> nn.Module:
-    """ctprune's default PyTorch inference path: a copy of ``model`` in eval mode with
-    BatchNorm folded into the convolutions (one memory-bound pass less per layer), in
-    channels-last memory format (oneDNN's native layout on CPU, tensor cores' on CUDA) and,
-    with ``compile``, through torch.compile. Feed it channels-last images under
+    """ctprune's PyTorch inference path: a copy of ``model`` in eval mode with BatchNorm folded
+    into the convolutions (one memory-bound pass less per layer), in channels-last memory format
+    (oneDNN's native layout on CPU, tensor cores' on CUDA) and, with ``compile`` (the default of
+    `bench_models` and `ctprune bench`), the heads' 3x3 convs fused into one (`fuse_heads`) and
+    the whole through torch.compile. Feed it channels-last images under
     ``torch.inference_mode``; outputs equal the model's to float rounding."""
     deployed = fold_batchnorm(model) if fold_bn else copy.deepcopy(model).eval()
+    if compile:
+        # Only compiled: eager PyTorch copies the fused output's channel slices for the 1x1
+        # convs and ran slower than three separate heads (experiments/bench_deploy.md).
+        deployed = fuse_heads(deployed)
     deployed = deployed.to(device)
     if channels_last:
         deployed = deployed.to(memory_format=torch.channels_last)
-    if compile:
-        deployed = torch.compile(deployed)
+    if compile and torch.device(device).type == "cuda":
+        # CUDA graphs: the whole forward replays as one launch. A batch-1 detector on a large
+        # GPU is bound by kernel launches, not by its MACs (see experiments/bench_deploy.md).
+        # A replay overwrites the previous call's outputs: clone what must outlive the next call.
+        deployed = torch.compile(deployed, mode="reduce-overhead")
+    elif compile:
+        # Freezing makes the weights graph constants: inductor prepacks them for oneDNN and fuses
+        # the ReLUs and residual adds into the convolutions (one memory pass less each).
+        deployed = torch.compile(deployed, options={"freezing": True})
     return deployed
 
 
@@ -120,6 +149,24 @@ def torch_runner(model: nn.Module, channels_last: bool) -> Runner:
         return outputs
 
     return run
+
+
+def _torch_path(
+    model: nn.Module, device: torch.device, compile: bool, images: torch.Tensor, name: str
+) -> tuple[nn.Module, Runner]:
+    """The deployed model and its runner; compiled now (on ``images``) when asked, so that a
+    model torch.compile cannot build falls back to the uncompiled path here, not mid-timing."""
+    deployed = deploy_torch(model, device, compile=compile)
+    runner = torch_runner(deployed, channels_last=True)
+    if not compile:
+        return deployed, runner
+    try:
+        runner(images)
+    except Exception as error:  # inductor raises many kinds; any of them means "no compile"
+        warnings.warn(f"{name}: torch.compile failed ({type(error).__name__}: {error}); "
+                      "timing it uncompiled", stacklevel=3)
+        return _torch_path(model, device, False, images, name)
+    return deployed, runner
 
 
 def onnxruntime_runner(
@@ -232,14 +279,16 @@ def bench_models(
     device: str | None = None,
     throughput_batch: int | None = 4,
     throughput_rounds: int = 3,
-    compile: bool = False,
+    compile: bool = True,
     memory: bool = True,
     spinning: bool = True,
 ) -> list[BenchRow]:
     """Time ``models`` (name -> (model, input spec)) interleaved on the default path of
     ``runtime``; ``pairs`` maps a name to the name of its reference (speed-up = reference
     latency / this latency, ideal = their MACs ratio); each name in ``eager`` is also timed as
-    plain eager PyTorch under ``<name> (eager)``, with the default path paired against it."""
+    plain eager PyTorch under ``<name> (eager)``, with the default path paired against it.
+    ``compile``: the torch path through `deploy_torch(compile=True)`; a model torch.compile
+    cannot build (no C++ compiler, say) is timed uncompiled, with a warning."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime: expected one of {RUNTIMES}, got {runtime!r}")
     if not isinstance(input_size, int) or input_size < 32 or input_size % 32:
@@ -258,7 +307,8 @@ def bench_models(
     runners: dict[str, Runner] = {}
     deployed: dict[str, nn.Module] = {}
     macs: dict[str, int] = {}
-    with torch_threads(threads), tempfile.TemporaryDirectory() as folder:
+    with (torch_threads(threads), tempfile.TemporaryDirectory() as folder,
+          room_for_recompiles(2 * len(models)) if compile else contextlib.nullcontext()):
         for name, (model, spec) in models.items():
             macs[name] = count_macs(model, (input_size, input_size))
             if runtime == "onnxruntime":
@@ -267,8 +317,7 @@ def bench_models(
                     spinning,
                 )
             else:
-                deployed[name] = deploy_torch(model, device, compile=compile)
-                runners[name] = torch_runner(deployed[name], channels_last=True)
+                deployed[name], runners[name] = _torch_path(model, device, compile, images, name)
         for name in eager:
             eager_name = f"{name} (eager)"
             deployed[eager_name] = copy.deepcopy(models[name][0]).eval().to(device)

@@ -150,7 +150,8 @@ def _bench(args: argparse.Namespace) -> None:
     from .bench import bench_checkpoints, format_bench
 
     rows = bench_checkpoints(args.checkpoints, input_size=args.input, threads=args.threads,
-                             runtime=args.runtime, rounds=args.rounds, device=args.device)
+                             runtime=args.runtime, rounds=args.rounds, device=args.device,
+                             compile=args.compile)
     print(format_bench(rows))
 
 
@@ -332,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime"))
     bench.add_argument("--rounds", type=int, default=10, help="interleaved timed rounds")
     bench.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    bench.add_argument("--no-compile", dest="compile", action="store_false",
+                       help="torch path without torch.compile (BN folding and channels-last only)")
     bench.set_defaults(run=_bench)
 
     original = commands.add_parser(

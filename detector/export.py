@@ -31,6 +31,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .config import InputSpec
 from .decode import PEAK_WINDOW
+from .models.centernet import CenterNet, FusedHeads
 
 # ONNX opset of the exported graphs: 19 is the first with DeformConv; everything else CenterNet
 # needs exists since opset 11.
@@ -183,6 +184,31 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         parent_path, _, name = norm_path.rpartition(".")
         setattr(modules[parent_path] if parent_path else folded, name, nn.Identity())
     return folded
+
+
+def fuse_heads(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose heads run as `FusedHeads`; ``model`` itself when its heads are
+    not all 3x3 conv + ReLU + 1x1 conv reading one feature map (multi-stack hourglass, heads
+    without head_conv). For inference: a pruned model keeps its per-head widths."""
+    heads = getattr(model, "heads", None)
+    if not isinstance(model, CenterNet) or not isinstance(heads, nn.ModuleDict):
+        return model
+    shapes = [[type(layer) for layer in head] for head in heads.values()]
+    if any(shape != [nn.Conv2d, nn.ReLU, nn.Conv2d] for shape in shapes):
+        return model
+    fused = copy.deepcopy(model)
+    firsts = [head[0] for head in fused.heads.values()]
+    if any(conv.kernel_size != firsts[0].kernel_size or conv.padding != firsts[0].padding
+           or conv.bias is None for conv in firsts):
+        return model
+    first = nn.Conv2d(firsts[0].in_channels, sum(conv.out_channels for conv in firsts),
+                      firsts[0].kernel_size, padding=firsts[0].padding)
+    first = first.to(device=firsts[0].weight.device, dtype=firsts[0].weight.dtype)
+    with torch.no_grad():
+        first.weight.copy_(torch.cat([conv.weight for conv in firsts]))
+        first.bias.copy_(torch.cat([conv.bias for conv in firsts]))
+    fused.heads = FusedHeads(first, {name: head[2] for name, head in fused.heads.items()})
+    return fused
 
 
 def side_multiple(spec: InputSpec) -> int:

@@ -1,5 +1,6 @@
-"""Deployed CPU speed of pruned CenterNets: realised vs ideal speed-up in PyTorch and
-onnxruntime, the default torch path against eager, and where the time goes per layer kind.
+"""Deployed speed of pruned CenterNets: realised vs ideal speed-up in PyTorch and onnxruntime
+on CPU (and PyTorch on CUDA with --device cuda), the default torch path (compiled; --no-compile
+for the plain one) against eager, and where the time goes per layer kind.
 
 Full-size models (80 classes, 512 px, random seeded weights: latency does not depend on the
 values), pruned with L1 at the default rounding (``round_to=16``). For each architecture the
@@ -56,7 +57,8 @@ def variants(arch: str) -> dict[str, nn.Module]:
 
 
 def speed_part(
-    archs: list[str], threads: int, rounds: int, runtimes: list[str], size: int
+    archs: list[str], threads: int, rounds: int, runtimes: list[str], size: int, device: str = "cpu",
+    compile: bool = True,
 ) -> list[dict]:
     spec = InputSpec()
     rows = []
@@ -70,7 +72,8 @@ def speed_part(
             result = bench_models(
                 named, pairs=pairs, eager=(base_name,) if runtime == "torch" else (),
                 input_size=size, threads=threads, runtime=runtime, rounds=rounds,
-                device="cpu", throughput_batch=None, memory=runtime == "torch",
+                device=device, throughput_batch=None if device == "cpu" else 16,
+                memory=runtime == "torch", compile=compile,
                 spinning=os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE",
             )
             for row in result:
@@ -79,6 +82,10 @@ def speed_part(
             print_speed([r for r in rows if r["arch"] == arch and r["runtime"] == runtime
                          or r["path"] == "eager" and r["arch"] == arch and runtime == "torch"])
     return rows
+
+
+def _ms(value: float) -> str:
+    return f"{value:.2f}" if value < 10 else f"{value:.0f}"  # CUDA latencies are a few ms
 
 
 def print_speed(rows: list[dict]) -> None:
@@ -103,7 +110,7 @@ def print_speed(rows: list[dict]) -> None:
             ideal_cpu = 1.0 if row["pair"].endswith("(eager)") else row["ideal_speedup"]
             cpu = f"{row['cpu_speedup']:.2f}x / {row['cpu_speedup'] / ideal_cpu:.2f}"
         print(f"| {row['name']} | {row['path']} | {row['macs'] / 1e9:.2f} | "
-              f"{row['latency_ms']:.0f} / {row['latency_p90_ms']:.0f} | {peak} | {realised} | "
+              f"{_ms(row['latency_ms'])} / {_ms(row['latency_p90_ms'])} | {peak} | {realised} | "
               f"{ideal} | {fraction} | {row['cpu_ms']:.0f} | {cpu} | "
               f"{row['load_before']} → {row['load_after']} |", flush=True)
 
@@ -214,13 +221,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--size", type=int, default=512, help="square input side")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (the torch runtime only)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="torch path without torch.compile")
     parser.add_argument("--out", help="raw rows as JSON")
     args = parser.parse_args()
+    if args.device != "cpu" and args.runtimes != "torch":
+        parser.error("--device cuda times the torch runtime only: add --runtimes torch")
     archs = args.archs.split(",")
     print(f"torch {torch.__version__}, {args.threads} threads, load {load()}")
     rows = []
     if args.part in ("speed", "all"):
-        rows = speed_part(archs, args.threads, args.rounds, args.runtimes.split(","), args.size)
+        rows = speed_part(archs, args.threads, args.rounds, args.runtimes.split(","), args.size,
+                          args.device, args.compile)
     if args.part in ("layers", "all"):
         layers_part(archs, args.threads, repeats=5, size=args.size)
     if args.out:

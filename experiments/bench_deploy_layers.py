@@ -1,7 +1,7 @@
-"""Per-convolution CPU time of res18 unpruned vs pruned by 0.5 per layer on the default torch
+"""Per-convolution CPU time of res18 (or --arch) unpruned vs pruned by 0.5 per layer on the default torch
 path (BN folded, channels-last, 2 threads, 512 px): which layers miss their ideal speed-up.
 
-    OMP_WAIT_POLICY=PASSIVE python experiments/bench_deploy_layers.py
+    OMP_WAIT_POLICY=PASSIVE python experiments/bench_deploy_layers.py [--arch res50]
 
 "ideal" is a layer's unpruned time divided by its MAC ratio (in x out channels); "excess" is how
 far the pruned layer's time is above it. Results: experiments/bench_deploy.md, section 5.
@@ -9,6 +9,7 @@ far the pruned layer's time is above it. Results: experiments/bench_deploy.md, s
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -60,9 +61,12 @@ def conv_times(model: nn.Module, images: torch.Tensor) -> dict[str, tuple[float,
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--arch", default="res18")
+    arch = parser.parse_args().arch
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    base = build_model("res18", 80).eval()
+    base = build_model(arch, 80).eval()
     example = torch.zeros(1, 3, SIZE, SIZE)
     pruned = prune(base, 0.5, "l1", example_inputs=example).model.eval()
     images = torch.randn(1, 3, SIZE, SIZE).contiguous(memory_format=torch.channels_last)

@@ -10,6 +10,7 @@ from tiny import tiny_config, tiny_model
 from torch import nn
 
 from ctprune.bench import (
+    _torch_path,
     bench_models,
     deploy_torch,
     interleaved_times,
@@ -19,7 +20,9 @@ from ctprune.bench import (
 )
 from ctprune.cli import main
 from ctprune.pruning import prune
-from detector import count_macs, save_checkpoint
+from detector import build_model, count_macs, save_checkpoint
+from detector.export import fuse_heads
+from detector.models.centernet import FusedHeads
 from detector.stats import MIB
 
 
@@ -50,6 +53,53 @@ def test_default_path_keeps_outputs() -> None:
         torch.testing.assert_close(actual[name], value, atol=1e-4, rtol=1e-4)
 
 
+def test_fused_heads_keep_the_outputs_of_a_model_pruned_per_head() -> None:
+    model = tiny_model().eval()
+    # Global pruning leaves the three heads different widths; the fused conv keeps them.
+    pruned = prune(model, 0.5, "l1", scope="global", round_to=None).model.eval()
+    widths = [head[0].out_channels for head in pruned.heads.values()]
+    fused = fuse_heads(pruned)
+    assert isinstance(fused.heads, FusedHeads) and fused.heads.splits == widths
+    assert not isinstance(pruned.heads, FusedHeads)  # a copy: the model keeps its heads
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected, actual = pruned(images)[0], fused(images)[0]
+    assert list(actual) == list(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, atol=1e-5, rtol=1e-5)
+
+
+def test_heads_that_cannot_fuse_are_left_alone() -> None:
+    hourglass = tiny_model("hourglass104").eval()  # one set of heads per stack
+    assert fuse_heads(hourglass) is hourglass
+    no_head_conv = build_model("res18", 3, head_conv=0, widths=tiny_config().widths).eval()
+    assert fuse_heads(no_head_conv) is no_head_conv
+
+
+def test_compiled_path_keeps_outputs_and_falls_back(monkeypatch) -> None:
+    model = tiny_model().eval()
+    images = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        expected = model(images)[-1]
+    deployed, run = _torch_path(model, torch.device("cpu"), True, images, "tiny")
+    assert isinstance(deployed.heads, FusedHeads)
+    actual = run(images)[-1]
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, atol=1e-4, rtol=1e-4)
+
+    def broken_compile(module, **options):
+        def fail(*args, **kwargs):
+            raise RuntimeError("no C++ compiler")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(UserWarning, match="tiny: torch.compile failed .*no C\\+\\+ compiler"):
+        deployed, run = _torch_path(model, torch.device("cpu"), True, images, "tiny")
+    assert not isinstance(deployed.heads, FusedHeads)  # the plain default path
+    torch.testing.assert_close(run(images)[-1]["heatmap"], expected["heatmap"], atol=1e-4, rtol=1e-4)
+
+
 class TwoSteps(nn.Module):
     """x * 2 + 1: the product is alive while the sum is allocated, so the peak is two
     tensors of the input's size (no weights)."""
@@ -76,6 +126,7 @@ def test_bench_models_pairs_and_ideal_speedups() -> None:
     rows = bench_models(
         {"base": (model, spec), "pruned": (pruned, spec)}, pairs={"pruned": "base"},
         eager=("base",), input_size=64, threads=1, rounds=3, device="cpu", throughput_batch=2,
+        compile=False,  # compiled: test_compiled_path_keeps_outputs_and_falls_back
     )
     by_name = {row.name: row for row in rows}
     assert list(by_name) == ["base", "pruned", "base (eager)"]
@@ -109,7 +160,7 @@ def test_cli_bench_pruned_and_unpruned(tmp_path, capsys) -> None:
         tmp_path / "pruned.pt", prune(model, 0.5, "l1", round_to=None).model, config
     )
     arguments = ["bench", str(unpruned), str(pruned), "--input", "64", "--threads", "1",
-                 "--rounds", "2", "--device", "cpu"]
+                 "--rounds", "2", "--device", "cpu", "--no-compile"]
     assert main(arguments) == 0
     table = capsys.readouterr().out
     assert f"{pruned} (unpruned)" in table and f"{unpruned} (eager)" in table

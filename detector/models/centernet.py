@@ -40,10 +40,29 @@ class CenterNet(nn.Module):
         self, images: torch.Tensor, return_features: bool = False
     ) -> list[dict[str, torch.Tensor]]:
         features = self.neck(self.backbone(images))
-        outputs = {name: head(features) for name, head in self.heads.items()}
+        if isinstance(self.heads, FusedHeads):
+            outputs = self.heads(features)
+        else:
+            outputs = {name: head(features) for name, head in self.heads.items()}
         if return_features:
             outputs["features"] = features
         return [outputs]
+
+
+class FusedHeads(nn.Module):
+    """The heads of a deployed model (`fuse_heads`) with their first 3x3 convs merged into one:
+    the features are read once, and one wide conv does the work of three narrow ones, which
+    after pruning run far below their ideal speed on CPU. The same outputs as the heads."""
+
+    def __init__(self, first: nn.Conv2d, lasts: dict[str, nn.Conv2d]):
+        super().__init__()
+        self.first = first
+        self.lasts = nn.ModuleDict(lasts)
+        self.splits = [conv.in_channels for conv in lasts.values()]
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        hidden = torch.relu(self.first(features)).split(self.splits, dim=1)
+        return {name: conv(part) for (name, conv), part in zip(self.lasts.items(), hidden, strict=True)}
 
 
 def build_heads(in_channels: int, head_conv: int, num_classes: int) -> dict[str, nn.Sequential]:
