@@ -1,10 +1,8 @@
 """The CUDA paths that CPU-only CI cannot reach: the whole chain on the device with float16
 AMP, channels-last and distillation; one training step, pruning, prediction and benchmarking
-against the CPU; nccl DDP with SyncBatchNorm under torchrun. Every test here needs a GPU."""
+against the CPU (nccl DDP: tests/test_distributed.py). Every test here needs a GPU."""
 
 import copy
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +11,7 @@ import torch
 import yaml
 from test_prune import IMAGES, randomised
 from tiny import (
-    TINY_HEAD_CONV,
-    TINY_WIDTHS,
     TinyDetectionData,
-    child_environment,
     tiny_config,
     tiny_model,
 )
@@ -169,29 +164,6 @@ def test_bench_on_cuda_times_and_measures_memory():
     for row in rows:
         assert row.latency_ms > 0 and row.throughput > 0 and row.peak_mib > 0
     assert rows[1].speedup > 0 and rows[1].ideal_speedup > 1
-
-
-def test_ddp_nccl_with_sync_batchnorm_and_amp(tmp_path):
-    generate_shapes(tmp_path / "shapes", num_train=16, num_val=4, image_size=64, seed=5)
-    recipe = {
-        "name": "ddp_cuda",
-        "model": {"arch": "res18", "head_conv": TINY_HEAD_CONV, "widths": TINY_WIDTHS["res"],
-                  "input": {"input_size": [64, 64]}},
-        "data": str(tmp_path / "shapes" / "data.yaml"),
-        "train": {"epochs": 2, "batch_size": 8, "lr": 2e-3, "workers": 1, "eval_interval": 1,
-                  "lr_steps": [100], "precision": "amp", "sync_batchnorm": True},
-    }
-    recipe_path = tmp_path / "recipe.yaml"
-    recipe_path.write_text(yaml.safe_dump(recipe))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--max_restarts", "0",
-               "--nproc_per_node", str(torch.cuda.device_count()), str(TESTS / "ddp_train.py"),
-               str(recipe_path), str(tmp_path / "run"), "-1", "0", "fresh", "cuda"]
-    finished = subprocess.run(command, env=child_environment(), capture_output=True, text=True, timeout=300)
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    assert "FINAL epochs=2" in finished.stdout
-    model, checkpoint = load_model(tmp_path / "run" / "last.pt")  # plain BatchNorm again
-    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
-    assert checkpoint.meta["epoch"] == 2
 
 
 def test_cli_eval_and_detect_on_cuda(tmp_path, capsys):

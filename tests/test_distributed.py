@@ -1,5 +1,5 @@
 """torchrun DDP on CPU (gloo): two processes train like one, and a killed worker stops the
-job cleanly so that it can resume."""
+job cleanly so that it can resume; on CUDA (nccl, marked gpu): SyncBatchNorm and AMP."""
 
 import re
 import subprocess
@@ -48,10 +48,10 @@ def _single(recipe, out_dir):
                           env=_environment(), capture_output=True, text=True, timeout=300)
 
 
-def _torchrun(recipe, out_dir, kill_rank=-1, kill_epoch=0, mode="fresh"):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+def _torchrun(recipe, out_dir, kill_rank=-1, kill_epoch=0, mode="fresh", processes=2, device="cpu"):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                "--standalone", "--max_restarts", "0",
-               str(SCRIPT), str(recipe), str(out_dir), str(kill_rank), str(kill_epoch), mode]
+               str(SCRIPT), str(recipe), str(out_dir), str(kill_rank), str(kill_epoch), mode, device]
     return subprocess.run(command, env=_environment(), capture_output=True, text=True, timeout=300)
 
 
@@ -100,3 +100,20 @@ def test_a_killed_worker_stops_the_job_and_it_resumes(recipe, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "epochs=3" in resumed.stdout
     assert load_model(out / "last.pt")[1].meta["epoch"] == 3
+
+
+@pytest.mark.gpu
+def test_nccl_with_sync_batchnorm_and_amp(recipe, tmp_path):
+    """One process per GPU (one will do): nccl, SyncBatchNorm, float16 AMP and the distributed
+    evaluation; the checkpoint holds plain BatchNorms again."""
+    raw = yaml.safe_load(recipe.read_text())
+    raw["train"].update(precision="amp", sync_batchnorm=True, eval_interval=1, workers=1)
+    cuda_recipe = tmp_path / "recipe.yaml"
+    cuda_recipe.write_text(yaml.safe_dump(raw))
+    finished = _torchrun(cuda_recipe, tmp_path / "run", processes=torch.cuda.device_count(), device="cuda")
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "FINAL epochs=3" in finished.stdout
+    model, checkpoint = load_model(tmp_path / "run" / "last.pt")
+    assert not any(isinstance(module, torch.nn.SyncBatchNorm) for module in model.modules())
+    assert checkpoint.meta["epoch"] == 3
+
