@@ -31,9 +31,9 @@ Where centerX is deliberately not followed:
   1e-4: at background peaks the teacher's predicted size can be near 0 or negative, where
   centerX divides by almost nothing.
 
-The adapters are trained (fit's ``extra_parameters``) but not saved with the student; a resumed
-fine-tune starts them again from their initial values, and under torchrun each process trains its
-own copy (DDP averages the student's gradients, not theirs).
+The adapters are trained as fit's ``extra_parameters``: not part of the student's checkpoint,
+but kept in ``resume.pt`` so a resumed fine-tune continues with them, and under torchrun their
+gradients are averaged over the processes like the student's.
 
 Teachers are frozen (no gradients), kept in eval mode, never wrapped in DistributedDataParallel,
 and run under ``no_grad`` on the same input tensor as the student; a teacher whose input spec

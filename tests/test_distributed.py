@@ -117,3 +117,33 @@ def test_nccl_with_sync_batchnorm_and_amp(recipe, tmp_path):
     assert not any(isinstance(module, torch.nn.SyncBatchNorm) for module in model.modules())
     assert checkpoint.meta["epoch"] == 3
 
+
+
+AVERAGE_GRADIENTS = """
+import sys
+import torch
+import torch.distributed as dist
+from detector.engine.distributed import average_gradients
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+with_gradient = torch.nn.Parameter(torch.zeros(3))
+with_gradient.grad = torch.full((3,), float(rank + 1))  # 1 on rank 0, 2 on rank 1
+only_on_rank_1 = torch.nn.Parameter(torch.zeros(2))
+if rank == 1:
+    only_on_rank_1.grad = torch.full((2,), 4.0)
+average_gradients([with_gradient, only_on_rank_1])
+print(f"RANK{rank} {with_gradient.grad.tolist()} {only_on_rank_1.grad.tolist()}")
+dist.destroy_process_group()
+"""
+
+
+def test_extra_parameters_get_the_average_gradient_on_every_process(tmp_path):
+    script = tmp_path / "average.py"
+    script.write_text(AVERAGE_GRADIENTS)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--standalone", "--max_restarts", "0", str(script)]
+    finished = subprocess.run(command, env=_environment(), capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"RANK{rank} [1.5, 1.5, 1.5] [2.0, 2.0]" in finished.stdout

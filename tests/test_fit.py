@@ -74,6 +74,29 @@ def test_extension_points_are_called(tmp_path):
     assert torch.all(extra > 0)  # the extra parameter was optimised
 
 
+def test_extra_parameters_survive_a_resume(tmp_path):
+    def run(out_dir, epochs, resume=False):
+        extra = torch.nn.Parameter(torch.zeros(3))
+
+        def loss_with_extra(outputs, batch):
+            from detector.losses import centernet_loss
+
+            total, parts = centernet_loss(outputs, batch)
+            return total + (extra - 1).pow(2).sum(), parts
+
+        _run(out_dir, _config(epochs=epochs), loss_fn=loss_with_extra, extra_parameters=[extra],
+             resume=resume)
+        return extra.detach()
+
+    straight = run(tmp_path / "straight", 3)
+    run(tmp_path / "split", 2)
+    resumed = run(tmp_path / "split", 3, resume=True)
+    torch.testing.assert_close(resumed, straight, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"extra parameters have shapes \[\(3,\)\]"):
+        _run(tmp_path / "split", _config(epochs=4), resume=True,
+             extra_parameters=[torch.nn.Parameter(torch.zeros(5))])
+
+
 def test_resume_matches_an_uninterrupted_run(tmp_path):
     straight, _ = _run(tmp_path / "straight", _config(epochs=3))
     _run(tmp_path / "split", _config(epochs=2))

@@ -58,6 +58,19 @@ def wrap(model: nn.Module, device: torch.device, sync_batchnorm: bool = False) -
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
+def average_gradients(parameters: list[nn.Parameter]) -> None:
+    """Average over the processes the gradients of parameters outside the DDP-wrapped model
+    (fit's extra parameters: distillation's adapters), so that every process takes the same
+    step and their copies stay equal; a no-op in one process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    for parameter in parameters:
+        if parameter.grad is None:  # every process must join every all_reduce
+            parameter.grad = torch.zeros_like(parameter)
+        dist.all_reduce(parameter.grad)
+        parameter.grad /= dist.get_world_size()
+
+
 def gather_to_main(value: object) -> list[object] | None:
     """Every rank's ``value`` on rank 0 (a list in rank order), None on the other ranks; the
     value itself in a list outside torch.distributed."""

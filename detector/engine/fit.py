@@ -4,8 +4,8 @@ Extension points are arguments, not subclasses: a loss function with the task lo
 (distillation), an after-backward callable (sparsity regularisation), an after-step callable
 (proximal updates), extra parameters to optimise (distillation adapters) and an end-of-epoch
 callable. Every epoch ends with two atomic files in ``out_dir``: ``last.pt`` (the model, in the
-checkpoint format) and ``resume.pt`` (optimiser, scheduler, scaler, RNG and progress), then
-``best.pt`` when the selection metric improved.
+checkpoint format) and ``resume.pt`` (optimiser, scheduler, scaler, RNG, extra parameters and
+progress), then ``best.pt`` when the selection metric improved.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from ..checkpoint import atomic_save, load_model, save_checkpoint, unwrap_model
 from ..config import ModelConfig, to_dict
 from ..losses import centernet_loss
 from .config import TrainConfig
-from .distributed import barrier, is_main_process
+from .distributed import average_gradients, barrier, is_main_process
 from .optim import build_optimizer, build_scheduler
 
 LossFn = Callable[[list[dict[str, torch.Tensor]], dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -72,6 +72,25 @@ def _advance(scheduler, quiet: bool) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
         scheduler.step()
+
+
+def _restore_extra_parameters(
+    parameters: list[nn.Parameter], saved: list[torch.Tensor] | None, path: Path
+) -> None:
+    """Put back the values of fit's extra parameters (distillation's feature adapters, say),
+    which live outside the model checkpoint."""
+    if saved is None:  # a resume.pt from before they were saved
+        if parameters:
+            warnings.warn(f"{path} holds no extra parameters: they restart from their initial values",
+                          stacklevel=3)
+        return
+    shapes = [tuple(parameter.shape) for parameter in parameters]
+    if [tuple(value.shape) for value in saved] != shapes:
+        raise ValueError(f"{path}: its extra parameters have shapes {[tuple(v.shape) for v in saved]}, "
+                         f"this run's {shapes}; resume with the same distillation settings")
+    with torch.no_grad():
+        for parameter, value in zip(parameters, saved, strict=True):
+            parameter.copy_(value)
 
 
 def _improved(metric: str, value: float, best: float | None) -> bool:
@@ -179,6 +198,7 @@ def fit(
         state = torch.load(out_dir / "resume.pt", map_location="cpu", weights_only=True)
         resumed, _ = load_model(out_dir / "last.pt", arch=model_config.arch, num_classes=model_config.num_classes)
         plain_model.load_state_dict(resumed.state_dict())
+        _restore_extra_parameters(extra_parameters, state.get("extra_parameters"), out_dir / "resume.pt")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -214,6 +234,7 @@ def fit(
                 )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            average_gradients(extra_parameters)  # DDP averages the model's gradients only
             if after_backward is not None or config.grad_clip is not None:
                 scaler.unscale_(optimizer)  # hooks and clipping see true gradients under AMP
             if after_backward is not None:
@@ -258,6 +279,7 @@ def fit(
             save_checkpoint(out_dir / "last.pt", plain_model, model_config, meta=meta)
             atomic_save({"format": RESUME_FORMAT, "epoch": done, "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
+                         "extra_parameters": [parameter.detach().cpu() for parameter in extra_parameters],
                          "best_value": result.best_value, "best_epoch": result.best_epoch,
                          "history": result.history}, out_dir / "resume.pt")
             if improved:
