@@ -24,13 +24,11 @@ sides of the comparison alike; the medians of each side are reported.
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import json
 import math
 import statistics
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +36,8 @@ import torch
 from torch import nn
 
 from detector import count_macs, count_parameters, load_model, state_dict_mib
+
+from .bench import torch_threads
 
 MANIFEST_FILE = "manifest.json"
 STAGE_FILE = "stage.json"
@@ -250,19 +250,6 @@ def model_figures(model: nn.Module, input_size: tuple[int, int]) -> dict:
     }
 
 
-@contextlib.contextmanager
-def cpu_threads(threads: int | None) -> Iterator[None]:
-    """torch's intra-op CPU thread count set to ``threads`` inside the block (None: left as
-    it is), and restored afterwards."""
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def forward_ms(model: nn.Module, images: torch.Tensor) -> float:
     started = time.perf_counter()
     model(images)
@@ -350,7 +337,7 @@ def measure_run(
         rows.append(row)
         if not latency or stage is baseline_stage:
             continue
-        with cpu_threads(threads):
+        with torch_threads(threads):
             if baseline_stage is None:
                 row["latency_ms"] = single_latency(model, input_size, repeats)
             else:
@@ -361,7 +348,7 @@ def measure_run(
                               "model_ms": row["latency_ms"]})
     if latency and baseline_stage is not None:
         baseline_row = rows[run.stages.index(baseline_stage)]
-        with cpu_threads(threads):
+        with torch_threads(threads):
             baseline_row["latency_ms"] = (
                 statistics.median(pair["baseline_ms"] for pair in pairs) if pairs
                 else single_latency(baseline_model, baseline_size, repeats)

@@ -17,6 +17,7 @@ from ctprune.bench import (
     paired_speedup,
     percentile,
     torch_peak_mib,
+    torch_threads,
 )
 from ctprune.cli import main
 from ctprune.pruning import prune
@@ -98,6 +99,18 @@ def test_compiled_path_keeps_outputs_and_falls_back(monkeypatch) -> None:
         deployed, run = _torch_path(model, torch.device("cpu"), True, images, "tiny")
     assert not isinstance(deployed.heads, FusedHeads)  # the plain default path
     torch.testing.assert_close(run(images)[-1]["heatmap"], expected["heatmap"], atol=1e-4, rtol=1e-4)
+
+
+def test_torch_threads_sets_and_restores_the_count():
+    before = torch.get_num_threads()
+    with torch_threads(before + 1):
+        assert torch.get_num_threads() == before + 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), torch_threads(before + 1):
+        raise RuntimeError("a failing forward")
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before
 
 
 class TwoSteps(nn.Module):

@@ -26,7 +26,6 @@ import ctprune
 from ctprune.report import (
     ROW_KEYS,
     build_report,
-    cpu_threads,
     paired_latency,
     pareto_front,
     read_history,
@@ -239,18 +238,6 @@ def test_latency_is_paired(run_a, run_without_baseline, tmp_path):
 def test_latency_off_gives_none(report_a):
     assert all(row["latency_ms"] is None for row in report_a[0]["rows"])
     assert report_a[0]["latency_pairs"] == []
-
-
-def test_cpu_threads_sets_and_restores_the_count():
-    before = torch.get_num_threads()
-    with cpu_threads(before + 1):
-        assert torch.get_num_threads() == before + 1
-    assert torch.get_num_threads() == before
-    with pytest.raises(RuntimeError), cpu_threads(before + 1):
-        raise RuntimeError("a failing forward")
-    assert torch.get_num_threads() == before
-    with cpu_threads(None):
-        assert torch.get_num_threads() == before
 
 
 class Recorder(torch.nn.Module):
