@@ -32,7 +32,8 @@ def median_ms(function, inputs: torch.Tensor) -> float:
 
 
 def layouts(in_channels: int, out_channels: int, kernel: int, side: int, stride: int) -> dict:
-    conv = torch.nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2).eval()
+    conv = torch.nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2)
+    conv = conv.eval()
     images = torch.randn(1, in_channels, side, side)
     nchw = median_ms(conv, images)
     blocked = median_ms(mkldnn.to_mkldnn(conv), images.to_mkldnn())
@@ -43,7 +44,8 @@ def layouts(in_channels: int, out_channels: int, kernel: int, side: int, stride:
 
 def main() -> None:
     torch.set_num_threads(2)
-    print("| conv (full -> half width) | map | layout | ms full | ms half | full / half (ideal 4) |")
+    print("| conv (full -> half width) | map | layout | ms full | ms half "
+          "| full / half (ideal 4) |")
     print("|---|---|---|---|---|---|")
     with torch.inference_mode():
         for in_channels, out_channels, kernel, side, stride in SHAPES:
@@ -52,8 +54,8 @@ def main() -> None:
             for layout in full:
                 print(f"| {kernel}x{kernel}/{stride} {in_channels}->{out_channels} -> "
                       f"{in_channels // 2}->{out_channels // 2} | {side}x{side} | {layout} | "
-                      f"{full[layout]:.2f} | {half[layout]:.2f} | {full[layout] / half[layout]:.2f} |",
-                      flush=True)
+                      f"{full[layout]:.2f} | {half[layout]:.2f} | "
+                      f"{full[layout] / half[layout]:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
