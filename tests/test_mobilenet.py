@@ -31,22 +31,6 @@ def test_full_size_parameter_count_and_torchvision_keys():
     assert count_parameters(model) == 2_971_952 + neck + heads == PARAMETERS
 
 
-def test_same_structure_in_train_and_eval_and_backward():
-    model = tiny_model(ARCH)
-    images = torch.randn(2, 3, 64, 96)
-    shapes = {}
-    for mode in ("train", "eval"):
-        getattr(model, mode)()
-        outputs = model(images)
-        shapes[mode] = [{k: tuple(v.shape) for k, v in output.items()} for output in outputs]
-    assert shapes["train"] == shapes["eval"] == [
-        {"heatmap": (2, 3, 16, 24), "wh": (2, 2, 16, 24), "offset": (2, 2, 16, 24)}
-    ]
-    model.train()
-    sum(v.mean() for v in model(images)[0].values()).backward()
-    assert all(p.grad is not None for p in model.parameters())
-
-
 def _torchvision_weights(tmp_path, width_mult: float):
     """A torchvision mobilenet_v3_large state dict (classifier included) saved to tmp_path,
     with non-default BatchNorm statistics so that loading them shows."""
