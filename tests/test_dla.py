@@ -6,11 +6,11 @@ upsampling."""
 import pytest
 import torch
 import torch.nn.functional as F
-from test_prune import EXAMPLE, IMAGES, groups_of, outputs_of, randomised
+from test_prune import EXAMPLE, IMAGES, groups_of, kill_some_channels, outputs_of, randomised
 from tiny import TINY_WIDTHS, tiny_config, tiny_model
 from torch import nn
 
-from ctprune.pruning import CRITERIA, prune, rounded_keep, widths_after_pruning
+from ctprune.pruning import CRITERIA, prune, widths_after_pruning
 from ctprune.pruning.graph import meta_copy
 from cuda_ops import ModulatedDeformConv2d
 from detector import (
@@ -243,34 +243,6 @@ def test_pruning_keeps_output_shapes(arch, scope, criterion):
     sum(value.sum() for value in result.model(IMAGES)[0].values()).backward()
 
 
-def _zero_output_channels(module: nn.Module, index: torch.Tensor) -> None:
-    """Zero the filters (and biases) computing output channels ``index``. A transposed conv's
-    weight is in x out/groups x k x k: output channel c of group g is column c % (out/groups)
-    of the rows of group g (for the depthwise upsampling: row c)."""
-    weight = module.weight
-    if isinstance(module, nn.ConvTranspose2d):
-        per_group_in = module.in_channels // module.groups
-        per_group_out = module.out_channels // module.groups
-        for channel in index.tolist():
-            group = channel // per_group_out
-            weight[group * per_group_in : (group + 1) * per_group_in, channel % per_group_out] = 0
-    else:
-        weight[index] = 0
-    if module.bias is not None:
-        module.bias[index] = 0
-
-
-def _kill_channels(group, channels: list[int]) -> None:
-    """Make ``channels`` of the group exactly 0 after every ReLU: zero filters and biases in
-    every producer, gamma and beta in every BatchNorm."""
-    with torch.no_grad():
-        for layer in group.producers:
-            _zero_output_channels(layer.module, layer.channels[channels])
-        for layer in group.norms:
-            layer.module.weight[layer.channels[channels]] = 0
-            layer.module.bias[layer.channels[channels]] = 0
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_l1_removes_exactly_dead_channels_and_outputs_do_not_change(tmp_path, arch, scope):
@@ -279,16 +251,7 @@ def test_l1_removes_exactly_dead_channels_and_outputs_do_not_change(tmp_path, ar
     model = build_from_config(config)
     model.load_state_dict(randomised(arch).state_dict())
     groups = groups_of(model)
-    generator = torch.Generator().manual_seed(3)
-    dead_total = 0
-    for number, group in enumerate(groups):
-        if scope == "layer":  # the count the layer rule removes at ratio 0.25
-            dead = group.width - rounded_keep(0.75 * group.width, group.width, None, 0.8)
-        else:  # any counts: global ranking must find them wherever they are
-            dead = min(number % 3 + 1, group.width // 2)
-        _kill_channels(group, torch.randperm(group.width, generator=generator)[:dead].tolist())
-        dead_total += dead
-    ratio = 0.25 if scope == "layer" else dead_total / sum(group.width for group in groups)
+    ratio, dead_total = kill_some_channels(groups, scope)
     result = prune(model, ratio, "l1", scope=scope, example_inputs=EXAMPLE, round_to=None)
     assert sum(g["width"] - g["kept"] for g in result.stats.groups) == dead_total
     kept = {group["name"]: group["kept"] for group in result.stats.groups}

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from test_prune import EXAMPLE, IMAGES, _kill_channels, groups_of, randomised
+from test_prune import EXAMPLE, IMAGES, groups_of, kill_some_channels, randomised
 from tiny import TINY_HEAD_CONV, TINY_WIDTHS, TinyDetectionData, tiny_config, tiny_model
 from torch import nn
 
-from ctprune.pruning import CRITERIA, prune, rounded_keep
+from ctprune.pruning import CRITERIA, prune
 from detector import count_macs, count_parameters, load_model, output_layers, save_checkpoint
 from detector.losses import centernet_loss
 from detector.models import build_model
@@ -308,16 +308,7 @@ def check_l1_removes_exactly_dead_channels(arch: str, scope: str, tmp_path) -> N
     groups = groups_of(model)
     # Additions (skips, merges, fusions) must couple their producers into one group.
     assert any(len(group.producers) > 2 for group in groups)
-    generator = torch.Generator().manual_seed(3)
-    dead_total = 0
-    for number, group in enumerate(groups):
-        if scope == "layer":
-            dead = group.width - rounded_keep(0.75 * group.width, group.width, None, 0.8)
-        else:
-            dead = number % 3 + 1
-        _kill_channels(group, torch.randperm(group.width, generator=generator)[:dead].tolist())
-        dead_total += dead
-    ratio = 0.25 if scope == "layer" else dead_total / sum(group.width for group in groups)
+    ratio, dead_total = kill_some_channels(groups, scope)
     result = prune(model, ratio, "l1", scope=scope, example_inputs=EXAMPLE, round_to=None)
     assert sum(g["width"] - g["kept"] for g in result.stats.groups) == dead_total
     expected = all_outputs(model)

@@ -84,23 +84,49 @@ def test_output_shapes_are_unchanged(arch, scope, criterion):
     sum(value.sum() for value in pruned(IMAGES)[0].values()).backward()
 
 
-def _kill_channels(group, channels: list[int]) -> None:
+def zero_output_channels(module: nn.Module, index: torch.Tensor) -> None:
+    """Zero the filters (and biases) computing output channels ``index``. A transposed conv's
+    weight is in x out/groups x k x k: output channel c of group g is column c % (out/groups)
+    of the rows of group g (for DLA's depthwise upsampling: row c)."""
+    weight = module.weight
+    if isinstance(module, nn.ConvTranspose2d):
+        per_group_in = module.in_channels // module.groups
+        per_group_out = module.out_channels // module.groups
+        for channel in index.tolist():
+            group = channel // per_group_out
+            weight[group * per_group_in : (group + 1) * per_group_in, channel % per_group_out] = 0
+    else:
+        weight[index] = 0  # convs and deformable convs: out x in x k x k
+    if module.bias is not None:
+        module.bias[index] = 0
+
+
+def kill_channels(group, channels: list[int]) -> None:
     """Make ``channels`` of the group exactly dead: zero filters and biases in every producer,
     zero gamma and beta in every BatchNorm, so they are 0 after any ReLU."""
     with torch.no_grad():
         for layer in group.producers:
-            index = layer.channels[channels]
-            weight = layer.module.weight
-            if isinstance(layer.module, nn.ConvTranspose2d):
-                weight[:, index] = 0
-            else:
-                weight[index] = 0
-            if layer.module.bias is not None:
-                layer.module.bias[index] = 0
+            zero_output_channels(layer.module, layer.channels[channels])
         for layer in group.norms:
-            index = layer.channels[channels]
-            layer.module.weight[index] = 0
-            layer.module.bias[index] = 0
+            layer.module.weight[layer.channels[channels]] = 0
+            layer.module.bias[layer.channels[channels]] = 0
+
+
+def kill_some_channels(groups, scope: str) -> tuple[float, int]:
+    """Make random channels of every group exactly dead: in "layer" scope as many as the layer
+    rule removes at ratio 0.25, in "global" scope 1-3 per group (global ranking must find them
+    wherever they are). Returns the ratio that removes exactly them, and their count."""
+    generator = torch.Generator().manual_seed(3)
+    dead_total = 0
+    for number, group in enumerate(groups):
+        if scope == "layer":
+            dead = group.width - rounded_keep(0.75 * group.width, group.width, None, 0.8)
+        else:
+            dead = min(number % 3 + 1, group.width // 2)
+        kill_channels(group, torch.randperm(group.width, generator=generator)[:dead].tolist())
+        dead_total += dead
+    ratio = 0.25 if scope == "layer" else dead_total / sum(group.width for group in groups)
+    return ratio, dead_total
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -108,16 +134,7 @@ def _kill_channels(group, channels: list[int]) -> None:
 def test_l1_removes_exactly_dead_channels_and_outputs_do_not_change(arch, scope):
     model = randomised(arch)
     groups = groups_of(model)
-    generator = torch.Generator().manual_seed(3)
-    dead_total = 0
-    for number, group in enumerate(groups):
-        if scope == "layer":  # the count the layer rule removes at ratio 0.25
-            dead = group.width - rounded_keep(0.75 * group.width, group.width, None, 0.8)
-        else:  # any counts: global ranking must find them wherever they are
-            dead = number % 3 + 1
-        _kill_channels(group, torch.randperm(group.width, generator=generator)[:dead].tolist())
-        dead_total += dead
-    ratio = 0.25 if scope == "layer" else dead_total / sum(group.width for group in groups)
+    ratio, dead_total = kill_some_channels(groups, scope)
     result = prune(model, ratio, "l1", scope=scope, example_inputs=EXAMPLE, round_to=None)
     assert sum(g["width"] - g["kept"] for g in result.stats.groups) == dead_total
     for name, value in outputs_of(model).items():
@@ -210,7 +227,7 @@ def test_target_macs_is_reached(arch, scope):
     assert 0 < stats.ratio <= 0.8
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "resdcn18"])  # DLA: in test_dla's dead-channel test
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_predicted_widths_match_the_pruned_model(arch, scope):
     model = randomised(arch)
