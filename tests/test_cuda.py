@@ -66,7 +66,8 @@ def test_smoke_chain_on_cuda_with_amp_channels_last_and_distillation(tmp_path):
     for path in checkpoints:
         tensors = list(_tensors_of(torch.load(path, weights_only=True)))
         assert tensors and all(tensor.device.type == "cpu" for tensor in tensors), path
-    resume = torch.load(run / "l1_r0.5" / "finetune" / "resume.pt", weights_only=True, map_location="cpu")
+    resume_path = run / "l1_r0.5" / "finetune" / "resume.pt"
+    resume = torch.load(resume_path, weights_only=True, map_location="cpu")
     assert resume["scaler"]["scale"] > 0  # float16 AMP kept its loss scale for a resume
 
     # The CUDA evaluation agrees with a CPU evaluation of the same checkpoint.
@@ -125,7 +126,8 @@ def test_amp_training_on_cuda_resumes(tmp_path):
                    device="cuda", resume=resume)
 
     train(1, resume=False)
-    scale = torch.load(tmp_path / "resume.pt", weights_only=True, map_location="cpu")["scaler"]["scale"]
+    state = torch.load(tmp_path / "resume.pt", weights_only=True, map_location="cpu")
+    scale = state["scaler"]["scale"]
     result = train(2, resume=True)
     assert result.epochs == 2 and len(result.history) == 2
     assert scale > 0
@@ -174,9 +176,11 @@ def test_cli_eval_and_detect_on_cuda(tmp_path, capsys):
     config = tiny_config(num_classes=6)
     checkpoint = save_checkpoint(tmp_path / "model.pt", tiny_model(num_classes=6), config)
     assert main(["eval", str(checkpoint), "--data", str(tmp_path / "shapes" / "data.yaml"),
-                 "--device", "cuda", "--out", str(tmp_path / "eval"), "--set", "evaluate.workers=0"]) == 0
+                 "--device", "cuda", "--out", str(tmp_path / "eval"),
+                 "--set", "evaluate.workers=0"]) == 0
     assert "ap50" in capsys.readouterr().out
     image = sorted((tmp_path / "shapes" / "images" / "val").iterdir())[0]
-    assert main(["detect", str(checkpoint), str(image), "--device", "cuda", "--out", str(tmp_path / "det"),
+    assert main(["detect", str(checkpoint), str(image), "--device", "cuda",
+                 "--out", str(tmp_path / "det"),
                  "--threshold", "0.0", "--show-heatmap"]) == 0
     assert len(list((tmp_path / "det").glob("*.png"))) == 2

@@ -51,7 +51,8 @@ def _single(recipe, out_dir):
 def _torchrun(recipe, out_dir, kill_rank=-1, kill_epoch=0, mode="fresh", processes=2, device="cpu"):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                "--standalone", "--max_restarts", "0",
-               str(SCRIPT), str(recipe), str(out_dir), str(kill_rank), str(kill_epoch), mode, device]
+               str(SCRIPT), str(recipe), str(out_dir), str(kill_rank), str(kill_epoch), mode,
+               device]
     return subprocess.run(command, env=_environment(), capture_output=True, text=True, timeout=300)
 
 
@@ -110,7 +111,8 @@ def test_nccl_with_sync_batchnorm_and_amp(recipe, tmp_path):
     raw["train"].update(precision="amp", sync_batchnorm=True, eval_interval=1, workers=1)
     cuda_recipe = tmp_path / "recipe.yaml"
     cuda_recipe.write_text(yaml.safe_dump(raw))
-    finished = _torchrun(cuda_recipe, tmp_path / "run", processes=torch.cuda.device_count(), device="cuda")
+    finished = _torchrun(cuda_recipe, tmp_path / "run", processes=torch.cuda.device_count(),
+                         device="cuda")
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "FINAL epochs=3" in finished.stdout
     model, checkpoint = load_model(tmp_path / "run" / "last.pt")
@@ -143,7 +145,8 @@ def test_extra_parameters_get_the_average_gradient_on_every_process(tmp_path):
     script.write_text(AVERAGE_GRADIENTS)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--standalone", "--max_restarts", "0", str(script)]
-    finished = subprocess.run(command, env=_environment(), capture_output=True, text=True, timeout=120)
+    finished = subprocess.run(command, env=_environment(), capture_output=True, text=True,
+                              timeout=120)
     assert finished.returncode == 0, finished.stderr[-3000:]
     for rank in (0, 1):
         assert f"RANK{rank} [1.5, 1.5, 1.5] [2.0, 2.0]" in finished.stdout
