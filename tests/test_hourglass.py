@@ -35,25 +35,6 @@ def test_full_size_matches_the_original():
     assert len(output_layers(model)) == 6
 
 
-def test_two_stacks_with_the_same_structure_in_train_and_eval():
-    model = tiny_model(ARCH)
-    images = torch.randn(2, 3, 64, 96)
-    shapes = {}
-    for mode in ("train", "eval"):
-        getattr(model, mode)()
-        outputs = model(images)
-        shapes[mode] = [{k: tuple(v.shape) for k, v in output.items()} for output in outputs]
-    expected = {"heatmap": (2, 3, 16, 24), "wh": (2, 2, 16, 24), "offset": (2, 2, 16, 24)}
-    assert shapes["train"] == shapes["eval"] == [expected, expected]
-
-
-def test_backward_reaches_every_parameter_of_both_stacks():
-    model = tiny_model(ARCH)
-    outputs = model(torch.randn(2, 3, 64, 64))
-    sum(v.float().mean() for output in outputs for v in output.values()).backward()
-    assert all(p.grad is not None for p in model.parameters())
-
-
 def test_last_stack_only_when_asked_skips_stack_zero_heads():
     model = tiny_model(ARCH).eval()
     both = all_outputs(model)

@@ -34,19 +34,23 @@ class CenterNet(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.neck = neck
-        self.heads = nn.ModuleDict(heads)
+        self.heads = HeadSet(heads)
 
     def forward(
         self, images: torch.Tensor, return_features: bool = False
     ) -> list[dict[str, torch.Tensor]]:
         features = self.neck(self.backbone(images))
-        if isinstance(self.heads, FusedHeads):
-            outputs = self.heads(features)
-        else:
-            outputs = {name: head(features) for name, head in self.heads.items()}
+        outputs = self.heads(features)
         if return_features:
             outputs["features"] = features
         return [outputs]
+
+
+class HeadSet(nn.ModuleDict):
+    """One head per output, each reading the same features (`FusedHeads` runs them fused)."""
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: head(features) for name, head in self.items()}
 
 
 class FusedHeads(nn.Module):

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .centernet import build_heads
+from .centernet import HeadSet, build_heads
 
 DEFAULT_WIDTHS = {
     "stem": 128,
@@ -183,9 +183,9 @@ class HourglassNet(nn.Module):
         self.inters_ = nn.ModuleList(_conv1x1_bn(width, width) for _ in range(num_stacks - 1))
         self.cnvs_ = nn.ModuleList(_conv1x1_bn(cnv_width, width) for _ in range(num_stacks - 1))
         self.relu = nn.ReLU(inplace=True)
-        # One ModuleDict per stack, so `output_layers` finds every stack's last head convs.
+        # One HeadSet per stack, so `output_layers` finds every stack's last head convs.
         self.heads = nn.ModuleList(
-            nn.ModuleDict(build_heads(cnv_width, head_conv, num_classes)) for _ in range(num_stacks)
+            HeadSet(build_heads(cnv_width, head_conv, num_classes)) for _ in range(num_stacks)
         )
         self.head_stacks = head_stacks
 
@@ -203,7 +203,7 @@ class HourglassNet(nn.Module):
         for stack in range(last + 1):
             features = self.cnvs[stack](self.kps[stack](inter))
             if head_stacks == "all" or stack == last:
-                output = {name: head(features) for name, head in self.heads[stack].items()}
+                output = self.heads[stack](features)
                 if return_features:
                     output["features"] = features
                 outputs.append(output)
