@@ -133,9 +133,10 @@ def deploy_torch(
         # A replay overwrites the previous call's outputs: clone what must outlive the next call.
         deployed = torch.compile(deployed, mode="reduce-overhead")
     elif compile:
-        # Freezing makes the weights graph constants: inductor prepacks them for oneDNN and fuses
-        # the ReLUs and residual adds into the convolutions (one memory pass less each).
-        deployed = torch.compile(deployed, options={"freezing": True})
+        # Inductor's freezing (weights as constants, prepacked for oneDNN, ReLUs and adds fused
+        # into the convs) ran no faster here than plain compile (experiments/bench_deploy.md),
+        # and it only takes effect when set globally while dynamo traces: not worth the state.
+        deployed = torch.compile(deployed)
     return deployed
 
 
@@ -178,14 +179,20 @@ def onnxruntime_runner(
     folder: Path,
     name: str,
     spinning: bool = True,
+    batches: tuple[int, ...] = (1,),
 ) -> Runner:
-    """Export ``model`` (raw heads, static shape) into ``folder`` and run it in onnxruntime
-    (``spinning``: see `detector.export.onnx_session`)."""
-    path = export_onnx(folder / f"{name}.onnx", model, spec, input_size=(input_size, input_size))
-    session = onnx_session(path, threads=threads, spinning=spinning)
+    """Export ``model`` (raw heads, static shapes: one graph per batch size in ``batches``)
+    into ``folder`` and run it in onnxruntime (``spinning``: see `detector.export.onnx_session`).
+    Static graphs because a fixed shape is what a deployment exports and lets onnxruntime plan
+    its memory once."""
+    sessions = {}
+    for batch in sorted(set(batches)):
+        path = export_onnx(folder / f"{name}_b{batch}.onnx", model, spec,
+                           input_size=(input_size, input_size), batch=batch)
+        sessions[batch] = onnx_session(path, threads=threads, spinning=spinning)
 
     def run(images: torch.Tensor):
-        return session.run(None, {"images": images.cpu().numpy()})
+        return sessions[images.shape[0]].run(None, {"images": images.cpu().numpy()})
 
     return run
 
@@ -318,7 +325,7 @@ def bench_models(
             if runtime == "onnxruntime":
                 runners[name] = onnxruntime_runner(
                     model, spec, input_size, threads, Path(folder), f"model{len(runners)}",
-                    spinning,
+                    spinning, batches=(1, throughput_batch) if throughput_batch else (1,),
                 )
             else:
                 deployed[name], runners[name] = _torch_path(model, device, compile, images, name)

@@ -151,7 +151,7 @@ def _bench(args: argparse.Namespace) -> None:
 
     rows = bench_checkpoints(args.checkpoints, input_size=args.input, threads=args.threads,
                              runtime=args.runtime, rounds=args.rounds, device=args.device,
-                             compile=args.compile)
+                             compile=args.compile, spinning=args.spinning)
     print(format_bench(rows))
 
 
@@ -335,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--no-compile", dest="compile", action="store_false",
                        help="torch path without torch.compile (BN folding and channels-last only)")
+    bench.add_argument("--no-spin", dest="spinning", action="store_false",
+                       help="onnxruntime's idle threads sleep instead of spinning (a shared or "
+                            "small CPU; for torch set OMP_WAIT_POLICY=PASSIVE)")
     bench.set_defaults(run=_bench)
 
     original = commands.add_parser(

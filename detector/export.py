@@ -270,13 +270,15 @@ def export_program(
     raw_pixels: bool = False,
     dynamic: bool = False,
     input_size: tuple[int, int] | None = None,
+    batch: int = 1,
 ) -> torch.export.ExportedProgram:
     """``torch.export`` of the prepared model, traced at ``input_size`` (default the spec's)
-    with batch 2 when ``dynamic`` (a batch of 1 would be specialised), else batch 1."""
+    and ``batch`` (the fixed batch of a static program; at least 2 when ``dynamic``, since a
+    batch of 1 would be specialised)."""
     deploy = prepare_for_export(
         model, spec, decode=decode, max_detections=max_detections, raw_pixels=raw_pixels
     )
-    example = _example_input(spec, input_size, 2 if dynamic else 1)
+    example = _example_input(spec, input_size, max(batch, 2) if dynamic else batch)
     with torch.no_grad():
         return torch.export.export(
             deploy, (example,), dynamic_shapes=dynamic_shapes_spec(spec) if dynamic else None
@@ -359,6 +361,7 @@ def export_onnx(
     raw_pixels: bool = False,
     dynamic: bool = False,
     input_size: tuple[int, int] | None = None,
+    batch: int = 1,
     simplify: bool = True,
 ) -> Path:
     """Write ``model`` as ONNX (opset `ONNX_OPSET`) through torch.export, check it with
@@ -366,7 +369,8 @@ def export_onnx(
 
     Input ``images`` (B, 3, H, W); outputs ``heatmap``, ``wh``, ``offset`` or, with ``decode``,
     ``detections`` (B, K, 6) in input pixels (see `DeployModel`). ``dynamic``: batch and image
-    sides (multiples of `side_multiple`) are free. Raises ExportError when a package is missing.
+    sides (multiples of `side_multiple`) are free; otherwise the graph takes ``batch`` images of
+    ``input_size``. Raises ExportError when a package is missing.
     """
     onnx = _require("onnx")
     _require("onnxscript")
@@ -374,7 +378,7 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     program = export_program(
         model, spec, decode=decode, max_detections=max_detections, raw_pixels=raw_pixels,
-        dynamic=dynamic, input_size=input_size,
+        dynamic=dynamic, input_size=input_size, batch=batch,
     )
     translations = {}
     if hasattr(torch.ops, "torchvision") and hasattr(torch.ops.torchvision, "deform_conv2d"):

@@ -178,3 +178,22 @@ def test_cli_bench_pruned_and_unpruned(tmp_path, capsys) -> None:
     table = capsys.readouterr().out
     assert f"{pruned} (unpruned)" in table and f"{unpruned} (eager)" in table
     assert main(["bench", str(tmp_path / "missing.pt")]) == 2
+
+
+def test_cli_bench_onnxruntime(tmp_path, capsys) -> None:
+    """The onnxruntime path exports each model and times it; --no-spin reaches the session."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxslim")
+    config = tiny_config()
+    model = tiny_model().eval()
+    unpruned = save_checkpoint(tmp_path / "base.pt", model, config)
+    pruned = save_checkpoint(
+        tmp_path / "pruned.pt", prune(model, 0.5, "l1", round_to=None).model, config
+    )
+    arguments = ["bench", str(unpruned), str(pruned), "--input", "64", "--threads", "1",
+                 "--rounds", "2", "--runtime", "onnxruntime", "--no-spin"]
+    assert main(arguments) == 0
+    table = capsys.readouterr().out
+    assert f"{pruned} (unpruned)" in table and "(eager)" not in table  # eager: torch only
+    rows = [line for line in table.splitlines() if "| onnxruntime (cpu) |" in line]
+    assert len(rows) == 3 and all("(batch 4)" in row for row in rows)  # throughput at batch 4
