@@ -3,6 +3,8 @@ memory against a hand count, and `ctprune bench` on tiny pruned and unpruned che
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -98,7 +100,9 @@ def test_compiled_path_keeps_outputs_and_falls_back(monkeypatch) -> None:
     with pytest.warns(UserWarning, match="tiny: torch.compile failed .*no C\\+\\+ compiler"):
         deployed, run = _torch_path(model, torch.device("cpu"), True, images, "tiny")
     assert not isinstance(deployed.heads, FusedHeads)  # the plain default path
-    torch.testing.assert_close(run(images)[-1]["heatmap"], expected["heatmap"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        run(images)[-1]["heatmap"], expected["heatmap"], atol=1e-4, rtol=1e-4
+    )
 
 
 def test_torch_threads_sets_and_restores_the_count():
@@ -165,13 +169,16 @@ def test_bench_rejects_bad_arguments() -> None:
         bench_models(models, pairs={"base": "other"})
 
 
-def test_cli_bench_pruned_and_unpruned(tmp_path, capsys) -> None:
+def _unpruned_and_pruned_checkpoints(folder: Path) -> tuple[Path, Path]:
     config = tiny_config()
     model = tiny_model().eval()
-    unpruned = save_checkpoint(tmp_path / "base.pt", model, config)
-    pruned = save_checkpoint(
-        tmp_path / "pruned.pt", prune(model, 0.5, "l1", round_to=None).model, config
-    )
+    unpruned = save_checkpoint(folder / "base.pt", model, config)
+    pruned = prune(model, 0.5, "l1", round_to=None).model
+    return unpruned, save_checkpoint(folder / "pruned.pt", pruned, config)
+
+
+def test_cli_bench_pruned_and_unpruned(tmp_path, capsys) -> None:
+    unpruned, pruned = _unpruned_and_pruned_checkpoints(tmp_path)
     arguments = ["bench", str(unpruned), str(pruned), "--input", "64", "--threads", "1",
                  "--rounds", "2", "--device", "cpu", "--no-compile"]
     assert main(arguments) == 0
@@ -184,12 +191,7 @@ def test_cli_bench_onnxruntime(tmp_path, capsys) -> None:
     """The onnxruntime path exports each model and times it; --no-spin reaches the session."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxslim")
-    config = tiny_config()
-    model = tiny_model().eval()
-    unpruned = save_checkpoint(tmp_path / "base.pt", model, config)
-    pruned = save_checkpoint(
-        tmp_path / "pruned.pt", prune(model, 0.5, "l1", round_to=None).model, config
-    )
+    unpruned, pruned = _unpruned_and_pruned_checkpoints(tmp_path)
     arguments = ["bench", str(unpruned), str(pruned), "--input", "64", "--threads", "1",
                  "--rounds", "2", "--runtime", "onnxruntime", "--no-spin"]
     assert main(arguments) == 0
