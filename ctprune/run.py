@@ -45,8 +45,8 @@ from detector.engine.validate import evaluate_model
 from detector.files import atomic_replace, atomic_write_text
 from detector.original import import_original_checkpoint
 
-from .pruning import prune
 from .distill import DistillConfig
+from .pruning import prune
 from .recalibrate import recalibrate_bn
 from .recipe import Branch, Recipe, branches, resolve_path, stage_fingerprint
 from .train import train

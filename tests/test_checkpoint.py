@@ -3,6 +3,7 @@ import os
 import pytest
 import torch
 import torch_pruning as tp
+from tiny import tiny_config
 from torch import nn
 
 from detector import (
@@ -18,7 +19,6 @@ from detector import (
 )
 from detector.checkpoint import FORMAT_VERSION, atomic_save, build_from_config
 from detector.config import to_dict
-from tiny import tiny_config
 
 IMAGES = torch.randn(2, 3, 64, 64)
 

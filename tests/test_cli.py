@@ -2,11 +2,11 @@ import subprocess
 import sys
 
 import torch
+from tiny import tiny_config
 
 from ctprune.cli import main
 from detector import save_checkpoint
 from detector.checkpoint import build_from_config
-from tiny import tiny_config
 
 
 def test_info_describes_a_checkpoint(tmp_path, capsys):

@@ -5,17 +5,17 @@ import json
 import numpy as np
 import pytest
 import yaml
+from tiny import TINY_HEAD_CONV, TINY_WIDTHS
 
 from ctprune.cli import main
 from detector import load_model
 from detector.config import ConfigError
 from detector.data.shapes import generate_shapes
+from detector.data.sources import load_data_yaml, load_source
 from detector.engine.config import EvaluateConfig, load_train_recipe
 from detector.engine.train import train_from_recipe
 from detector.engine.validate import evaluate_model
 from detector.predictor import Predictor
-from detector.data.sources import load_data_yaml, load_source
-from tiny import TINY_HEAD_CONV, TINY_WIDTHS
 
 
 @pytest.fixture(scope="module")

@@ -94,6 +94,7 @@ def test_loss_is_averaged_over_the_stacks():
         ({"levels": 3}, "unknown keys"),
         ({"dims": [8]}, "dims .* at least 2"),
         ({"dims": [8, 8, 16], "modules": [1, 1]}, "one per entry"),
+        ({"dims": [8, 8], "modules": [1, 0]}, "widths.modules: expected a list of positive"),
     ],
 )
 def test_bad_widths_are_named(widths, message):

@@ -125,8 +125,8 @@ def test_pretrained_errors_name_the_file(tmp_path):
     "widths, message",
     [
         ({"width": 18}, "unknown keys"),
-        ({"branches": [8, 16, 32]}, "expected 4 branches"),
-        ({"blocks": 0}, "counts >= 1"),
+        ({"branches": [8, 16, 32]}, "widths.branches: expected 4 positive integers"),
+        ({"blocks": 0}, "widths.blocks: expected a positive integer"),
     ],
 )
 def test_bad_widths_are_named(widths, message):

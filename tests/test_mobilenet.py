@@ -78,7 +78,7 @@ def test_pretrained_errors_name_the_file(tmp_path):
     "widths, message",
     [
         ({"width": 1.0}, "unknown keys"),
-        ({"neck": [64, 64]}, "expected 3 widths"),
+        ({"neck": [64, 64]}, "widths.neck: expected 3 positive integers"),
         ({"width_mult": 0}, "positive number"),
     ],
 )

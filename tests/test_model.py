@@ -115,6 +115,10 @@ def test_unknown_arch_lists_known_ones():
         ({"num_classes": 0}, "num_classes"),
         ({"head_conv": -1}, "head_conv"),
         ({"widths": {"neck_width": [8]}}, "unknown keys"),
+        # A 2-entry neck would build with output stride 8, a 3-entry trunk with 16.
+        ({"widths": {"neck": [8, 8]}}, "widths.neck: expected 3 positive integers"),
+        ({"widths": {"stages": [8, 8, 8]}}, "widths.stages: expected 4 positive integers"),
+        ({"widths": {"stem": 0}}, "widths.stem: expected a positive integer"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from tiny import TinyDetectionData, tiny_model
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import default_collate
@@ -12,7 +13,6 @@ from torch.utils.data import default_collate
 from ctprune.recalibrate import recalibrate_bn
 from detector.engine.config import TrainConfig
 from detector.engine.train import train_loader
-from tiny import TinyDetectionData, tiny_model
 
 
 def _loader():

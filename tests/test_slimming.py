@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from tiny import TinyDetectionData, tiny_config, tiny_model
 from torch.utils.data import default_collate
 
 from ctprune.slimming import (
@@ -24,7 +25,6 @@ from detector.engine.fit import fit
 from detector.engine.optim import build_optimizer, build_scheduler
 from detector.engine.train import train_loader
 from detector.losses import centernet_loss
-from tiny import TinyDetectionData, tiny_config, tiny_model
 
 
 def _randomise_gammas(model, generator_seed=0):

@@ -31,6 +31,7 @@ from cuda_ops import ModulatedDeformConv2d
 
 from .centernet import CenterNet, build_heads
 from .pretrained import load_trunk_weights
+from .widths import merge_widths
 
 # Trunk widths of DLA-34, one per level (strides 1, 2, 4, 8, 16, 32), and the number of
 # BasicBlock pairs per Tree level (levels 0 and 1 are single convs).
@@ -389,26 +390,6 @@ def load_imagenet_weights(trunk: DLATrunk, path: str | Path) -> None:
     )
 
 
-def _check_widths(widths: dict | None) -> list[int]:
-    widths = {**DEFAULT_WIDTHS, **(widths or {})}
-    unknown = sorted(set(widths) - set(DEFAULT_WIDTHS))
-    if unknown:
-        raise ValueError(
-            f"model.widths: unknown keys {unknown}; known keys: {sorted(DEFAULT_WIDTHS)}"
-        )
-    channels = widths["channels"]
-    if (
-        not isinstance(channels, (list, tuple))
-        or len(channels) != len(DEFAULT_CHANNELS)
-        or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels)
-    ):
-        raise ValueError(
-            f"model.widths.channels: expected {len(DEFAULT_CHANNELS)} positive integers (one per "
-            f"DLA level, e.g. {DEFAULT_CHANNELS}), got {channels!r}"
-        )
-    return list(channels)
-
-
 def build_dla(
     version: str,
     num_classes: int,
@@ -422,7 +403,7 @@ def build_dla(
     ``channels[2]``-wide stride-4 map."""
     if version not in ("dcn", "v0"):
         raise ValueError(f"DLA version {version!r} not supported; known versions: 'dcn', 'v0'")
-    channels = _check_widths(widths)
+    channels = list(merge_widths(DEFAULT_WIDTHS, widths)["channels"])
     trunk = DLATrunk(channels)
     if version == "v0":
         _init_like_dlav0(trunk)  # pose_dla_dcn's trunk keeps PyTorch's default init

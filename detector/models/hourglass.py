@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .centernet import HeadSet, build_heads
+from .widths import merge_widths
 
 DEFAULT_WIDTHS = {
     "stem": 128,
@@ -258,20 +259,13 @@ def build_hourglass(
             "start from an original CenterNet checkpoint (ctprune import-original --arch "
             "hourglass104) instead"
         )
-    unknown = sorted(set(widths or {}) - set(DEFAULT_WIDTHS))
-    if unknown:
-        raise ValueError(
-            f"model.widths: unknown keys {unknown}; known keys: {sorted(DEFAULT_WIDTHS)}"
-        )
-    widths = {**DEFAULT_WIDTHS, **(widths or {})}
+    widths = merge_widths(DEFAULT_WIDTHS, widths, free_lengths=("dims", "modules"))
     dims, modules = list(widths["dims"]), list(widths["modules"])
     if len(dims) < 2 or len(modules) != len(dims):
         raise ValueError(
             f"model.widths: dims ({dims}) needs at least 2 entries and modules ({modules}) one "
             "per entry of dims"
         )
-    if min(modules) < 1:
-        raise ValueError(f"model.widths.modules: expected counts >= 1, got {modules}")
     return HourglassNet(
         num_classes,
         stem_width=widths["stem"],

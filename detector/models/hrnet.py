@@ -40,6 +40,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from .centernet import CenterNet, build_heads
 from .pretrained import load_trunk_weights
+from .widths import merge_widths
 
 # HRNetV2-W{C}: branch widths C * (1, 2, 4, 8); stages 2-4 repeat 1, 4 and 3 modules; every
 # branch of every module, and stage 1, has 4 blocks.
@@ -241,21 +242,8 @@ def build_hrnet(
     (4 ints), ``modules`` (modules in stages 2-4), ``blocks`` (blocks per branch and in stage 1)
     and ``neck`` (the 1x1 conv's width; None: the concatenation's); missing keys take
     HRNetV2-W{channels}'s."""
-    base = default_widths(channels)
-    unknown = sorted(set(widths or {}) - set(base))
-    if unknown:
-        raise ValueError(f"model.widths: unknown keys {unknown}; known keys: {sorted(base)}")
-    widths = {**base, **(widths or {})}
+    widths = merge_widths(default_widths(channels), widths, nullable=("neck",))
     branches, modules = list(widths["branches"]), list(widths["modules"])
-    if len(branches) != 4 or len(modules) != 3:
-        raise ValueError(
-            f"model.widths: expected 4 branches and 3 module counts, got branches {branches}, "
-            f"modules {modules}"
-        )
-    if min(modules) < 1 or widths["blocks"] < 1:
-        raise ValueError(
-            f"model.widths: expected counts >= 1, got modules {modules}, blocks {widths['blocks']}"
-        )
     trunk = HRNetTrunk(
         widths["stem"], widths["stage1"], tuple(branches), tuple(modules), widths["blocks"]
     )

@@ -26,11 +26,11 @@ from torchvision.models.mobilenetv3 import MobileNetV3, _mobilenet_v3_conf
 
 from .centernet import CenterNet, build_heads
 from .pretrained import load_trunk_weights
+from .widths import merge_widths
 
+# The neck's three x2 stages take the trunk's stride 32 to the output stride 4.
 DEFAULT_WIDTHS = {"width_mult": 1.0, "neck": [128, 64, 64]}
 DEFAULT_HEAD_CONV = 64
-# Three x2 stages take the trunk's stride 32 to the output stride 4.
-NECK_STAGES = 3
 
 
 class MobileNetV3Trunk(nn.Module):
@@ -79,21 +79,8 @@ def build_mobilenet(
     """MobileNetV3-Large CenterNet (``mobilenet_v3_large``). ``widths`` may override
     ``width_mult`` (torchvision's trunk width multiplier) and ``neck`` (3 ints, one per x2
     stage); missing keys take the defaults."""
-    unknown = sorted(set(widths or {}) - set(DEFAULT_WIDTHS))
-    if unknown:
-        raise ValueError(
-            f"model.widths: unknown keys {unknown}; known keys: {sorted(DEFAULT_WIDTHS)}"
-        )
-    widths = {**DEFAULT_WIDTHS, **(widths or {})}
+    widths = merge_widths(DEFAULT_WIDTHS, widths)
     neck_widths = list(widths["neck"])
-    if len(neck_widths) != NECK_STAGES:
-        raise ValueError(
-            f"model.widths.neck: expected {NECK_STAGES} widths (stride 32 -> 4), got {neck_widths}"
-        )
-    if not widths["width_mult"] > 0:
-        raise ValueError(
-            f"model.widths.width_mult: expected a positive number, got {widths['width_mult']!r}"
-        )
     trunk = MobileNetV3Trunk(float(widths["width_mult"]))
     if pretrained is not None:
         load_imagenet_weights(trunk, pretrained)

@@ -16,6 +16,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from .centernet import CenterNet, build_heads, deconv_neck
 from .pretrained import load_trunk_weights
+from .widths import merge_widths
 
 DEPTHS: dict[int, tuple[type[nn.Module], list[int]]] = {
     18: (BasicBlock, [2, 2, 2, 2]),
@@ -48,7 +49,7 @@ class ResNetTrunk(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         in_channels = stem_width
-        for index, (width, count) in enumerate(zip(stage_widths, blocks_per_stage)):
+        for index, (width, count) in enumerate(zip(stage_widths, blocks_per_stage, strict=True)):
             stride = 1 if index == 0 else 2
             stage = []
             for block_index in range(count):
@@ -86,14 +87,11 @@ def resnet_trunk(
     trunk_class: type[ResNetTrunk] = ResNetTrunk,
 ) -> tuple[ResNetTrunk, dict]:
     """The trunk every ResNet family (msra, resdcn, resunet) starts from, and its widths:
-    ``defaults`` updated by ``widths`` (unknown keys raise), ImageNet weights loaded when a
+    ``defaults`` updated by ``widths`` (checked: `merge_widths`), ImageNet weights loaded when a
     local file is given."""
     if depth not in DEPTHS:
         raise ValueError(f"ResNet depth {depth} not supported; known depths: {sorted(DEPTHS)}")
-    widths = {**defaults, **(widths or {})}
-    unknown = sorted(set(widths) - set(defaults))
-    if unknown:
-        raise ValueError(f"model.widths: unknown keys {unknown}; known keys: {sorted(defaults)}")
+    widths = merge_widths(defaults, widths)
     block, blocks_per_stage = DEPTHS[depth]
     trunk = trunk_class(block, blocks_per_stage, widths["stem"], tuple(widths["stages"]))
     if pretrained is not None:
