@@ -20,10 +20,17 @@ def _train(args: argparse.Namespace) -> None:
     out_dir = _run_dir(recipe.name, args.out)
     result = train(recipe, out_dir, sparsity=sparsity, resume=args.resume, device=args.device)
     last = result.history[-1] if result.history else {}
-    metrics = {k: round(v, 4) for k, v in last.items() if k in ("ap", "ap50", "voc_ap50", "loss", "train_loss")}
+    metrics = {
+        k: round(v, 4)
+        for k, v in last.items()
+        if k in ("ap", "ap50", "voc_ap50", "loss", "train_loss")
+    }
     print(f"trained {result.epochs} epochs into {out_dir}: {metrics}")
     if result.best_epoch is not None:
-        print(f"best {recipe.train.best_metric} {result.best_value:.4f} at epoch {result.best_epoch}: {out_dir / 'best.pt'}")
+        print(
+            f"best {recipe.train.best_metric} {result.best_value:.4f} at epoch "
+            f"{result.best_epoch}: {out_dir / 'best.pt'}"
+        )
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -55,7 +62,9 @@ def _evaluate(args: argparse.Namespace) -> None:
     from detector.engine.validate import evaluate_model
 
     model, checkpoint = load_model(args.checkpoint)
-    config = from_dict(EvaluateConfig, merge({}, parse_overrides(args.set).get("evaluate", {})), "evaluate")
+    config = from_dict(
+        EvaluateConfig, merge({}, parse_overrides(args.set).get("evaluate", {})), "evaluate"
+    )
     source = load_source(load_data_yaml(args.data), args.split)
     if source.class_names != (checkpoint.model_config.class_names or source.class_names):
         raise ValueError(
@@ -84,7 +93,9 @@ def _detect(args: argparse.Namespace) -> None:
         write_image(target, drawn)
         print(f"{path}: {len(result.scores)} detections -> {target}")
         if args.show_heatmap:
-            write_image(args.out / f"{Path(path).stem}_heatmap.png", heatmap_overlay(predictor, path))
+            write_image(
+                args.out / f"{Path(path).stem}_heatmap.png", heatmap_overlay(predictor, path)
+            )
 
 
 def _show_data(args: argparse.Namespace) -> None:
@@ -115,9 +126,17 @@ def _prune(args: argparse.Namespace) -> None:
         target_macs=args.target_macs,
     )
     stats = result.stats
-    meta = {"pruned_from": str(args.checkpoint), "prune": {
-        "criterion": stats.criterion, "scope": stats.scope, "ratio": stats.ratio, "round_to": stats.round_to,
-        "params_before": stats.params_before, "macs_before": stats.macs_before}}
+    meta = {
+        "pruned_from": str(args.checkpoint),
+        "prune": {
+            "criterion": stats.criterion,
+            "scope": stats.scope,
+            "ratio": stats.ratio,
+            "round_to": stats.round_to,
+            "params_before": stats.params_before,
+            "macs_before": stats.macs_before,
+        },
+    }
     save_checkpoint(args.out, result.model, checkpoint.model_config, meta=meta)
     rows = [("params (M)", stats.params_before / 1e6, stats.params_after / 1e6),
             ("state dict (MiB)", stats.mib_before, stats.mib_after),
@@ -195,7 +214,10 @@ def _info(args: argparse.Namespace) -> None:
     )
     plan = checkpoint.channel_plan
     if plan:
-        print(f"channel plan {len(plan)} layers resized; params {params / base_params:.1%} of the base")
+        print(
+            f"channel plan {len(plan)} layers resized; "
+            f"params {params / base_params:.1%} of the base"
+        )
     else:
         print("channel plan none (unpruned)")
     print(f"params       {params:,}")
@@ -239,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ctprune {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = commands.add_parser("train", help="train a model from a recipe (model, data, train, evaluate)")
+    train = commands.add_parser(
+        "train", help="train a model from a recipe (model, data, train, evaluate)"
+    )
     train.add_argument("recipe", type=Path)
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a recipe value, e.g. --set train.epochs=10")
@@ -248,26 +272,38 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     train.set_defaults(run=_train)
 
-    run = commands.add_parser("run", help="run a recipe: baseline -> prune -> fine-tune -> evaluate -> report")
+    run = commands.add_parser(
+        "run", help="run a recipe: baseline -> prune -> fine-tune -> evaluate -> report"
+    )
     run.add_argument("recipe", type=Path)
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override a recipe value, e.g. --set prune.ratio=0.3")
     run.add_argument("--out", type=Path, help="run folder (default experiments/<recipe name>)")
-    run.add_argument("--from", dest="from_stage", choices=("baseline", "prune", "finetune", "report"),
-                     help="run this stage and every later one again, even when done")
+    run.add_argument(
+        "--from",
+        dest="from_stage",
+        choices=("baseline", "prune", "finetune", "report"),
+        help="run this stage and every later one again, even when done",
+    )
     run.add_argument("--only", choices=("baseline", "prune", "finetune", "report"),
                      help="run only this stage (the stages before it must be done)")
     run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     run.set_defaults(run=_run)
 
-    report = commands.add_parser("report", help="rebuild or compare run reports from their artifacts")
+    report = commands.add_parser(
+        "report", help="rebuild or compare run reports from their artifacts"
+    )
     report.add_argument("runs", type=Path, nargs="+")
-    report.add_argument("--out", type=Path, help="folder for a combined report (default: the run folder)")
+    report.add_argument(
+        "--out", type=Path, help="folder for a combined report (default: the run folder)"
+    )
     report.add_argument("--threads", type=int, help="CPU threads for latency")
     report.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     report.set_defaults(run=_report)
 
-    evaluate = commands.add_parser("eval", help="COCO and VOC metrics of a checkpoint on a data split")
+    evaluate = commands.add_parser(
+        "eval", help="COCO and VOC metrics of a checkpoint on a data split"
+    )
     evaluate.add_argument("checkpoint", type=Path)
     evaluate.add_argument("--data", required=True, type=Path, help="a data.yaml")
     evaluate.add_argument("--split", default="val", choices=("train", "val"))
@@ -283,7 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--out", required=True, type=Path)
     detect.add_argument("--threshold", type=float, default=0.3, help="minimum score drawn")
     detect.add_argument("--flip", action="store_true", help="flip test")
-    detect.add_argument("--show-heatmap", action="store_true", help="also write the heatmap overlay")
+    detect.add_argument(
+        "--show-heatmap", action="store_true", help="also write the heatmap overlay"
+    )
     detect.add_argument("--device")
     detect.set_defaults(run=_detect)
 
@@ -296,13 +334,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     prune = commands.add_parser("prune", help="remove channels from a checkpoint's model")
     prune.add_argument("checkpoint", type=Path)
-    prune.add_argument("--ratio", type=float, help="fraction of channels to remove (per group or global)")
+    prune.add_argument(
+        "--ratio", type=float, help="fraction of channels to remove (per group or global)"
+    )
     prune.add_argument("--criterion", default="l1", help="l1, l2, bn_gamma, kmeans or random")
     prune.add_argument("--scope", default="layer", choices=("layer", "global"))
-    prune.add_argument("--round-to", type=int, help="keep multiples of this (default 16; 0: no rounding)")
-    prune.add_argument("--max-layer-ratio", type=float, default=0.8, help="global scope: cap per group")
-    prune.add_argument("--target-macs", type=float, help="instead of --ratio: keep this fraction of MACs")
-    prune.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="for MACs (default: the model's)")
+    prune.add_argument(
+        "--round-to", type=int, help="keep multiples of this (default 16; 0: no rounding)"
+    )
+    prune.add_argument(
+        "--max-layer-ratio", type=float, default=0.8, help="global scope: cap per group"
+    )
+    prune.add_argument(
+        "--target-macs", type=float, help="instead of --ratio: keep this fraction of MACs"
+    )
+    prune.add_argument(
+        "--input-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="for MACs (default: the model's)",
+    )
     prune.add_argument("--out", required=True, type=Path)
     prune.set_defaults(run=_prune)
 

@@ -263,9 +263,11 @@ def heatmap_term(
     # where the student equals its teacher.
     student_logits, teacher_logits = student_logits / temperature, teacher_logits / temperature
     teacher = torch.sigmoid(teacher_logits)
-    divergence = teacher * (functional.logsigmoid(teacher_logits) - functional.logsigmoid(student_logits)) + (
-        1 - teacher
-    ) * (functional.logsigmoid(-teacher_logits) - functional.logsigmoid(-student_logits))
+    divergence = teacher * (
+        functional.logsigmoid(teacher_logits) - functional.logsigmoid(student_logits)
+    ) + (1 - teacher) * (
+        functional.logsigmoid(-teacher_logits) - functional.logsigmoid(-student_logits)
+    )
     return divergence.mean() * temperature**2
 
 

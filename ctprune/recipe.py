@@ -71,7 +71,9 @@ class BaselineConfig:
 
     def __post_init__(self) -> None:
         if self.checkpoint is not None and self.original is not None:
-            raise ValueError("checkpoint: give either baseline.checkpoint or baseline.original, not both")
+            raise ValueError(
+                "checkpoint: give either baseline.checkpoint or baseline.original, not both"
+            )
 
 
 @dataclass
@@ -118,7 +120,9 @@ class PruneConfig:
         if self.rounds < 1:
             raise ValueError(f"rounds: expected an integer >= 1, got {self.rounds!r}")
         if self.recalibrate_batches < 0:
-            raise ValueError(f"recalibrate_batches: expected an integer >= 0, got {self.recalibrate_batches!r}")
+            raise ValueError(
+                f"recalibrate_batches: expected an integer >= 0, got {self.recalibrate_batches!r}"
+            )
 
 
 @dataclass
@@ -195,14 +199,18 @@ def branches(recipe: Recipe) -> list[Branch]:
     amounts = [("r", ratio, None) for ratio in _as_list(config.ratio)]
     amounts += [("macs", None, target) for target in _as_list(config.target_macs)]
     result = [
-        Branch(f"{criterion}_{tag}{ratio if ratio is not None else target}", criterion, ratio, target)
+        Branch(
+            f"{criterion}_{tag}{ratio if ratio is not None else target}", criterion, ratio, target
+        )
         for criterion in _as_list(config.criterion)
         for tag, ratio, target in amounts
     ]
     if recipe.report.controls:
         for tag, ratio, target in amounts:
             amount = ratio if ratio is not None else target
-            result.append(Branch(f"control_random_{tag}{amount}", "random", ratio, target, control="random"))
+            result.append(
+                Branch(f"control_random_{tag}{amount}", "random", ratio, target, control="random")
+            )
         result.append(Branch("control_unpruned", "none", None, None, control="unpruned"))
     return result
 
@@ -236,13 +244,19 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, check_files: boo
         from detector.data.shapes import generate_shapes
 
         config = from_dict(SyntheticConfig, synthetic, "synthetic")
-        out_dir = Path(config.out_dir) if Path(config.out_dir).is_absolute() else path.parent / config.out_dir
+        out_dir = (
+            Path(config.out_dir)
+            if Path(config.out_dir).is_absolute()
+            else path.parent / config.out_dir
+        )
         generate_shapes(out_dir, config.num_train, config.num_val, config.image_size, config.seed)
     recipe = from_dict(Recipe, {**read_recipe(path, overrides), "source": str(path.resolve())}, "")
     for key in ("checkpoint", "original"):
         value = getattr(recipe.baseline, key)
         if value is not None and not resolve_path(recipe, value).is_file():
-            raise FileNotFoundError(f"{path}: baseline.{key}: {resolve_path(recipe, value)} does not exist")
+            raise FileNotFoundError(
+                f"{path}: baseline.{key}: {resolve_path(recipe, value)} does not exist"
+            )
     distill = recipe.finetune.distill
     if distill is not None:
         for index, teacher in enumerate(distill.teachers):

@@ -97,12 +97,22 @@ def keys_markdown() -> str:
             if dataclasses.is_dataclass(base):
                 docs.update(field_docs(base))
         summary = inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0].replace("\n", " ")
-        lines += [f"## `{section}`", "", summary, "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        lines += [
+            f"## `{section}`",
+            "",
+            summary,
+            "",
+            "| key | type | default | meaning |",
+            "|---|---|---|---|",
+        ]
         for field in dataclasses.fields(cls):
             if not field.init:
                 continue
             meaning = docs.get(field.name, "").replace("\n", " ").replace("|", "\\|")
-            lines.append(f"| `{field.name}` | `{_type_name(hints[field.name])}` | `{_default(field)}` | {meaning} |")
+            lines.append(
+                f"| `{field.name}` | `{_type_name(hints[field.name])}` | "
+                f"`{_default(field)}` | {meaning} |"
+            )
         lines.append("")
     return "\n".join(lines)
 

@@ -106,12 +106,15 @@ def write_manifest(recipe: Recipe, out_dir: Path, command: list[str] | None) -> 
         previous = json.loads(path.read_text())
         if previous.get("recipe_name") != recipe.name:
             raise RunError(
-                f"{out_dir}: holds a run of recipe {previous.get('recipe_name')!r}, not {recipe.name!r}; "
-                "choose another --out"
+                f"{out_dir}: holds a run of recipe {previous.get('recipe_name')!r}, "
+                f"not {recipe.name!r}; choose another --out"
             )
         created = previous.get("created", now)
     elif out_dir.is_dir() and any(out_dir.iterdir()):
-        raise RunError(f"{out_dir}: not empty and holds no ctprune run (no manifest.json); choose another --out")
+        raise RunError(
+            f"{out_dir}: not empty and holds no ctprune run (no manifest.json); "
+            "choose another --out"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_json(path, {
         "recipe_name": recipe.name, "recipe_sha256": digest, "recipe_file": recipe.source,
@@ -138,8 +141,11 @@ class Stage:
     def is_done(self) -> bool:
         info = self.info()
         return (
-            info is not None and info.get("complete") is True and info.get("fingerprint") == self.fingerprint
-            and (self.folder / CHECKPOINT).is_file() and (self.folder / "eval" / "metrics.json").is_file()
+            info is not None
+            and info.get("complete") is True
+            and info.get("fingerprint") == self.fingerprint
+            and (self.folder / CHECKPOINT).is_file()
+            and (self.folder / "eval" / "metrics.json").is_file()
         )
 
 
@@ -154,7 +160,8 @@ class Runner:
                 raise RunError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
         self.recipe, self.out_dir = recipe, Path(out_dir)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.rerun_from, self.only, self.fit_hooks, self.log = rerun_from, only, fit_hooks or {}, log
+        self.rerun_from, self.only, self.log = rerun_from, only, log
+        self.fit_hooks = fit_hooks or {}
         self.order = 0
         self.baseline_stage: Stage | None = None
         self.train_source = load_source(recipe.data, "train")
@@ -176,15 +183,23 @@ class Runner:
             self.log(f"[skip] {stage.name}: done, unchanged")
             return stage.info()
         if not self._wanted(stage.kind):
-            raise RunError(f"{stage.name}: needed by --only {self.only} but not done; run without --only first")
+            raise RunError(
+                f"{stage.name}: needed by --only {self.only} but not done; run without --only first"
+            )
         previous = stage.info()
         resume = (previous is not None and previous.get("fingerprint") == stage.fingerprint
                   and not self._forced(stage.kind) and (stage.folder / "resume.pt").is_file())
         if not resume and stage.folder.exists():
             shutil.rmtree(stage.folder)  # another configuration's leftovers: start clean
         stage.folder.mkdir(parents=True, exist_ok=True)
-        base = {"name": stage.name, "stage": stage.kind, "branch": stage.branch, "order": self.order,
-                "fingerprint": stage.fingerprint, "input_size": list(self.model_config.input.input_size)}
+        base = {
+            "name": stage.name,
+            "stage": stage.kind,
+            "branch": stage.branch,
+            "order": self.order,
+            "fingerprint": stage.fingerprint,
+            "input_size": list(self.model_config.input.input_size),
+        }
         _write_json(stage.folder / STAGE_FILE, {**base, "complete": False})
         self.log(f"[{'resume' if resume else 'run'}] {stage.name}")
         started = time.perf_counter()
@@ -194,15 +209,26 @@ class Runner:
         return info
 
     def _evaluate(self, model: torch.nn.Module, model_config: ModelConfig, stage: Stage) -> dict:
-        metrics = evaluate_model(model.to(self.device), self.val_source, model_config, self.recipe.evaluate,
-                                 self.device, stage.folder / "eval")
+        metrics = evaluate_model(
+            model.to(self.device),
+            self.val_source,
+            model_config,
+            self.recipe.evaluate,
+            self.device,
+            stage.folder / "eval",
+        )
         return {k: v for k, v in metrics.items() if k in ("ap", "ap50", "ap75", "voc_ap50")}
 
     def _train_into(self, stage: Stage, config: TrainConfig, resume: bool,
                     initial_model: torch.nn.Module | None, model_config: ModelConfig,
                     distill: DistillConfig | None = None) -> torch.nn.Module:
-        recipe = TrainRecipe(name=stage.name, model=model_config, data=self.recipe.data, train=config,
-                             evaluate=self.recipe.evaluate)
+        recipe = TrainRecipe(
+            name=stage.name,
+            model=model_config,
+            data=self.recipe.data,
+            train=config,
+            evaluate=self.recipe.evaluate,
+        )
         sparsity = self.recipe.sparsity if stage.kind == "baseline" else None
         teacher_paths = self._teacher_paths(distill) if distill is not None else None
         if distill is not None and distill.unlabelled_images is not None:
@@ -240,8 +266,11 @@ class Runner:
     # --- stages ------------------------------------------------------------------------------
     def baseline(self) -> Stage:
         recipe = self.recipe
-        inputs = {key: _file_digest(resolve_path(recipe, value))
-                  for key, value in dataclasses.asdict(recipe.baseline).items() if value is not None}
+        inputs = {
+            key: _file_digest(resolve_path(recipe, value))
+            for key, value in dataclasses.asdict(recipe.baseline).items()
+            if value is not None
+        }
         trained = not inputs
         stage = Stage(self.out_dir / "baseline", "baseline", "baseline", stage_fingerprint(
             "baseline", self.model_config, recipe.data, recipe.evaluate, inputs,
@@ -249,7 +278,9 @@ class Runner:
 
         def work(stage: Stage, resume: bool) -> dict:
             if recipe.baseline.checkpoint is not None:
-                _copy_atomic(resolve_path(recipe, recipe.baseline.checkpoint), stage.folder / CHECKPOINT)
+                _copy_atomic(
+                    resolve_path(recipe, recipe.baseline.checkpoint), stage.folder / CHECKPOINT
+                )
                 model, checkpoint = load_model(stage.folder / CHECKPOINT)
                 config = checkpoint.model_config
                 if config.arch != self.model_config.arch:
@@ -259,8 +290,12 @@ class Runner:
                         "them agree"
                     )
             elif recipe.baseline.original is not None:
-                import_original_checkpoint(resolve_path(recipe, recipe.baseline.original), self.model_config.arch,
-                                           stage.folder / CHECKPOINT, tuple(self.model_config.input.input_size))
+                import_original_checkpoint(
+                    resolve_path(recipe, recipe.baseline.original),
+                    self.model_config.arch,
+                    stage.folder / CHECKPOINT,
+                    tuple(self.model_config.input.input_size),
+                )
                 model, checkpoint = load_model(stage.folder / CHECKPOINT)
                 config = checkpoint.model_config
             else:
@@ -274,20 +309,45 @@ class Runner:
     def prune_stage(self, source: Stage, branch: Branch, round_index: int) -> Stage:
         config = self.recipe.prune
         suffix = "" if config.rounds == 1 else f"_{round_index}"
-        settings = {"criterion": branch.criterion, "ratio": branch.ratio, "target_macs": branch.target_macs,
-                    "scope": config.scope, "max_layer_ratio": config.max_layer_ratio, "round_to": config.round_to,
-                    "ratio_overrides": config.ratio_overrides, "recalibrate_batches": config.recalibrate_batches}
-        stage = Stage(self.out_dir / branch.name / f"prune{suffix}", f"{branch.name}/prune{suffix}", "prune",
-                      stage_fingerprint("prune", source.fingerprint, settings, self.recipe.evaluate,
-                                        self.recipe.finetune.augment), branch.name)
+        settings = {
+            "criterion": branch.criterion,
+            "ratio": branch.ratio,
+            "target_macs": branch.target_macs,
+            "scope": config.scope,
+            "max_layer_ratio": config.max_layer_ratio,
+            "round_to": config.round_to,
+            "ratio_overrides": config.ratio_overrides,
+            "recalibrate_batches": config.recalibrate_batches,
+        }
+        stage = Stage(
+            self.out_dir / branch.name / f"prune{suffix}",
+            f"{branch.name}/prune{suffix}",
+            "prune",
+            stage_fingerprint(
+                "prune",
+                source.fingerprint,
+                settings,
+                self.recipe.evaluate,
+                self.recipe.finetune.augment,
+            ),
+            branch.name,
+        )
 
         def work(stage: Stage, resume: bool) -> dict:
             model, checkpoint = load_model(source.folder / CHECKPOINT)
             size = tuple(checkpoint.model_config.input.input_size)
-            result = prune(model, branch.ratio, branch.criterion, scope=config.scope,
-                           example_inputs=torch.zeros(1, 3, *size), ratio_overrides=config.ratio_overrides or None,
-                           max_layer_ratio=config.max_layer_ratio, round_to=config.round_to,
-                           target_macs=branch.target_macs, inplace=True)
+            result = prune(
+                model,
+                branch.ratio,
+                branch.criterion,
+                scope=config.scope,
+                example_inputs=torch.zeros(1, 3, *size),
+                ratio_overrides=config.ratio_overrides or None,
+                max_layer_ratio=config.max_layer_ratio,
+                round_to=config.round_to,
+                target_macs=branch.target_macs,
+                inplace=True,
+            )
             if config.recalibrate_batches > 0:
                 recalibrate_bn(result.model, self._recalibration_loader(checkpoint.model_config),
                                config.recalibrate_batches)
@@ -295,12 +355,17 @@ class Runner:
                             meta={"pruned_from": str(source.folder / CHECKPOINT)})
             stats = dataclasses.asdict(result.stats)
             stats.pop("groups", None)  # per-group details stay out of the report's input
-            return {"prune": stats, "metrics": self._evaluate(result.model, checkpoint.model_config, stage)}
+            return {
+                "prune": stats,
+                "metrics": self._evaluate(result.model, checkpoint.model_config, stage),
+            }
 
         self._run_stage(stage, work)
         return stage
 
-    def finetune_stage(self, source: Stage, name: str, branch: str, epochs_factor: int = 1) -> Stage:
+    def finetune_stage(
+        self, source: Stage, name: str, branch: str, epochs_factor: int = 1
+    ) -> Stage:
         config = dataclasses.replace(self.recipe.finetune.train_config(),
                                      epochs=self.recipe.finetune.epochs * epochs_factor)
         distill = self.recipe.finetune.distill
@@ -319,8 +384,14 @@ class Runner:
         return stage
 
     def _recalibration_loader(self, model_config: ModelConfig) -> DataLoader:
-        dataset = CenterNetDataset(self.train_source.records, model_config.num_classes, model_config.input,
-                                   train=True, augment=self.recipe.finetune.augment, seed=self.recipe.finetune.seed)
+        dataset = CenterNetDataset(
+            self.train_source.records,
+            model_config.num_classes,
+            model_config.input,
+            train=True,
+            augment=self.recipe.finetune.augment,
+            seed=self.recipe.finetune.seed,
+        )
         generator = torch.Generator().manual_seed(self.recipe.finetune.seed)
         return DataLoader(dataset, batch_size=self.recipe.finetune.batch_size, shuffle=True,
                           collate_fn=collate, generator=generator)
@@ -337,7 +408,9 @@ class Runner:
         self.baseline_stage = baseline
         for branch in branches(self.recipe):
             if branch.control == "unpruned":
-                self.finetune_stage(baseline, f"{branch.name}/finetune", branch.name, self.recipe.prune.rounds)
+                self.finetune_stage(
+                    baseline, f"{branch.name}/finetune", branch.name, self.recipe.prune.rounds
+                )
                 continue
             source = baseline
             for round_index in range(1, self.recipe.prune.rounds + 1):
@@ -355,7 +428,9 @@ def _file_digest(path: Path) -> str:
     return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def run_recipe(recipe: Recipe, out_dir: str | Path, *, command: list[str] | None = None, **options) -> dict | None:
+def run_recipe(
+    recipe: Recipe, out_dir: str | Path, *, command: list[str] | None = None, **options
+) -> dict | None:
     """Run every stage of ``recipe`` into ``out_dir`` and return the report (None with --only
     a stage other than report). ``options``: device, rerun_from, only, fit_hooks, log."""
     out_dir = Path(out_dir)

@@ -82,7 +82,9 @@ def _check_plain(value: object, where: str) -> None:
                 raise TypeError(f"{where}: keys must be str or int, got {type(key).__name__}")
             _check_plain(item, f"{where}.{key}")
         return
-    raise TypeError(f"{where}: checkpoints hold only tensors and plain types, got {type(value).__name__}")
+    raise TypeError(
+        f"{where}: checkpoints hold only tensors and plain types, got {type(value).__name__}"
+    )
 
 
 def build_from_config(config: ModelConfig, channel_plan: ChannelPlan | None = None) -> nn.Module:
@@ -104,7 +106,9 @@ def save_checkpoint(
     try:
         plan = channel_plan_of(model, reference)
     except ValueError as error:
-        raise CheckpointError(f"model does not match its config (arch {config.arch}): {error}") from None
+        raise CheckpointError(
+            f"model does not match its config (arch {config.arch}): {error}"
+        ) from None
     meta = dict(meta or {})
     _check_plain(meta, "meta")
     checkpoint = {

@@ -149,7 +149,9 @@ def _convert(value: Any, annotation: Any, path: str) -> Any:
         if isinstance(value, annotation):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping of {annotation.__name__} fields, got {value!r}")
+            raise ConfigError(
+                f"{path}: expected a mapping of {annotation.__name__} fields, got {value!r}"
+            )
         return from_dict(annotation, value, path)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -157,7 +159,10 @@ def _convert(value: Any, annotation: Any, path: str) -> Any:
         if origin is tuple and arguments and arguments[-1] is not Ellipsis:
             if len(value) != len(arguments):
                 raise ConfigError(f"{path}: expected {len(arguments)} values, got {value!r}")
-            items = [_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, arguments))]
+            items = [
+                _convert(v, a, f"{path}[{i}]")
+                for i, (v, a) in enumerate(zip(value, arguments, strict=True))
+            ]
         else:
             item_type = arguments[0] if arguments else Any
             items = [_convert(v, item_type, f"{path}[{i}]") for i, v in enumerate(value)]
@@ -196,7 +201,9 @@ def from_dict(cls: type, data: dict | None, path: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{path or 'recipe'}: unknown keys {unknown}; known keys: {sorted(fields)}")
+        raise ConfigError(
+            f"{path or 'recipe'}: unknown keys {unknown}; known keys: {sorted(fields)}"
+        )
     prefix = f"{path}." if path else ""
     values = {name: _convert(value, hints[name], prefix + name) for name, value in data.items()}
     try:

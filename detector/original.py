@@ -96,7 +96,9 @@ def _head_shape(state_dict: dict[str, torch.Tensor]) -> tuple[int, int]:
             return last.shape[0], first.shape[0]
         if first is not None:
             return first.shape[0], 0
-    raise CheckpointError("no heatmap head ('hm.*') found: not an original CenterNet ctdet checkpoint")
+    raise CheckpointError(
+        "no heatmap head ('hm.*') found: not an original CenterNet ctdet checkpoint"
+    )
 
 
 def import_original_checkpoint(

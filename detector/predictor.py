@@ -32,7 +32,11 @@ def decode_heads(
     if flipped_outputs is not None:
         heads = flip_merge(outputs, flipped_outputs)
     else:
-        heads = {"heatmap": outputs["heatmap"].sigmoid(), "wh": outputs["wh"], "offset": outputs.get("offset")}
+        heads = {
+            "heatmap": outputs["heatmap"].sigmoid(),
+            "wh": outputs["wh"],
+            "offset": outputs.get("offset"),
+        }
     return ctdet_decode(heads["heatmap"], heads["wh"], heads.get("offset"), K=max_detections)
 
 
@@ -66,7 +70,9 @@ class Detections:
 
     def as_array(self) -> np.ndarray:
         """(N, 6) x1, y1, x2, y2, score, class: the layout evaluation takes."""
-        return np.concatenate([self.boxes, self.scores[:, None], self.labels[:, None]], axis=1).astype(np.float32)
+        return np.concatenate(
+            [self.boxes, self.scores[:, None], self.labels[:, None]], axis=1
+        ).astype(np.float32)
 
 
 def read_bgr(image: np.ndarray | str | Path) -> np.ndarray:
@@ -113,7 +119,9 @@ class Predictor:
         self.flip, self.scales, self.max_detections = flip, tuple(scales), max_detections
         self.keep_resolution, self.soft_nms = keep_resolution, soft_nms
         names = model_config.class_names
-        self.class_names = list(names) if names else [str(i) for i in range(model_config.num_classes)]
+        self.class_names = (
+            list(names) if names else [str(i) for i in range(model_config.num_classes)]
+        )
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, **options) -> Predictor:
@@ -125,13 +133,21 @@ class Predictor:
         image = read_bgr(image)
         per_scale = []
         for scale in self.scales:
-            network_input, meta = test_transform(image, self.config.input, scale, self.keep_resolution)
+            network_input, meta = test_transform(
+                image, self.config.input, scale, self.keep_resolution
+            )
             batch = torch.from_numpy(network_input)[None].to(self.device)
-            detections = detect(self.model, batch, flip=self.flip, max_detections=self.max_detections)
-            per_scale.append(detections_to_image(detections[0].cpu().numpy(), meta["inverse_affine"]))
+            detections = detect(
+                self.model, batch, flip=self.flip, max_detections=self.max_detections
+            )
+            per_scale.append(
+                detections_to_image(detections[0].cpu().numpy(), meta["inverse_affine"])
+            )
         if len(per_scale) == 1:
             return per_scale[0].astype(np.float32)
-        return merge_multiscale(per_scale, self.config.num_classes, self.max_detections, self.soft_nms)
+        return merge_multiscale(
+            per_scale, self.config.num_classes, self.max_detections, self.soft_nms
+        )
 
     def predict(self, images: list, score_threshold: float = 0.0) -> list[Detections]:
         """Detections for each image (paths or BGR arrays), keeping scores >= threshold."""

@@ -20,23 +20,37 @@ def class_color(index: int) -> tuple[int, int, int]:
     return int(blue * 255), int(green * 255), int(red * 255)
 
 
-def draw_boxes(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, captions: list[str]) -> np.ndarray:
+def draw_boxes(
+    image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, captions: list[str]
+) -> np.ndarray:
     """A copy of a BGR image with boxes (x1, y1, x2, y2 in its pixels) and captions."""
     canvas = image.copy()
     scale = max(0.3, min(canvas.shape[:2]) / 800)
-    for box, label, caption in zip(boxes, labels, captions):
+    for box, label, caption in zip(boxes, labels, captions, strict=True):
         color = class_color(int(label))
         x1, y1, x2, y2 = (int(round(v)) for v in box)
         cv2.rectangle(canvas, (x1, y1), (x2, y2), color, 1 if scale < 0.5 else 2)
         (width, height), _ = cv2.getTextSize(caption, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
         top = max(y1 - height - 2, 0)
         cv2.rectangle(canvas, (x1, top), (x1 + width, top + height + 2), color, -1)
-        cv2.putText(canvas, caption, (x1, top + height), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(
+            canvas,
+            caption,
+            (x1, top + height),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            scale,
+            (0, 0, 0),
+            1,
+            cv2.LINE_AA,
+        )
     return canvas
 
 
 def draw_detections(image: np.ndarray | str | Path, detections: Detections) -> np.ndarray:
-    captions = [f"{name} {score:.2f}" for name, score in zip(detections.names, detections.scores)]
+    captions = [
+        f"{name} {score:.2f}"
+        for name, score in zip(detections.names, detections.scores, strict=True)
+    ]
     return draw_boxes(read_bgr(image), detections.boxes, detections.labels, captions)
 
 
@@ -54,7 +68,9 @@ def heatmap_overlay(predictor: Predictor, image: np.ndarray | str | Path) -> np.
     from .data.transforms import test_transform
 
     bgr = read_bgr(image)
-    network_input, meta = test_transform(bgr, predictor.config.input, 1.0, predictor.keep_resolution)
+    network_input, meta = test_transform(
+        bgr, predictor.config.input, 1.0, predictor.keep_resolution
+    )
     outputs = predictor.model(torch.from_numpy(network_input)[None].to(predictor.device))[-1]
     heatmap = outputs["heatmap"].sigmoid()[0].max(0).values.cpu().numpy()
     height, width = meta["original_size"]
@@ -70,7 +86,11 @@ def show_data(data_yaml: str | Path, split: str, out_dir: str | Path, count: int
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     spec_dataset = CenterNetDataset(
-        source.records[:count], len(source.class_names), _display_spec(), train=False, keep_resolution=True
+        source.records[:count],
+        len(source.class_names),
+        _display_spec(),
+        train=False,
+        keep_resolution=True,
     )
     written = []
     for index, record in enumerate(source.records[:count]):
@@ -78,7 +98,9 @@ def show_data(data_yaml: str | Path, split: str, out_dir: str | Path, count: int
         captions = [source.class_names[label] for label in record.labels]
         boxes = draw_boxes(image, record.boxes, record.labels, captions)
         item = spec_dataset[index]
-        heatmap = item["heatmap"].max(0).values.numpy() if len(source.class_names) else np.zeros((1, 1))
+        heatmap = (
+            item["heatmap"].max(0).values.numpy() if len(source.class_names) else np.zeros((1, 1))
+        )
         to_image = cv2.warpAffine(heatmap, item["meta"]["inverse_affine"].astype(np.float32),
                                   (record.width, record.height))
         path = out_dir / f"{record.image_id}_ground_truth.png"

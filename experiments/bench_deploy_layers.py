@@ -1,5 +1,6 @@
-"""Per-convolution CPU time of res18 (or --arch) unpruned vs pruned by 0.5 per layer on the default torch
-path (BN folded, channels-last, 2 threads, 512 px): which layers miss their ideal speed-up.
+"""Per-convolution CPU time of res18 (or --arch) unpruned vs pruned by 0.5 per layer on the
+default torch path (BN folded, channels-last, 2 threads, 512 px): which layers miss their ideal
+speed-up.
 
     OMP_WAIT_POLICY=PASSIVE python experiments/bench_deploy_layers.py [--arch res50]
 

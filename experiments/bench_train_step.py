@@ -86,8 +86,11 @@ def original_step(checkout: Path, batch: dict):
     def step():
         output = model(batch["image"])[0]
         hm = torch.clamp(output["hm"].sigmoid_(), min=1e-4, max=1 - 1e-4)
-        loss = (focal(hm, batch["heatmap"]) + 0.1 * l1(output["wh"], mask, batch["index"], batch["wh"])
-                + l1(output["reg"], mask, batch["index"], batch["offset"]))
+        loss = (
+            focal(hm, batch["heatmap"])
+            + 0.1 * l1(output["wh"], mask, batch["index"], batch["wh"])
+            + l1(output["reg"], mask, batch["index"], batch["offset"])
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -109,7 +112,9 @@ def measure(steps: dict, batch_size: int, rounds: int, warmup: int) -> dict[str,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--original", type=Path, help="checkout of xingyizhou/CenterNet")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
@@ -129,12 +134,17 @@ def main() -> None:
             steps = {"original": original_step(args.original, batch), **steps}
         times = measure(steps, batch_size, args.rounds, warmup=1 if size >= 512 else 2)
         reference = "original" if args.original else "ctprune fp32"
-        print(f"\n{batch_size} x {size} px, {args.threads} threads, {args.rounds} interleaved rounds")
+        print(
+            f"\n{batch_size} x {size} px, {args.threads} threads, {args.rounds} interleaved rounds"
+        )
         print("| variant | images/s (median) | vs " + reference + " (median of per-round ratios) |")
         print("|---|---|---|")
         for name, values in times.items():
-            ratios = [r / v for r, v in zip(times[reference], values)]
-            print(f"| {name} | {batch_size / statistics.median(values):.2f} | {statistics.median(ratios):.2f}x |")
+            ratios = [r / v for r, v in zip(times[reference], values, strict=True)]
+            print(
+                f"| {name} | {batch_size / statistics.median(values):.2f} | "
+                f"{statistics.median(ratios):.2f}x |"
+            )
         if not args.original:
             print(f"recorded original: {RECORDED_ORIGINAL.get((batch_size, size), 'n/a')} images/s "
                   "(separate run; pass --original for a paired comparison)")

@@ -137,7 +137,9 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 def test_meta_must_be_plain(tmp_path):
     config = tiny_config()
     with pytest.raises(TypeError, match="meta.optimizer"):
-        save_checkpoint(tmp_path / "m.pt", build_from_config(config), config, meta={"optimizer": object()})
+        save_checkpoint(
+            tmp_path / "m.pt", build_from_config(config), config, meta={"optimizer": object()}
+        )
 
 
 def _save_raw(tmp_path, data, name="raw.pt"):
@@ -202,7 +204,9 @@ def test_weights_that_do_not_fit_are_named(tmp_path):
         "state_dict": model.state_dict(),
         "meta": {},
     }
-    with pytest.raises(CheckpointError, match=r"heads.heatmap.2.weight \(3, 8, 1, 1\) vs \(5, 8, 1, 1\)"):
+    with pytest.raises(
+        CheckpointError, match=r"heads.heatmap.2.weight \(3, 8, 1, 1\) vs \(5, 8, 1, 1\)"
+    ):
         load_model(_save_raw(tmp_path, data))
 
 

@@ -49,6 +49,8 @@ def test_prune_command_writes_a_loadable_smaller_checkpoint(tmp_path, capsys):
     assert main(["prune", str(path), "--ratio", "0.5", "--round-to", "0", "--out", str(out)]) == 0
     assert "| params (M) |" in capsys.readouterr().out
     pruned, checkpoint = load_model(out)
-    assert checkpoint.channel_plan and count_parameters(pruned) < 0.5 * count_parameters(build_from_config(config))
+    assert checkpoint.channel_plan and count_parameters(pruned) < 0.5 * count_parameters(
+        build_from_config(config)
+    )
     assert main(["prune", str(path), "--ratio", "1.5", "--out", str(out)]) == 2
     assert "ratio" in capsys.readouterr().err

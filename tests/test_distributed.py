@@ -25,14 +25,31 @@ def recipe(tmp_path_factory):
     generate_shapes(root / "shapes", num_train=16, num_val=4, image_size=64, seed=5)
     recipe = {
         "name": "ddp",
-        "model": {"arch": "res18", "head_conv": TINY_HEAD_CONV, "widths": TINY_WIDTHS["res"],
-                  "input": {"input_size": [64, 64]}},
+        "model": {
+            "arch": "res18",
+            "head_conv": TINY_HEAD_CONV,
+            "widths": TINY_WIDTHS["res"],
+            "input": {"input_size": [64, 64]},
+        },
         "data": str(root / "shapes" / "data.yaml"),
         # No augmentation: both runs must see the same pixels; no eval: it is not compared.
         # SGD, not Adam: Adam's sign-like steps turn tiny gradient differences into full steps.
-        "train": {"epochs": 3, "batch_size": 8, "optimizer": "sgd", "lr": 0.02, "workers": 0, "eval_interval": 0,
-                  "lr_steps": [100], "augment": {"random_crop": False, "shift": 0.0, "scale": 0.0,
-                                                   "flip": 0.0, "color": False}},
+        "train": {
+            "epochs": 3,
+            "batch_size": 8,
+            "optimizer": "sgd",
+            "lr": 0.02,
+            "workers": 0,
+            "eval_interval": 0,
+            "lr_steps": [100],
+            "augment": {
+                "random_crop": False,
+                "shift": 0.0,
+                "scale": 0.0,
+                "flip": 0.0,
+                "color": False,
+            },
+        },
     }
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -44,8 +61,13 @@ def _environment():
 
 
 def _single(recipe, out_dir):
-    return subprocess.run([sys.executable, str(SCRIPT), str(recipe), str(out_dir), "-1", "0", "fresh"],
-                          env=_environment(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), str(recipe), str(out_dir), "-1", "0", "fresh"],
+        env=_environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _torchrun(recipe, out_dir, kill_rank=-1, kill_epoch=0, mode="fresh", processes=2, device="cpu"):
@@ -65,7 +87,9 @@ def _loss_on_training_set(model, recipe_path):
 
     recipe = load_train_recipe(recipe_path)
     source = load_source(recipe.data, "train")
-    dataset = CenterNetDataset(source.records, 6, recipe.model.input, train=True, augment=recipe.train.augment)
+    dataset = CenterNetDataset(
+        source.records, 6, recipe.model.input, train=True, augment=recipe.train.augment
+    )
     batch = collate([dataset[i] for i in range(len(dataset))])
     model.train()
     with torch.no_grad():

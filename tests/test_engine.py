@@ -80,8 +80,11 @@ def test_evaluation_options_run(trained, shapes):
     run, _ = trained
     model, checkpoint = load_model(run / "last.pt")
     source = load_source(load_data_yaml(shapes / "data.yaml"), "val")
-    for config in (EvaluateConfig(flip=True, workers=0), EvaluateConfig(scales=[0.5, 1.0], workers=0),
-                   EvaluateConfig(keep_resolution=True, workers=0)):
+    for config in (
+        EvaluateConfig(flip=True, workers=0),
+        EvaluateConfig(scales=[0.5, 1.0], workers=0),
+        EvaluateConfig(keep_resolution=True, workers=0),
+    ):
         metrics = evaluate_model(model, source, checkpoint.model_config, config, "cpu")
         assert 0.0 <= metrics["ap50"] <= 1.0
 
@@ -96,7 +99,12 @@ def test_cli_eval_detect_show_data_and_info(trained, shapes, tmp_path, capsys):
     assert main(["detect", str(run / "best.pt"), str(image), "--out", str(tmp_path / "det"),
                  "--threshold", "0.0", "--show-heatmap"]) == 0
     assert len(list((tmp_path / "det").glob("*.png"))) == 2
-    assert main(["show-data", str(shapes / "data.yaml"), "--out", str(tmp_path / "gt"), "--count", "2"]) == 0
+    assert (
+        main(
+            ["show-data", str(shapes / "data.yaml"), "--out", str(tmp_path / "gt"), "--count", "2"]
+        )
+        == 0
+    )
     assert len(list((tmp_path / "gt").glob("*.png"))) == 2
     assert main(["info", str(run / "best.pt")]) == 0
 
@@ -105,7 +113,9 @@ def test_cli_train_resume_and_overrides(shapes, tmp_path, capsys):
     recipe = _recipe(tmp_path, shapes, epochs=1, eval_interval=0)
     out = tmp_path / "cli_run"
     assert main(["train", str(recipe), "--out", str(out)]) == 0
-    assert main(["train", str(recipe), "--out", str(out), "--resume", "--set", "train.epochs=2"]) == 0
+    assert (
+        main(["train", str(recipe), "--out", str(out), "--resume", "--set", "train.epochs=2"]) == 0
+    )
     assert "trained 2 epochs" in capsys.readouterr().out
 
 

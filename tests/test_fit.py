@@ -151,7 +151,8 @@ KILLED_RUN = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
 
     loader = train_loader(TinyDetectionData(8), config, collate_fn=default_collate)
-    fit(model, model_config, config, loader, out_dir, resume=resume, on_epoch_end=kill_after_checkpoint)
+    fit(model, model_config, config, loader, out_dir, resume=resume,
+        on_epoch_end=kill_after_checkpoint)
     """
 )
 
@@ -160,8 +161,13 @@ def test_sigkill_after_a_checkpoint_then_resume(tmp_path):
     environment = child_environment()
 
     def run(out_dir, kill_after, mode):
-        return subprocess.run([sys.executable, "-c", KILLED_RUN, str(out_dir), str(kill_after), mode],
-                              env=environment, capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-c", KILLED_RUN, str(out_dir), str(kill_after), mode],
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     killed = run(tmp_path / "killed", 2, "fresh")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -171,6 +177,10 @@ def test_sigkill_after_a_checkpoint_then_resume(tmp_path):
     assert run(tmp_path / "straight", 0, "fresh").returncode == 0
     finished, _ = load_model(tmp_path / "killed" / "last.pt")
     reference, checkpoint = load_model(tmp_path / "straight" / "last.pt")
-    assert read_checkpoint(tmp_path / "killed" / "last.pt").meta["epoch"] == checkpoint.meta["epoch"] == 4
+    assert (
+        read_checkpoint(tmp_path / "killed" / "last.pt").meta["epoch"]
+        == checkpoint.meta["epoch"]
+        == 4
+    )
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(finished.state_dict()[name], value, rtol=0, atol=1e-6, msg=name)

@@ -10,7 +10,9 @@ from detector.geometry import (
 )
 
 
-def _three_point_reference(center, scale, output_size, rotation=0.0, shift=(0.0, 0.0), inverse=False):
+def _three_point_reference(
+    center, scale, output_size, rotation=0.0, shift=(0.0, 0.0), inverse=False
+):
     """The original's construction, through cv2.getAffineTransform on float32 points."""
     scale = np.broadcast_to(np.float32(scale), (2,))
     width, height = output_size
@@ -49,7 +51,10 @@ def test_closed_form_and_inverse():
     matrix = get_affine_transform(center, scale, (width, height))
     points = np.array([[0.0, 0.0], [300.0, 200.0], [599.0, 399.0]])
     expected = np.stack(
-        [(points[:, 0] - 300) * width / scale + width / 2, (points[:, 1] - 200) * width / scale + height / 2],
+        [
+            (points[:, 0] - 300) * width / scale + width / 2,
+            (points[:, 1] - 200) * width / scale + height / 2,
+        ],
         axis=1,
     )
     np.testing.assert_allclose(affine_transform(points, matrix), expected, atol=1e-9)
@@ -59,7 +64,9 @@ def test_closed_form_and_inverse():
 
 def test_transform_boxes_maps_both_corners():
     matrix = get_affine_transform((64, 64), 128, (32, 32))
-    np.testing.assert_allclose(transform_boxes(np.array([[0, 0, 128, 64]]), matrix), [[0, 0, 32, 16]])
+    np.testing.assert_allclose(
+        transform_boxes(np.array([[0, 0, 128, 64]]), matrix), [[0, 0, 32, 16]]
+    )
 
 
 @pytest.mark.parametrize("size, expected", [(480, 512), (512, 544), (1, 32), (31, 32), (32, 64)])

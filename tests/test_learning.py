@@ -34,15 +34,36 @@ UNTRAINED_MAX_AP50 = 0.05
 def _recipe(tmp_path, data, epochs):
     recipe = {
         "name": "learning",
-        "model": {"arch": "res18", "head_conv": 32, "widths": NARROW_WIDTHS,
-                  "input": {"input_size": [64, 64]}},
+        "model": {
+            "arch": "res18",
+            "head_conv": 32,
+            "widths": NARROW_WIDTHS,
+            "input": {"input_size": [64, 64]},
+        },
         # Train and evaluate on the same images (see the module docstring).
-        "data": {"format": "coco", "train": str(data / "annotations" / "train.json"),
-                 "val": str(data / "annotations" / "train.json"),
-                 "train_images": str(data / "images" / "train"), "val_images": str(data / "images" / "train")},
-        "train": {"epochs": epochs, "batch_size": BATCH, "lr": 8e-3, "schedule": "cosine",
-                  "warmup_epochs": 5, "workers": 0, "eval_interval": epochs,
-                  "augment": {"random_crop": False, "scale": 0.0, "shift": 0.0, "color": False, "flip": 0.0}},
+        "data": {
+            "format": "coco",
+            "train": str(data / "annotations" / "train.json"),
+            "val": str(data / "annotations" / "train.json"),
+            "train_images": str(data / "images" / "train"),
+            "val_images": str(data / "images" / "train"),
+        },
+        "train": {
+            "epochs": epochs,
+            "batch_size": BATCH,
+            "lr": 8e-3,
+            "schedule": "cosine",
+            "warmup_epochs": 5,
+            "workers": 0,
+            "eval_interval": epochs,
+            "augment": {
+                "random_crop": False,
+                "scale": 0.0,
+                "shift": 0.0,
+                "color": False,
+                "flip": 0.0,
+            },
+        },
         "evaluate": {"batch_size": 16, "workers": 0, "pr_curves": False},
     }
     path = tmp_path / f"recipe_{epochs}.yaml"
@@ -59,15 +80,23 @@ def test_training_learns_the_images(tmp_path):
     model_config = resolve_model_config(recipe.model, source.class_names)
     untrained = build_model("res18", model_config.num_classes, head_conv=model_config.head_conv,
                             widths=model_config.widths)
-    untrained_ap50 = evaluate_model(untrained, source, model_config, recipe.evaluate, write_reports=False)["ap50"]
+    untrained_ap50 = evaluate_model(
+        untrained, source, model_config, recipe.evaluate, write_reports=False
+    )["ap50"]
 
     train_from_recipe(recipe, tmp_path / "run")
     model, _ = load_model(tmp_path / "run" / "last.pt")
     # 60 Adam steps move the weights faster than BatchNorm's running averages follow (momentum
     # 0.1 averages the last ~10 batches of a network that is still growing its weights), so the
     # statistics are re-estimated first, as ctprune does after pruning.
-    items = CenterNetDataset(source.records, model_config.num_classes, model_config.input, train=False)
+    items = CenterNetDataset(
+        source.records, model_config.num_classes, model_config.input, train=False
+    )
     recalibrate_bn(model, DataLoader(items, batch_size=BATCH, collate_fn=collate), batches=2)
-    trained_ap50 = evaluate_model(model, source, model_config, recipe.evaluate, write_reports=False)["ap50"]
+    trained_ap50 = evaluate_model(
+        model, source, model_config, recipe.evaluate, write_reports=False
+    )["ap50"]
     assert untrained_ap50 <= UNTRAINED_MAX_AP50
-    assert trained_ap50 >= MIN_AP50, f"AP50 {trained_ap50:.3f} after {EPOCHS} epochs; expected >= {MIN_AP50}"
+    assert trained_ap50 >= MIN_AP50, (
+        f"AP50 {trained_ap50:.3f} after {EPOCHS} epochs; expected >= {MIN_AP50}"
+    )

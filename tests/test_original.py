@@ -62,7 +62,9 @@ def _original_checkpoint(tmp_path, num_classes=4, head_conv=64, data_parallel=Tr
 
 @pytest.mark.parametrize("head_conv, data_parallel", [(64, True), (0, False)])
 def test_imported_model_gives_the_original_outputs(tmp_path, head_conv, data_parallel):
-    original, path = _original_checkpoint(tmp_path, head_conv=head_conv, data_parallel=data_parallel)
+    original, path = _original_checkpoint(
+        tmp_path, head_conv=head_conv, data_parallel=data_parallel
+    )
     out = import_original_checkpoint(path, "res18", tmp_path / "imported.pt")
     model, checkpoint = load_model(out)
     model.eval()

@@ -105,7 +105,9 @@ def test_a_baseline_checkpoint_of_another_arch_is_refused(smoke_run, tmp_path):
         _smoke_copy(tmp_path),
         [f"baseline.checkpoint={baseline}", "model.arch=resunet18"],
     )
-    with pytest.raises(RunError, match=r"holds a res18 model, but the recipe's model.arch is resunet18"):
+    with pytest.raises(
+        RunError, match=r"holds a res18 model, but the recipe's model.arch is resunet18"
+    ):
         run_recipe(recipe, tmp_path / "run")
 
 
@@ -136,7 +138,9 @@ def kill_in_first_finetune_epoch(epoch, model, record):
     if kill and len(calls) == 3:
         os.kill(os.getpid(), signal.SIGKILL)
 
-recipe = load_recipe(recipe_path, ["finetune.epochs=2", "report.controls=false", "report.latency=false"])
+recipe = load_recipe(
+    recipe_path, ["finetune.epochs=2", "report.controls=false", "report.latency=false"]
+)
 run_recipe(recipe, out_dir, fit_hooks={"on_epoch_end": kill_in_first_finetune_epoch})
 print("finished")
 """
@@ -161,14 +165,19 @@ def test_a_run_killed_during_finetuning_resumes_and_completes(tmp_path):
               (out_dir / "l1_r0.5" / "finetune" / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["kind"] == "epoch"]
     assert epochs == [1, 2]
-    assert json.loads((out_dir / "l1_r0.5" / "finetune" / "stage.json").read_text())["complete"] is True
+    assert (
+        json.loads((out_dir / "l1_r0.5" / "finetune" / "stage.json").read_text())["complete"]
+        is True
+    )
 
 
 def test_the_recipe_key_reference_is_up_to_date():
     from ctprune.recipe_keys import keys_markdown
 
     committed = (Path(__file__).resolve().parents[1] / "docs" / "recipe_keys.md").read_text()
-    assert committed == keys_markdown(), "regenerate: python -m ctprune.recipe_keys > docs/recipe_keys.md"
+    assert committed == keys_markdown(), (
+        "regenerate: python -m ctprune.recipe_keys > docs/recipe_keys.md"
+    )
 
 
 def test_a_sweep_with_iterative_rounds(tmp_path):

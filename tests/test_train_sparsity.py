@@ -1,4 +1,5 @@
-"""`ctprune train` with a `sparsity` section: the switch that turns on slimming's sparsity training."""
+"""`ctprune train` with a `sparsity` section: the switch that turns on slimming's sparsity
+training."""
 
 import pytest
 import yaml
@@ -42,7 +43,9 @@ def _share_near_zero(checkpoint):
 
 def test_sparsity_section_turns_on_sparsity_training(tmp_path, shapes, capsys):
     dense_recipe = _recipe(tmp_path, shapes, name="dense")
-    sparse_recipe = _recipe(tmp_path, shapes, {"method": "proximal", "strength": 20.0}, name="sparse")
+    sparse_recipe = _recipe(
+        tmp_path, shapes, {"method": "proximal", "strength": 20.0}, name="sparse"
+    )
     main(["train", str(dense_recipe), "--out", str(tmp_path / "dense_run")])
     main(["train", str(sparse_recipe), "--out", str(tmp_path / "sparse_run")])
     dense = _share_near_zero(tmp_path / "dense_run" / "last.pt")

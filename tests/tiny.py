@@ -37,7 +37,9 @@ def tiny_config(arch: str = "res18", num_classes: int = 3) -> ModelConfig:
 
 def tiny_model(arch: str = "res18", num_classes: int = 3, **kwargs):
     config = tiny_config(arch, num_classes)
-    return build_model(arch, num_classes, head_conv=config.head_conv, widths=config.widths, **kwargs)
+    return build_model(
+        arch, num_classes, head_conv=config.head_conv, widths=config.widths, **kwargs
+    )
 
 
 class TinyDetectionData(torch.utils.data.Dataset):
@@ -55,7 +57,9 @@ class TinyDetectionData(torch.utils.data.Dataset):
             labels = generator.integers(0, num_classes, size=count)
             targets = encode_targets(boxes, labels, num_classes, (output, output), max_objects=8)
             item = {key: torch.from_numpy(value) for key, value in targets.items()}
-            item["image"] = torch.from_numpy(generator.standard_normal((3, size, size)).astype(np.float32))
+            item["image"] = torch.from_numpy(
+                generator.standard_normal((3, size, size)).astype(np.float32)
+            )
             self.items.append(item)
 
     def __len__(self) -> int:

@@ -457,7 +457,9 @@ def render_image(
 
     objects = [
         ShapeObject(box=box, pixel_count=pixels, visible_fraction=visible / pixels, **extra)
-        for box, pixels, visible, extra in zip(boxes, pixel_counts, visible_counts, properties)
+        for box, pixels, visible, extra in zip(
+            boxes, pixel_counts, visible_counts, properties, strict=True
+        )
     ]
     return image, objects
 

@@ -52,7 +52,9 @@ def wrap(model: nn.Module, device: torch.device, sync_batchnorm: bool = False) -
         return model
     if sync_batchnorm:
         if device.type != "cuda":
-            raise ValueError("train.sync_batchnorm needs CUDA devices (nccl); PyTorch has no CPU SyncBatchNorm")
+            raise ValueError(
+                "train.sync_batchnorm needs CUDA devices (nccl); PyTorch has no CPU SyncBatchNorm"
+            )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     device_ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)

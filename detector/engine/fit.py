@@ -33,7 +33,9 @@ from .config import TrainConfig
 from .distributed import average_gradients, barrier, is_main_process
 from .optim import build_optimizer, build_scheduler
 
-LossFn = Callable[[list[dict[str, torch.Tensor]], dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+LossFn = Callable[
+    [list[dict[str, torch.Tensor]], dict], tuple[torch.Tensor, dict[str, torch.Tensor]]
+]
 RESUME_FORMAT = 1
 
 
@@ -57,7 +59,9 @@ def _autocast(precision: str, device: torch.device):
     if precision == "fp32":
         return nullcontext()
     if precision == "amp" and device.type != "cuda":
-        raise ValueError("train.precision: 'amp' (float16 with gradient scaling) needs CUDA; use 'bf16' on CPU")
+        raise ValueError(
+            "train.precision: 'amp' (float16 with gradient scaling) needs CUDA; use 'bf16' on CPU"
+        )
     dtype = torch.float16 if precision == "amp" else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype)
 
@@ -81,13 +85,17 @@ def _restore_extra_parameters(
     which live outside the model checkpoint."""
     if saved is None:  # a resume.pt from before they were saved
         if parameters:
-            warnings.warn(f"{path} holds no extra parameters: they restart from their initial values",
-                          stacklevel=3)
+            warnings.warn(
+                f"{path} holds no extra parameters: they restart from their initial values",
+                stacklevel=3,
+            )
         return
     shapes = [tuple(parameter.shape) for parameter in parameters]
     if [tuple(value.shape) for value in saved] != shapes:
-        raise ValueError(f"{path}: its extra parameters have shapes {[tuple(v.shape) for v in saved]}, "
-                         f"this run's {shapes}; resume with the same distillation settings")
+        raise ValueError(
+            f"{path}: its extra parameters have shapes {[tuple(v.shape) for v in saved]}, "
+            f"this run's {shapes}; resume with the same distillation settings"
+        )
     with torch.no_grad():
         for parameter, value in zip(parameters, saved, strict=True):
             parameter.copy_(value)
@@ -196,14 +204,20 @@ def fit(
         # On the CPU: RNG states must stay CPU byte tensors; the optimiser moves its own state
         # to its parameters' device.
         state = torch.load(out_dir / "resume.pt", map_location="cpu", weights_only=True)
-        resumed, _ = load_model(out_dir / "last.pt", arch=model_config.arch, num_classes=model_config.num_classes)
+        resumed, _ = load_model(
+            out_dir / "last.pt", arch=model_config.arch, num_classes=model_config.num_classes
+        )
         plain_model.load_state_dict(resumed.state_dict())
-        _restore_extra_parameters(extra_parameters, state.get("extra_parameters"), out_dir / "resume.pt")
+        _restore_extra_parameters(
+            extra_parameters, state.get("extra_parameters"), out_dir / "resume.pt"
+        )
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
-        result = FitResult(state["epoch"], state["best_value"], state["best_epoch"], state["history"])
+        result = FitResult(
+            state["epoch"], state["best_value"], state["best_epoch"], state["history"]
+        )
     log = MetricsLog(out_dir, enabled=main)
     global_step = result.epochs * len(train_loader)
 
@@ -215,10 +229,15 @@ def fit(
         started, images_seen, loss_sum = time.perf_counter(), 0, 0.0
         # Time spent waiting for the loader: a share near 0 means the data never starves the step.
         data_wait, step_ended = 0.0, started
-        progress = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not main, leave=False)
+        progress = tqdm(
+            train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not main, leave=False
+        )
         for step, batch in enumerate(progress):
             data_wait += time.perf_counter() - step_ended
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = {
+                k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in batch.items()
+            }
             if config.channels_last:
                 batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
             with _autocast(config.precision, device):
@@ -240,7 +259,9 @@ def fit(
             if after_backward is not None:
                 after_backward(plain_model)
             if config.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_([*model.parameters(), *extra_parameters], config.grad_clip)
+                torch.nn.utils.clip_grad_norm_(
+                    [*model.parameters(), *extra_parameters], config.grad_clip
+                )
             scaler.step(optimizer)
             scaler.update()
             _advance(scheduler, quiet=scaler.is_enabled())
@@ -254,8 +275,14 @@ def fit(
             # refresh=False: the bar redraws at tqdm's own pace, not once per step (log files)
             progress.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{rate:.1f}", refresh=False)
             if global_step % config.log_interval == 0:
-                record = {"kind": "train", "epoch": epoch + 1, "step": global_step, "lr": scheduler.get_last_lr()[0],
-                          "images_per_s": rate, **{f"loss_{k}": float(v) for k, v in parts.items()}}
+                record = {
+                    "kind": "train",
+                    "epoch": epoch + 1,
+                    "step": global_step,
+                    "lr": scheduler.get_last_lr()[0],
+                    "images_per_s": rate,
+                    **{f"loss_{k}": float(v) for k, v in parts.items()},
+                }
                 log.write(record, global_step)
 
         done = epoch + 1
@@ -264,28 +291,53 @@ def fit(
                         "seconds": time.perf_counter() - started, "lr": scheduler.get_last_lr()[0],
                         "data_wait_share": data_wait / max(time.perf_counter() - started, 1e-9)}
         interval = config.eval_interval
-        if evaluate is not None and interval > 0 and (done % interval == 0 or done == config.epochs):
+        if (
+            evaluate is not None
+            and interval > 0
+            and (done % interval == 0 or done == config.epochs)
+        ):
             epoch_record.update(evaluate(plain_model))
         result.epochs = done
         result.history.append(epoch_record)
         log.write(epoch_record, global_step)
         value = epoch_record.get(config.best_metric)
-        improved = value is not None and math.isfinite(value) and _improved(config.best_metric, value, result.best_value)
+        improved = (
+            value is not None
+            and math.isfinite(value)
+            and _improved(config.best_metric, value, result.best_value)
+        )
         if improved:
             result.best_value, result.best_epoch = value, done
         if main:
-            meta = {"epoch": done, "metrics": {k: v for k, v in epoch_record.items() if isinstance(v, (int, float))},
-                    "train_config": to_dict(config)}
+            meta = {
+                "epoch": done,
+                "metrics": {k: v for k, v in epoch_record.items() if isinstance(v, (int, float))},
+                "train_config": to_dict(config),
+            }
             save_checkpoint(out_dir / "last.pt", plain_model, model_config, meta=meta)
-            atomic_save({"format": RESUME_FORMAT, "epoch": done, "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
-                         "extra_parameters": [parameter.detach().cpu() for parameter in extra_parameters],
-                         "best_value": result.best_value, "best_epoch": result.best_epoch,
-                         "history": result.history}, out_dir / "resume.pt")
+            atomic_save(
+                {
+                    "format": RESUME_FORMAT,
+                    "epoch": done,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": _rng_state(),
+                    "extra_parameters": [
+                        parameter.detach().cpu() for parameter in extra_parameters
+                    ],
+                    "best_value": result.best_value,
+                    "best_epoch": result.best_epoch,
+                    "history": result.history,
+                },
+                out_dir / "resume.pt",
+            )
             if improved:
                 save_checkpoint(out_dir / "best.pt", plain_model, model_config, meta=meta)
         barrier()  # every process leaves the epoch only once its checkpoint is on disk
         if on_epoch_end is not None:
             on_epoch_end(done, plain_model, epoch_record)
-    result.parameter_checksum = float(sum(p.detach().double().sum() for p in plain_model.parameters()))
+    result.parameter_checksum = float(
+        sum(p.detach().double().sum() for p in plain_model.parameters())
+    )
     return result

@@ -10,7 +10,9 @@ import torch
 from .config import TrainConfig
 
 
-def build_optimizer(parameters: Iterable[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    parameters: Iterable[torch.nn.Parameter], config: TrainConfig
+) -> torch.optim.Optimizer:
     """Adam or SGD at the batch-scaled learning rate, over the trainable parameters."""
     trainable = [p for p in parameters if p.requires_grad]
     lr = config.scaled_lr()

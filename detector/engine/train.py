@@ -127,8 +127,15 @@ def train_from_recipe(
     )
     evaluate = None
     if val_source is not None:
-        evaluate = make_evaluator(val_source, model_config, recipe.evaluate, device, out_dir / "eval")
-    logger.info("training %s on %d images, %d classes", model_config.arch, len(dataset), model_config.num_classes)
+        evaluate = make_evaluator(
+            val_source, model_config, recipe.evaluate, device, out_dir / "eval"
+        )
+    logger.info(
+        "training %s on %d images, %d classes",
+        model_config.arch,
+        len(dataset),
+        model_config.num_classes,
+    )
     memory_format = torch.channels_last if config.channels_last else torch.preserve_format
     model = model.to(device, memory_format=memory_format)
     loader = train_loader(dataset, config)

@@ -40,23 +40,37 @@ def predict_source(
     mean validation loss when it can be computed (single scale, fixed resolution). The model
     is moved to ``device``."""
     spec = model_config.input
-    keep_resolution = spec.keep_resolution if config.keep_resolution is None else config.keep_resolution
+    keep_resolution = (
+        spec.keep_resolution if config.keep_resolution is None else config.keep_resolution
+    )
     was_training = model.training
     model.to(device).eval()  # where the images go (a checkpoint loads on the CPU)
     detections: dict[int, np.ndarray] = {}
     losses = []
     try:
         if list(config.scales) != [1.0]:
-            predictor = Predictor(model, model_config, device=device, flip=config.flip, scales=tuple(config.scales),
-                                  max_detections=config.max_detections, keep_resolution=keep_resolution,
-                                  soft_nms=config.soft_nms)
+            predictor = Predictor(
+                model,
+                model_config,
+                device=device,
+                flip=config.flip,
+                scales=tuple(config.scales),
+                max_detections=config.max_detections,
+                keep_resolution=keep_resolution,
+                soft_nms=config.soft_nms,
+            )
             for record in tqdm(source.records, desc="evaluate (multi-scale)", leave=False):
                 detections[record.image_id] = predictor.predict_one(read_image(record))
             return detections, None
         dataset = CenterNetDataset(source.records, model_config.num_classes, spec, train=False,
                                    keep_resolution=keep_resolution)
-        loader = DataLoader(dataset, batch_size=1 if keep_resolution else config.batch_size,
-                            num_workers=config.workers, collate_fn=collate, worker_init_fn=worker_init_fn)
+        loader = DataLoader(
+            dataset,
+            batch_size=1 if keep_resolution else config.batch_size,
+            num_workers=config.workers,
+            collate_fn=collate,
+            worker_init_fn=worker_init_fn,
+        )
         for batch in tqdm(loader, desc="evaluate", leave=False):
             images = batch["image"].to(device)
             if config.flip:
@@ -68,8 +82,10 @@ def predict_source(
                 losses.append(centernet_loss(outputs, targets)[0].item())
                 decoded = decode_heads(outputs[-1], max_detections=config.max_detections)
             decoded = decoded.cpu().numpy()
-            for rows, meta in zip(decoded, batch["meta"]):
-                detections[meta["image_id"]] = detections_to_image(rows, meta["inverse_affine"]).astype(np.float32)
+            for rows, meta in zip(decoded, batch["meta"], strict=True):
+                detections[meta["image_id"]] = detections_to_image(
+                    rows, meta["inverse_affine"]
+                ).astype(np.float32)
     finally:
         model.train(was_training)
     return detections, (float(np.mean(losses)) if losses else None)
@@ -132,7 +148,9 @@ def _score(
             rows.append(f"| {name} | {coco_ap:.4f} | {voc['per_class_ap'][index]:.4f} |")
         (out_dir / "per_class_ap.md").write_text("\n".join(rows) + "\n")
         summary = {k: v for k, v in metrics.items() if k != "per_class_ap"}
-        (out_dir / "metrics.json").write_text(json.dumps({**summary, "per_class_ap": metrics["per_class_ap"]}, indent=2))
+        (out_dir / "metrics.json").write_text(
+            json.dumps({**summary, "per_class_ap": metrics["per_class_ap"]}, indent=2)
+        )
         if config.pr_curves:
             plot_pr_curves(voc["precision_recall"], source.class_names, out_dir / "pr_curves")
     return metrics

@@ -66,7 +66,9 @@ class FusedHeads(nn.Module):
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         hidden = torch.relu(self.first(features)).split(self.splits, dim=1)
-        return {name: conv(part) for (name, conv), part in zip(self.lasts.items(), hidden, strict=True)}
+        return {
+            name: conv(part) for (name, conv), part in zip(self.lasts.items(), hidden, strict=True)
+        }
 
 
 def build_heads(in_channels: int, head_conv: int, num_classes: int) -> dict[str, nn.Sequential]:

@@ -30,7 +30,9 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "shapes_res18.yaml")
     parser.add_argument("--set", action="append", default=["train.epochs=3"])
     parser.add_argument("--out", type=Path, default=HERE / "runs")
@@ -50,17 +52,25 @@ def main() -> None:
                            **{k: result.history[-1].get(k) for k in ("ap", "ap50", "loss")}}
         print(precision, runs[precision], flush=True)
 
-    report = {"recipe": str(args.recipe.relative_to(ROOT)), "overrides": args.set,
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-              "runs": runs}
+    report = {
+        "recipe": str(args.recipe.relative_to(ROOT)),
+        "overrides": args.set,
+        "machine": (
+            f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+        ),
+        "runs": runs,
+    }
     (HERE / "report.json").write_text(json.dumps(report, indent=2))
     epochs = len(runs["fp32"]["train_loss"])
     lines = ["| precision | " + " | ".join(f"train loss e{i + 1}" for i in range(epochs))
              + " | val loss | val AP | val AP50 | wall s |",
              "|---|" + "---|" * (epochs + 4)]
     for precision, run in runs.items():
-        lines.append(f"| {precision} | " + " | ".join(f"{v:.3f}" for v in run["train_loss"])
-                     + f" | {run['loss']:.3f} | {run['ap']:.3f} | {run['ap50']:.3f} | {run['seconds']:.0f} |")
+        lines.append(
+            f"| {precision} | "
+            + " | ".join(f"{v:.3f}" for v in run["train_loss"])
+            + f" | {run['loss']:.3f} | {run['ap']:.3f} | {run['ap50']:.3f} | {run['seconds']:.0f} |"
+        )
     print("\n".join(lines))
     (HERE / "table.md").write_text("\n".join(lines) + "\n")
 

@@ -1,4 +1,5 @@
-"""Pruning criteria compared where they mean something: on a res18 trained on the synthetic benchmark.
+"""Pruning criteria compared where they mean something: on a res18 trained on the synthetic
+benchmark.
 
 Weight-dependent criteria (l1, l2, bn_gamma, kmeans, and the global scope, which ranks groups
 against each other) can only be told apart on trained weights. This study prunes one trained
@@ -54,16 +55,28 @@ def finetune_config(epochs: int) -> TrainConfig:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "shapes")
-    parser.add_argument("--ratio", type=float, default=None, help="channels removed (instead of --target-macs)")
-    parser.add_argument("--target-macs", type=float, default=0.5,
-                        help="fraction of MACs kept (default 0.5), so both scopes compare at the same cost")
+    parser.add_argument(
+        "--ratio", type=float, default=None, help="channels removed (instead of --target-macs)"
+    )
+    parser.add_argument(
+        "--target-macs",
+        type=float,
+        default=0.5,
+        help="fraction of MACs kept (default 0.5), so both scopes compare at the same cost",
+    )
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--criteria", nargs="*", default=list(CRITERIA), help="criteria to compare (default: all)")
-    parser.add_argument("--scopes", nargs="*", default=list(SCOPES), help="scopes to compare (default: both)")
+    parser.add_argument(
+        "--criteria", nargs="*", default=list(CRITERIA), help="criteria to compare (default: all)"
+    )
+    parser.add_argument(
+        "--scopes", nargs="*", default=list(SCOPES), help="scopes to compare (default: both)"
+    )
     parser.add_argument("--name", default="report", help="base name of the report files")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -82,10 +95,15 @@ def main() -> None:
     example = torch.zeros(1, 3, *model_config.input.input_size)
 
     def metrics(model) -> dict:
-        result = evaluate_model(model, val_source, model_config, evaluate_config, write_reports=False)
+        result = evaluate_model(
+            model, val_source, model_config, evaluate_config, write_reports=False
+        )
         return {"ap": result["ap"], "ap50": result["ap50"]}
 
-    baseline = {"gmacs": count_macs(base, tuple(model_config.input.input_size)) / 1e9, **metrics(base)}
+    baseline = {
+        "gmacs": count_macs(base, tuple(model_config.input.input_size)) / 1e9,
+        **metrics(base),
+    }
     print("baseline", baseline, flush=True)
     rows = []
     if args.finetune_epochs > 0:
@@ -107,10 +125,18 @@ def main() -> None:
         for criterion in args.criteria:
             torch.manual_seed(0)  # `random` draws from torch's generator
             target = None if args.ratio is not None else args.target_macs
-            pruned = prune(base, args.ratio, criterion, scope=scope, example_inputs=example, target_macs=target)
+            pruned = prune(
+                base, args.ratio, criterion, scope=scope, example_inputs=example, target_macs=target
+            )
             model = recalibrate_bn(pruned.model, recalibration_loader, RECALIBRATION_BATCHES)
-            row = {"scope": scope, "criterion": criterion, "ratio": pruned.stats.ratio, "prune_s": pruned.stats.seconds,
-                   "gmacs": pruned.stats.macs_after / 1e9, "params": pruned.stats.params_after}
+            row = {
+                "scope": scope,
+                "criterion": criterion,
+                "ratio": pruned.stats.ratio,
+                "prune_s": pruned.stats.seconds,
+                "gmacs": pruned.stats.macs_after / 1e9,
+                "params": pruned.stats.params_after,
+            }
             row.update({f"pruned_{k}": v for k, v in metrics(model).items()})
             started = time.perf_counter()
             if args.finetune_epochs > 0:
@@ -123,21 +149,33 @@ def main() -> None:
             print(row, flush=True)
             rows.append(row)
 
-    report = {"checkpoint": str(args.checkpoint), "ratio": args.ratio, "target_macs": args.target_macs,
-              "finetune_epochs": args.finetune_epochs,
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-              "val_annotations_sha256": json.loads((args.data / "shapes.json").read_text())["summary"]["val"]["annotations_sha256"],
-              "baseline": baseline, "rows": rows}
+    report = {
+        "checkpoint": str(args.checkpoint),
+        "ratio": args.ratio,
+        "target_macs": args.target_macs,
+        "finetune_epochs": args.finetune_epochs,
+        "machine": (
+            f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+        ),
+        "val_annotations_sha256": json.loads((args.data / "shapes.json").read_text())["summary"][
+            "val"
+        ]["annotations_sha256"],
+        "baseline": baseline,
+        "rows": rows,
+    }
     (HERE / f"{args.name}.json").write_text(json.dumps(report, indent=2))
     lines = [
-        "| scope | criterion | ratio | GMACs | AP50 pruned | AP50 fine-tuned | AP fine-tuned | prune s | fine-tune s |",
+        "| scope | criterion | ratio | GMACs | AP50 pruned | AP50 fine-tuned | AP fine-tuned "
+        "| prune s | fine-tune s |",
         "|---|---|---|---|---|---|---|---|---|",
-        f"| – | unpruned | 0 | {baseline['gmacs']:.3f} | {baseline['ap50']:.3f} | | {baseline['ap']:.3f} | | |",
+        f"| – | unpruned | 0 | {baseline['gmacs']:.3f} | {baseline['ap50']:.3f} | "
+        f"| {baseline['ap']:.3f} | | |",
     ]
     for row in rows:
         lines.append(
-            f"| {row['scope']} | {row['criterion']} | {row['ratio']:.3f} | {row['gmacs']:.3f} | {row['pruned_ap50']:.3f} | "
-            f"{row['finetuned_ap50']:.3f} | {row['finetuned_ap']:.3f} | {row['prune_s']:.1f} | {row['finetune_s']:.0f} |"
+            f"| {row['scope']} | {row['criterion']} | {row['ratio']:.3f} | {row['gmacs']:.3f} "
+            f"| {row['pruned_ap50']:.3f} | {row['finetuned_ap50']:.3f} | {row['finetuned_ap']:.3f} "
+            f"| {row['prune_s']:.1f} | {row['finetune_s']:.0f} |"
         )
     print("\n".join(lines))
     (HERE / f"{args.name}_table.md").write_text("\n".join(lines) + "\n")

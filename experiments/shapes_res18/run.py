@@ -28,7 +28,9 @@ HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "shapes_resunet18.yaml")
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--out", type=Path, default=HERE / "run")
@@ -42,7 +44,21 @@ def main() -> None:
     result = train_from_recipe(recipe, args.out, device="cpu")
     minutes = (time.perf_counter() - started) / 60
     history = [
-        {k: v for k, v in record.items() if k in ("epoch", "train_loss", "seconds", "data_wait_share", "ap", "ap50", "voc_ap50", "loss")}
+        {
+            k: v
+            for k, v in record.items()
+            if k
+            in (
+                "epoch",
+                "train_loss",
+                "seconds",
+                "data_wait_share",
+                "ap",
+                "ap50",
+                "voc_ap50",
+                "loss",
+            )
+        }
         for record in result.history
     ]
     final = history[-1]
@@ -51,7 +67,10 @@ def main() -> None:
         "overrides": args.set,
         "wall_minutes": round(minutes, 2),
         "threads": args.threads,
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": (
+            f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}"
+        ),
         "final_ap50": final.get("ap50"),
         "final_ap": final.get("ap"),
         "best_ap50": result.best_value,
@@ -68,14 +87,22 @@ def main() -> None:
         f"Recipe: `{report['recipe']}`; {report['machine']}.",
         "",
         f"**Wall time {minutes:.2f} min** (data loading, training and every evaluation included); "
-        f"final COCO AP50 **{final.get('ap50', float('nan')):.3f}**, AP {final.get('ap', float('nan')):.3f} on the val split.",
+        f"final COCO AP50 **{final.get('ap50', float('nan')):.3f}**, "
+        f"AP {final.get('ap', float('nan')):.3f} on the val split.",
         "",
         "| epoch | train loss | seconds | loader wait | val loss | AP | AP50 | VOC AP50 |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for record in history:
-        cells = [record.get(k) for k in ("train_loss", "seconds", "data_wait_share", "loss", "ap", "ap50", "voc_ap50")]
-        lines.append(f"| {record['epoch']} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |")
+        cells = [
+            record.get(k)
+            for k in ("train_loss", "seconds", "data_wait_share", "loss", "ap", "ap50", "voc_ap50")
+        ]
+        lines.append(
+            f"| {record['epoch']} | "
+            + " | ".join("" if c is None else f"{c:.3f}" for c in cells)
+            + " |"
+        )
     (HERE / f"{args.recipe.stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
