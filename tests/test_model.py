@@ -6,6 +6,7 @@ from tiny import TINY_WIDTHS, tiny_model
 from detector import ARCHITECTURES, build_model, count_parameters, output_layers
 from detector.models.centernet import HEATMAP_BIAS_INIT
 from detector.models.resnet import ResNetTrunk, build_resnet
+from detector.models.widths import merge_widths
 
 # The original's parameter counts for 80 classes (measured on its own model code); res34 and
 # res50 follow from the same construction (torchvision trunk + 256-wide deconvs + 64-wide heads).
@@ -124,6 +125,33 @@ def test_unknown_arch_lists_known_ones():
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         build_model("res18", **{"num_classes": 3, **kwargs})
+
+
+WIDTH_DEFAULTS = {"stem": 64, "neck": [256, 256, 256], "scale": 1.0, "fused": None}
+
+
+@pytest.mark.parametrize(
+    "widths, message",
+    [
+        ([8], "a mapping"),
+        ({"stem": True}, "stem: expected a positive integer"),
+        ({"stem": 8.0}, "stem: expected a positive integer"),
+        ({"neck": (8, 8, 0)}, "neck: expected 3 positive integers"),
+        ({"neck": 8}, "neck: expected 3 positive integers"),
+        ({"scale": "1"}, "scale: expected a positive number"),
+        ({"stem": None}, "stem: expected a positive integer .*got None"),
+    ],
+)
+def test_merge_widths_names_the_bad_key(widths, message):
+    with pytest.raises(ValueError, match=message):
+        merge_widths(WIDTH_DEFAULTS, widths)
+
+
+def test_merge_widths_keeps_defaults_and_takes_what_is_allowed():
+    merged = merge_widths(WIDTH_DEFAULTS, {"neck": [8, 8], "scale": 2, "stem": None},
+                          free_lengths=("neck",), nullable=("stem",))
+    assert merged == {"stem": None, "neck": [8, 8], "scale": 2, "fused": None}
+    assert merge_widths(WIDTH_DEFAULTS, None) == WIDTH_DEFAULTS
 
 
 def test_pretrained_loads_from_a_local_file(tmp_path):

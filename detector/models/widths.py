@@ -14,13 +14,9 @@ def _check(key: str, value, default, free_length: bool, nullable: bool) -> None:
     if value is None and nullable:
         return
     if isinstance(default, (list, tuple)):
-        right_length = len(value) > 0 if free_length else len(value) == len(default)
-        if (
-            isinstance(value, (list, tuple))
-            and right_length
-            and all(_positive_int(item) for item in value)
-        ):
-            return
+        if isinstance(value, (list, tuple)) and all(_positive_int(item) for item in value):
+            if len(value) > 0 if free_length else len(value) == len(default):
+                return
         count = "a list of" if free_length else f"{len(default)}"
         expected = f"{count} positive integers (default {list(default)})"
     elif isinstance(default, float):
