@@ -61,8 +61,7 @@ def variants(arch: str) -> dict[str, nn.Module]:
 
 def speed_part(
     archs: list[str], threads: int, rounds: int, runtimes: list[str], size: int,
-    device: str = "cpu",
-    compile: bool = True, onnxruntime_spinning: bool = False,
+    device: str = "cpu", compile: bool = True, onnxruntime_spinning: bool = False,
 ) -> list[dict]:
     spec = InputSpec()
     rows = []
