@@ -58,8 +58,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     from detector import load_model
     from detector.config import from_dict, merge, parse_overrides
     from detector.data.sources import load_data_yaml, load_source
-    from detector.engine.config import EvaluateConfig
-    from detector.engine.validate import evaluate_model
+    from detector.evaluate.config import EvaluateConfig
+    from detector.evaluate.run import evaluate_model
 
     model, checkpoint = load_model(args.checkpoint)
     config = from_dict(
@@ -81,7 +81,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _detect(args: argparse.Namespace) -> None:
-    from detector.predictor import Predictor
+    from detector.inference.predictor import Predictor
     from detector.visualize import draw_detections, heatmap_overlay
 
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, flip=args.flip)

@@ -14,7 +14,7 @@ type raises with its dotted path, ``--set section.key=value`` overrides any key)
     prune:      what to prune and how (PruneConfig); a list of ratios or criteria is a sweep
     finetune:   how each pruned model is trained afterwards (a TrainConfig), with an optional
                 `distill` part: the unpruned baseline (or other teachers) as teacher
-    evaluate:   detector.engine.config.EvaluateConfig, used after every stage
+    evaluate:   detector.evaluate.config.EvaluateConfig, used after every stage
     report:     ReportConfig
 """
 
@@ -36,7 +36,8 @@ from detector.config import (
     to_dict,
 )
 from detector.data.sources import DataConfig
-from detector.engine.config import EvaluateConfig, TrainConfig, read_recipe
+from detector.engine.config import TrainConfig, read_recipe
+from detector.evaluate.config import EvaluateConfig
 
 from .distill import DistillConfig
 from .pruning.api import DEFAULT_ROUND_TO

@@ -19,7 +19,8 @@ import typing
 from detector.config import InputSpec, ModelConfig
 from detector.data.sources import DataConfig
 from detector.data.transforms import AugmentConfig
-from detector.engine.config import EvaluateConfig, TrainConfig
+from detector.engine.config import TrainConfig
+from detector.evaluate.config import EvaluateConfig
 
 from .distill import DistillConfig, TeacherConfig
 from .recipe import (

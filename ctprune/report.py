@@ -8,7 +8,7 @@ What it reads, per run folder ``RUN``:
     RUN/**/stage.json                  marks a stage folder: {"name", "stage", "branch",
                                        "complete", "order", "input_size", "prune"?, ...}
     STAGE/checkpoint.pt                a ctprune checkpoint (config + channel plan + weights)
-    STAGE/eval/metrics.json            COCO metrics from `detector.engine.validate.evaluate_model`
+    STAGE/eval/metrics.json            COCO metrics from `detector.evaluate.run.evaluate_model`
     STAGE/eval/pr_curves/*.png         P-R curves (optional)
     STAGE/metrics.jsonl                training log; "kind": "epoch" lines give the curves
 

@@ -41,7 +41,7 @@ from detector.data.dataset import CenterNetDataset, collate
 from detector.data.sources import load_source
 from detector.engine.config import TrainConfig, TrainRecipe
 from detector.engine.train import resolve_model_config
-from detector.engine.validate import evaluate_model
+from detector.evaluate.run import evaluate_model
 from detector.files import atomic_replace, atomic_write_text
 from detector.original import import_original_checkpoint
 

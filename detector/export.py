@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .config import InputSpec
-from .decode import PEAK_WINDOW
+from .inference.decode import PEAK_WINDOW
 from .models.centernet import CenterNet, FusedHeads
 
 # ONNX opset of the exported graphs: 19 is the first with DeformConv; everything else CenterNet

@@ -11,7 +11,7 @@ import torch
 
 from .data.dataset import CenterNetDataset, read_image
 from .data.sources import load_data_yaml, load_source
-from .predictor import Detections, Predictor, read_bgr
+from .inference.predictor import Detections, Predictor, read_bgr
 
 
 def class_color(index: int) -> tuple[int, int, int]:

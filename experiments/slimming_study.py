@@ -45,10 +45,11 @@ from detector.config import ModelConfig, input_preset
 from detector.data.dataset import CenterNetDataset
 from detector.data.shapes import generate_shapes
 from detector.data.sources import load_data_yaml, load_source
-from detector.engine.config import EvaluateConfig, TrainConfig
+from detector.engine.config import TrainConfig
 from detector.engine.fit import fit
 from detector.engine.train import train_loader
-from detector.engine.validate import evaluate_model
+from detector.evaluate.config import EvaluateConfig
+from detector.evaluate.run import evaluate_model
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTHS = {"stem": 32, "stages": [32, 64, 128, 256], "neck": [64, 64, 64]}

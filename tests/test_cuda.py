@@ -24,10 +24,10 @@ from ctprune.run import run_recipe
 from detector import load_model
 from detector.data.shapes import generate_shapes
 from detector.data.sources import load_source
-from detector.engine.config import EvaluateConfig
-from detector.engine.validate import evaluate_model
+from detector.evaluate.config import EvaluateConfig
+from detector.evaluate.run import evaluate_model
+from detector.inference.predictor import Predictor
 from detector.losses import centernet_loss
-from detector.predictor import Predictor
 
 pytestmark = pytest.mark.gpu
 TESTS = Path(__file__).parent

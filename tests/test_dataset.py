@@ -13,7 +13,7 @@ from detector.config import input_preset
 from detector.data.dataset import CenterNetDataset, collate, worker_init_fn
 from detector.data.records import ImageRecord
 from detector.data.transforms import AugmentConfig
-from detector.decode import ctdet_decode, detections_to_image
+from detector.inference.decode import ctdet_decode, detections_to_image
 
 NUM_CLASSES = 3
 SPEC = input_preset("imagenet", (64, 64))

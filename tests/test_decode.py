@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from detector.decode import ctdet_decode, detections_to_image
 from detector.geometry import get_affine_transform, transform_boxes
+from detector.inference.decode import ctdet_decode, detections_to_image
 from detector.targets import encode_targets
 
 

@@ -34,8 +34,9 @@ from detector import build_model, save_checkpoint
 from detector.config import ConfigError, from_dict
 from detector.data.shapes import generate_shapes
 from detector.data.sources import load_data_yaml, load_source
-from detector.engine.config import EvaluateConfig, TrainConfig, TrainRecipe
+from detector.engine.config import TrainConfig, TrainRecipe
 from detector.engine.fit import fit
+from detector.evaluate.config import EvaluateConfig
 
 ALL_TERMS = ("distill_heatmap", "distill_wh", "distill_offset", "distill_feature")
 

@@ -149,7 +149,7 @@ AVERAGE_GRADIENTS = """
 import sys
 import torch
 import torch.distributed as dist
-from detector.engine.distributed import average_gradients
+from detector.distributed import average_gradients
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()

@@ -12,10 +12,11 @@ from detector import load_model
 from detector.config import ConfigError
 from detector.data.shapes import generate_shapes
 from detector.data.sources import load_data_yaml, load_source
-from detector.engine.config import EvaluateConfig, load_train_recipe
+from detector.engine.config import load_train_recipe
 from detector.engine.train import train_from_recipe
-from detector.engine.validate import evaluate_model
-from detector.predictor import Predictor
+from detector.evaluate.config import EvaluateConfig
+from detector.evaluate.run import evaluate_model
+from detector.inference.predictor import Predictor
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from torch import nn
 from ctprune.cli import main
 from ctprune.pruning import prune
 from detector import ARCHITECTURES, output_layers, save_checkpoint
-from detector.decode import ctdet_decode
 from detector.export import (
     DEFORM_CONV_MIN_ORT,
     DeployModel,
@@ -28,6 +27,7 @@ from detector.export import (
     fold_batchnorm,
     onnx_session,
 )
+from detector.inference.decode import ctdet_decode
 
 HEAD_TOLERANCE = 1e-4  # the parity bar for raw heads
 BOX_TOLERANCE = 1e-3  # and for decoded boxes (input pixels) of scores above SCORE_FLOOR

@@ -11,7 +11,7 @@ from detector import count_macs, count_parameters, load_model, output_layers, sa
 from detector.losses import centernet_loss
 from detector.models import build_model
 from detector.original import convert_original_state_dict, import_original_checkpoint
-from detector.predictor import decode_heads, detect
+from detector.inference.predictor import decode_heads, detect
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -61,7 +61,7 @@ def test_detection_decodes_the_last_stack():
 
 
 def test_the_predictor_computes_only_the_last_stacks_heads():
-    from detector.predictor import Predictor
+    from detector.inference.predictor import Predictor
 
     model = tiny_model(ARCH)
     predictor = Predictor(model, tiny_config(ARCH), device="cpu")

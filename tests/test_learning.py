@@ -20,7 +20,7 @@ from detector.data.shapes import generate_shapes
 from detector.data.sources import load_source
 from detector.engine.config import load_train_recipe
 from detector.engine.train import resolve_model_config, train_from_recipe
-from detector.engine.validate import evaluate_model
+from detector.evaluate.run import evaluate_model
 
 # A res18 at about 1/4 of its widths: small enough for the suite, wide enough to learn.
 NARROW_WIDTHS = {"stem": 16, "stages": [16, 32, 64, 64], "neck": [32, 32, 32]}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from detector.evaluate import flip_merge, merge_multiscale, soft_nms
+from detector.inference.tta import flip_merge, merge_multiscale, soft_nms
 
 
 def _reference_soft_nms(boxes, scores, method, iou_threshold, sigma, score_threshold):

@@ -9,6 +9,7 @@ from typing import Literal
 from ..config import ModelConfig, from_dict, merge, parse_overrides, read_yaml, to_dict
 from ..data.sources import DataConfig, load_data_yaml
 from ..data.transforms import AugmentConfig
+from ..evaluate.config import EvaluateConfig
 
 # The original's learning rate, for a batch of 32 images; ctprune scales it linearly with the
 # global batch (1.25e-4 x 128 / 32 = 5e-4, as the original's released schedules do by hand).
@@ -91,29 +92,6 @@ class TrainConfig:
 
     def scaled_lr(self) -> float:
         return self.lr * self.batch_size / REFERENCE_BATCH
-
-
-@dataclass
-class EvaluateConfig:
-    """How to evaluate a model on the val split."""
-
-    batch_size: int = 8
-    """Images per forward pass."""
-    max_detections: int = 100
-    """Detections kept per image (the original's K)."""
-    flip: bool = False
-    """Flip test: heatmap and wh averaged with the mirrored pass, offset from the plain pass."""
-    scales: list[float] = field(default_factory=lambda: [1.0])
-    """Test scales; several are merged with soft-NMS (the original: 0.5, 0.75, 1, 1.25, 1.5)."""
-    soft_nms: Literal["gaussian", "linear"] = "gaussian"
-    """Soft-NMS variant for multi-scale merging (the original: gaussian, sigma 0.5)."""
-    keep_resolution: bool | None = None
-    """Test at the image's own resolution padded to a multiple of 32; None follows the
-    model's input spec."""
-    pr_curves: bool = True
-    """Write one precision-recall curve PNG per class."""
-    workers: int = 2
-    """Data-loading worker processes."""
 
 
 @dataclass

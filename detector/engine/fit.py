@@ -28,9 +28,9 @@ from tqdm import tqdm
 
 from ..checkpoint import atomic_save, load_model, save_checkpoint, unwrap_model
 from ..config import ModelConfig, to_dict
+from ..distributed import average_gradients, barrier, is_main_process
 from ..losses import centernet_loss
 from .config import TrainConfig
-from .distributed import average_gradients, barrier, is_main_process
 from .optim import build_optimizer, build_scheduler
 
 LossFn = Callable[

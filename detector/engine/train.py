@@ -12,14 +12,14 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .. import distributed
 from ..config import ConfigError, ModelConfig, to_dict
 from ..data.dataset import CenterNetDataset, collate, worker_init_fn
 from ..data.sources import load_source
+from ..evaluate.run import make_evaluator
 from ..models import build_model
-from . import distributed
 from .config import TrainConfig, TrainRecipe
 from .fit import FitResult, completed_epochs, fit
-from .validate import make_evaluator
 
 logger = logging.getLogger(__name__)
 

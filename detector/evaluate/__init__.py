@@ -1,7 +1,8 @@
-"""Evaluation: COCO AP, VOC-style AP50, precision-recall plots, and the original CenterNet's
-test-time merging (flip test, multi-scale merge, soft-NMS).
+"""Evaluation: COCO AP, VOC-style AP50, precision-recall plots, and the driver that runs a model
+over a data split and scores it (`evaluate_model`, configured by `EvaluateConfig`).
 
 Detections are (K, 6) arrays per image: x1, y1, x2, y2 in image pixels, score, 0-based class.
+Test-time merging (flip test, multi-scale merge, soft-NMS) is inference: `detector.inference.tta`.
 """
 
 from .coco import (
@@ -10,22 +11,24 @@ from .coco import (
     faster_coco_eval_available,
     ground_truth_to_coco,
 )
+from .config import EvaluateConfig
 from .curves import plot_pr_curves
-from .merge import flip_merge, merge_multiscale, soft_nms
+from .run import evaluate_model, make_evaluator, predict_source
 from .voc import average_precision, box_iou, check_detections, read_ground_truth, voc_ap50
 
 __all__ = [
+    "EvaluateConfig",
     "average_precision",
     "box_iou",
     "check_detections",
     "coco_evaluate",
     "detections_to_coco_results",
+    "evaluate_model",
     "faster_coco_eval_available",
-    "flip_merge",
     "ground_truth_to_coco",
-    "merge_multiscale",
+    "make_evaluator",
     "plot_pr_curves",
+    "predict_source",
     "read_ground_truth",
-    "soft_nms",
     "voc_ap50",
 ]

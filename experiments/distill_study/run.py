@@ -33,8 +33,9 @@ from detector.config import to_dict
 from detector.data.dataset import CenterNetDataset, collate
 from detector.data.sources import load_data_yaml, load_source
 from detector.data.transforms import AugmentConfig
-from detector.engine.config import EvaluateConfig, TrainConfig, TrainRecipe
-from detector.engine.validate import evaluate_model
+from detector.engine.config import TrainConfig, TrainRecipe
+from detector.evaluate.config import EvaluateConfig
+from detector.evaluate.run import evaluate_model
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent

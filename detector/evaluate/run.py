@@ -15,17 +15,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .. import distributed
 from ..config import ModelConfig
 from ..data.dataset import TARGET_KEYS, CenterNetDataset, collate, read_image, worker_init_fn
 from ..data.records import DetectionSource
-from ..decode import detections_to_image
-from ..evaluate.coco import coco_evaluate, detections_to_coco_results, ground_truth_to_coco
-from ..evaluate.curves import plot_pr_curves
-from ..evaluate.voc import voc_ap50
+from ..inference.decode import detections_to_image
+from ..inference.predictor import Predictor, decode_heads, detect
 from ..losses import centernet_loss
-from ..predictor import Predictor, decode_heads, detect
-from . import distributed
+from .coco import coco_evaluate, detections_to_coco_results, ground_truth_to_coco
 from .config import EvaluateConfig
+from .curves import plot_pr_curves
+from .voc import voc_ap50
 
 
 @torch.no_grad()

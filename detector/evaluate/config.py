@@ -1,0 +1,29 @@
+"""The `evaluate` section of a recipe: how a model is run over the val split and scored."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class EvaluateConfig:
+    """How to evaluate a model on the val split."""
+
+    batch_size: int = 8
+    """Images per forward pass."""
+    max_detections: int = 100
+    """Detections kept per image (the original's K)."""
+    flip: bool = False
+    """Flip test: heatmap and wh averaged with the mirrored pass, offset from the plain pass."""
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    """Test scales; several are merged with soft-NMS (the original: 0.5, 0.75, 1, 1.25, 1.5)."""
+    soft_nms: Literal["gaussian", "linear"] = "gaussian"
+    """Soft-NMS variant for multi-scale merging (the original: gaussian, sigma 0.5)."""
+    keep_resolution: bool | None = None
+    """Test at the image's own resolution padded to a multiple of 32; None follows the
+    model's input spec."""
+    pr_curves: bool = True
+    """Write one precision-recall curve PNG per class."""
+    workers: int = 2
+    """Data-loading worker processes."""

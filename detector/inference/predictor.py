@@ -1,0 +1,167 @@
+"""Inference: from images to boxes in image pixels, with class names.
+
+`detect` runs a model on a batch of prepared inputs and decodes its last stack (with the
+original's flip test when asked); `Predictor` adds what a user needs around it: the input spec
+from the checkpoint, image reading, test scales merged with soft-NMS, and class names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from ..checkpoint import load_model
+from ..config import ModelConfig
+from ..data.transforms import test_transform
+from .decode import ctdet_decode, detections_to_image
+from .tta import flip_merge, merge_multiscale
+
+
+def decode_heads(
+    outputs: dict[str, torch.Tensor],
+    flipped_outputs: dict[str, torch.Tensor] | None = None,
+    max_detections: int = 100,
+) -> torch.Tensor:
+    """(B, K, 6) detections in output-map coordinates from one stack's raw heads; with the
+    heads of the mirrored images, merged as the original's flip test does."""
+    if flipped_outputs is not None:
+        heads = flip_merge(outputs, flipped_outputs)
+    else:
+        heads = {
+            "heatmap": outputs["heatmap"].sigmoid(),
+            "wh": outputs["wh"],
+            "offset": outputs.get("offset"),
+        }
+    return ctdet_decode(heads["heatmap"], heads["wh"], heads.get("offset"), K=max_detections)
+
+
+@torch.no_grad()
+def detect(
+    model: nn.Module, images: torch.Tensor, *, flip: bool = False, max_detections: int = 100
+) -> torch.Tensor:
+    """(B, K, 6) detections in output-map coordinates for a batch of prepared inputs
+    (B, 3, H, W). With ``flip`` the mirrored batch runs in the same forward pass."""
+    if not flip:
+        return decode_heads(model(images)[-1], max_detections=max_detections)
+    batch = len(images)
+    outputs = model(torch.cat([images, images.flip(-1)]))[-1]
+    plain = {key: value[:batch] for key, value in outputs.items()}
+    mirrored = {key: value[batch:] for key, value in outputs.items()}
+    return decode_heads(plain, mirrored, max_detections)
+
+
+@dataclass
+class Detections:
+    """One image's detections, highest score first."""
+
+    boxes: np.ndarray
+    """(N, 4) float32 x1, y1, x2, y2 in image pixels."""
+    scores: np.ndarray
+    """(N,) float32."""
+    labels: np.ndarray
+    """(N,) int64 class indices."""
+    names: list[str]
+    """Class name of each detection."""
+
+    def as_array(self) -> np.ndarray:
+        """(N, 6) x1, y1, x2, y2, score, class: the layout evaluation takes."""
+        return np.concatenate(
+            [self.boxes, self.scores[:, None], self.labels[:, None]], axis=1
+        ).astype(np.float32)
+
+
+def read_bgr(image: np.ndarray | str | Path) -> np.ndarray:
+    """An (H, W, 3) uint8 BGR array from a path or an array (arrays are taken as BGR, as cv2
+    reads them; convert RGB arrays first)."""
+    if isinstance(image, (str, Path)):
+        array = cv2.imread(str(image), cv2.IMREAD_COLOR)
+        if array is None:
+            raise FileNotFoundError(f"{image}: missing or not a readable image")
+        return array
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 image, got {array.dtype} {array.shape}")
+    return array
+
+
+class Predictor:
+    """Detections in image pixels for a trained model.
+
+    >>> predictor = Predictor.from_checkpoint("best.pt")
+    >>> [result] = predictor.predict(["street.jpg"])
+    >>> result.boxes, result.scores, result.names
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        model_config: ModelConfig,
+        *,
+        device: str | torch.device | None = None,
+        flip: bool = False,
+        scales: tuple[float, ...] = (1.0,),
+        max_detections: int = 100,
+        keep_resolution: bool | None = None,
+        soft_nms: str = "gaussian",
+    ):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        if hasattr(self.model, "head_stacks"):
+            # Decoding reads the last stack only: a multi-stack model (hourglass) need not
+            # compute the earlier stacks' heads (29 of hourglass104's 293 GMACs at 512 px).
+            self.model.head_stacks = "last"
+        self.config = model_config
+        self.flip, self.scales, self.max_detections = flip, tuple(scales), max_detections
+        self.keep_resolution, self.soft_nms = keep_resolution, soft_nms
+        names = model_config.class_names
+        self.class_names = (
+            list(names) if names else [str(i) for i in range(model_config.num_classes)]
+        )
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **options) -> Predictor:
+        model, checkpoint = load_model(path)
+        return cls(model, checkpoint.model_config, **options)
+
+    def predict_one(self, image: np.ndarray | str | Path) -> np.ndarray:
+        """(N, 6) x1, y1, x2, y2, score, class in image pixels for one image."""
+        image = read_bgr(image)
+        per_scale = []
+        for scale in self.scales:
+            network_input, meta = test_transform(
+                image, self.config.input, scale, self.keep_resolution
+            )
+            batch = torch.from_numpy(network_input)[None].to(self.device)
+            detections = detect(
+                self.model, batch, flip=self.flip, max_detections=self.max_detections
+            )
+            per_scale.append(
+                detections_to_image(detections[0].cpu().numpy(), meta["inverse_affine"])
+            )
+        if len(per_scale) == 1:
+            return per_scale[0].astype(np.float32)
+        return merge_multiscale(
+            per_scale, self.config.num_classes, self.max_detections, self.soft_nms
+        )
+
+    def predict(self, images: list, score_threshold: float = 0.0) -> list[Detections]:
+        """Detections for each image (paths or BGR arrays), keeping scores >= threshold."""
+        results = []
+        for image in images:
+            rows = self.predict_one(image)
+            rows = rows[rows[:, 4] >= score_threshold]
+            labels = rows[:, 5].astype(np.int64)
+            results.append(
+                Detections(
+                    boxes=rows[:, :4].astype(np.float32),
+                    scores=rows[:, 4].astype(np.float32),
+                    labels=labels,
+                    names=[self.class_names[i] for i in labels],
+                )
+            )
+        return results
