@@ -8,9 +8,9 @@ these functions.
 
 - `DeployModel` wraps a model for export: raw heads ``(heatmap logits, wh, offset)`` of the last
   stack, or with ``decode`` the top-K detections ``(B, K, 6)`` in input-image pixels.
-- `decode_in_graph` is `detector.decode.ctdet_decode` written with operators every runtime has:
-  max-pool peak suppression and TopK, with K clamped to the map size symbolically. No NonZero,
-  no OneHot (TensorRT rejects NonZero); the same detections as `ctdet_decode`.
+- The decoding in the graph is the decoder eager inference runs
+  (`detector.inference.decode.ctdet_decode`): max-pool peak suppression and TopK, with K
+  clamped to the map size symbolically; no NonZero, no OneHot (TensorRT rejects NonZero).
 - `fold_batchnorm` folds each BatchNorm into the (transposed) convolution before it.
 - `export_onnx` / `export_pt2` write the files; deformable convolutions (torchvision's
   ``deform_conv2d``) become ONNX ``DeformConv`` (opset 19), see `DEFORM_CONV_MIN_ORT`.
@@ -25,12 +25,11 @@ import copy
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .config import InputSpec
-from .inference.decode import PEAK_WINDOW
+from .inference.decode import decode_centernet
 from .models.centernet import CenterNet, FusedHeads
 
 # ONNX opset of the exported graphs: 19 is the first with DeformConv; everything else CenterNet
@@ -49,49 +48,6 @@ class ExportError(ValueError):
     """A model, option or installed runtime that cannot give the requested export."""
 
 
-def decode_in_graph(
-    heatmap_logits: Tensor, wh: Tensor, offset: Tensor | None, max_detections: int, down_ratio: int
-) -> Tensor:
-    """`ctdet_decode` as an exportable graph, with boxes in input-image pixels.
-
-    heatmap_logits: (B, C, H, W) raw heatmap head (sigmoid is applied here).
-    wh, offset: (B, 2, H, W) in output-map cells; offset None puts centres at cell + 0.5.
-    max_detections: K; the graph takes min(K, C * H * W), computed from the runtime shape.
-    down_ratio: input pixels per output cell; boxes are map coordinates times it.
-
-    Returns (B, K', 6) float32: x1, y1, x2, y2 in input pixels, score, class (0-based, as a
-    float), highest score first; K' = min(K, C * H * W). Only MaxPool, Equal, Mul, TopK,
-    GatherElements, Div, Mod, Concat and shape arithmetic: no NonZero, no OneHot.
-    """
-    batch, classes, height, width = heatmap_logits.shape
-    heatmap = heatmap_logits.float().sigmoid()
-    neighbourhood_max = F.max_pool2d(heatmap, PEAK_WINDOW, stride=1, padding=PEAK_WINDOW // 2)
-    peaks = heatmap * (neighbourhood_max == heatmap).to(heatmap.dtype)
-    # sym_min stays symbolic under torch.export: a Min of the runtime shape in the graph.
-    k = torch.sym_min(max_detections, classes * height * width)
-    scores, flat_index = peaks.reshape(batch, -1).topk(k, dim=1)
-    cells = height * width
-    labels = torch.div(flat_index, cells, rounding_mode="floor")
-    pixels = flat_index - labels * cells
-    ys = torch.div(pixels, width, rounding_mode="floor")
-    xs = (pixels - ys * width).float()
-    ys = ys.float()
-    index = pixels.unsqueeze(1).expand(batch, 2, pixels.shape[1])
-    if offset is None:
-        xs, ys = xs + 0.5, ys + 0.5
-    else:
-        centre_offset = offset.float().reshape(batch, 2, cells).gather(2, index)
-        xs, ys = xs + centre_offset[:, 0], ys + centre_offset[:, 1]
-    sizes = wh.float().reshape(batch, 2, cells).gather(2, index)
-    half_width, half_height = sizes[:, 0] / 2, sizes[:, 1] / 2
-    boxes = torch.stack(
-        [xs - half_width, ys - half_height, xs + half_width, ys + half_height], dim=2
-    )
-    return torch.cat(
-        [boxes * down_ratio, scores.unsqueeze(2), labels.float().unsqueeze(2)], dim=2
-    )
-
-
 class DeployModel(nn.Module):
     """A CenterNet as a deployed graph sees it: one image tensor in, plain tensors out.
 
@@ -100,7 +56,9 @@ class DeployModel(nn.Module):
     ``(pixels / 255 - mean) / std`` itself, one multiply-add per pixel).
 
     forward returns ``(heatmap, wh, offset)`` of the last stack (heatmap as logits, all
-    (B, ., H/down, W/down)), or with ``decode`` the detections of `decode_in_graph`.
+    (B, ., H/down, W/down)), or with ``decode`` the detections ``(B, K', 6)`` of
+    `decode_centernet` with boxes in input-image pixels (map coordinates times the down
+    ratio), K' = min(max_detections, C * H/down * W/down).
     """
 
     def __init__(
@@ -132,10 +90,9 @@ class DeployModel(nn.Module):
             images = images * self.pixel_scale + self.pixel_shift
         outputs = self.model(images)[-1]
         if self.decode:
-            return decode_in_graph(
-                outputs["heatmap"], outputs["wh"], outputs.get("offset"),
-                self.max_detections, self.down_ratio,
-            )
+            detections = decode_centernet(outputs, max_detections=self.max_detections)
+            boxes = detections[..., :4] * self.down_ratio
+            return torch.cat([boxes, detections[..., 4:]], dim=2)
         return outputs["heatmap"], outputs["wh"], outputs["offset"]
 
 

@@ -1,4 +1,4 @@
-"""Export: the in-graph decoding against `ctdet_decode`, BatchNorm folding, ONNX and
+"""Export: the in-graph decoding is `ctdet_decode`, BatchNorm folding, ONNX and
 torch.export round trips (pruned and unpruned, raw heads and decoded) with onnxruntime parity,
 no NonZero in the decoded graph, and deformable convolution as ONNX DeformConv."""
 
@@ -15,13 +15,13 @@ from torch import nn
 from ctprune.cli import main
 from ctprune.pruning import prune
 from detector import ARCHITECTURES, output_layers, save_checkpoint
+from detector.config import InputSpec
 from detector.export import (
     DEFORM_CONV_MIN_ORT,
     DeployModel,
     ExportError,
     _deform_conv_translation,
     check_runtime_supports,
-    decode_in_graph,
     export_onnx,
     export_pt2,
     fold_batchnorm,
@@ -86,7 +86,26 @@ def assert_same_detections(actual: np.ndarray, expected: torch.Tensor) -> None:
 # --- pure torch: fast --------------------------------------------------------------------------
 
 
-def test_decode_in_graph_equals_ctdet_decode() -> None:
+class FixedHeads(nn.Module):
+    """A stand-in model: one stack whose heads are the given tensors, whatever the images."""
+
+    def __init__(self, heads: dict[str, torch.Tensor]):
+        super().__init__()
+        self.fixed = heads
+
+    def forward(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        return [self.fixed]
+
+
+def deployed_detections(heads: dict, max_detections: int, down_ratio: int = 4) -> torch.Tensor:
+    deploy = DeployModel(
+        FixedHeads(heads), InputSpec(down_ratio=down_ratio), decode=True,
+        max_detections=max_detections,
+    )
+    return deploy(torch.zeros(1, 3, 8, 8))
+
+
+def test_deployed_decoding_is_ctdet_decode_in_input_pixels() -> None:
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 3, 8, 10, generator=generator)
     wh = torch.rand(2, 2, 8, 10, generator=generator) * 5
@@ -94,11 +113,11 @@ def test_decode_in_graph_equals_ctdet_decode() -> None:
     for k in (7, 1000):  # 1000 > C * H * W = 240: clamped
         expected = ctdet_decode(logits.sigmoid(), wh, offset, K=k)
         expected[..., :4] *= 4
-        actual = decode_in_graph(logits, wh, offset, k, down_ratio=4)
+        actual = deployed_detections({"heatmap": logits, "wh": wh, "offset": offset}, k)
         assert actual.shape == (2, min(k, 240), 6)
-        torch.testing.assert_close(actual, expected)
+        assert torch.equal(actual, expected)  # the same decoder: bit-identical
     expected = ctdet_decode(logits.sigmoid(), wh, None, K=5)
-    torch.testing.assert_close(decode_in_graph(logits, wh, None, 5, down_ratio=1), expected)
+    assert torch.equal(deployed_detections({"heatmap": logits, "wh": wh}, 5, 1), expected)
 
 
 def test_hand_placed_peak_in_input_pixels() -> None:
@@ -108,7 +127,8 @@ def test_hand_placed_peak_in_input_pixels() -> None:
     wh[0, :, 2, 3] = torch.tensor([2.0, 1.0])
     offset = torch.zeros(1, 2, 4, 4)
     offset[0, :, 2, 3] = torch.tensor([0.5, 0.25])
-    [[first, *_]] = decode_in_graph(logits, wh, offset, 3, down_ratio=4).tolist()
+    heads = {"heatmap": logits, "wh": wh, "offset": offset}
+    [[first, *_]] = deployed_detections(heads, 3).tolist()
     # centre (3.5, 2.25) cells, size 2 x 1 cells -> x 4 pixels
     assert first[:4] == pytest.approx([10.0, 7.0, 18.0, 11.0])
     assert first[4] == pytest.approx(torch.sigmoid(torch.tensor(10.0)).item())

@@ -11,7 +11,8 @@ from detector import count_macs, count_parameters, load_model, output_layers, sa
 from detector.losses import centernet_loss
 from detector.models import build_model
 from detector.original import convert_original_state_dict, import_original_checkpoint
-from detector.inference.predictor import decode_heads, detect
+from detector.inference.decode import decode_centernet
+from detector.inference.predictor import detect
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -56,7 +57,7 @@ def test_last_stack_only_when_asked_skips_stack_zero_heads():
 def test_detection_decodes_the_last_stack():
     model = tiny_model(ARCH).eval()
     with torch.no_grad():
-        last_only = decode_heads(model(IMAGES, head_stacks="last")[0], max_detections=10)
+        last_only = decode_centernet(model(IMAGES, head_stacks="last")[0], max_detections=10)
     assert torch.equal(detect(model, IMAGES, max_detections=10), last_only)
 
 

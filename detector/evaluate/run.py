@@ -19,8 +19,8 @@ from .. import distributed
 from ..config import ModelConfig
 from ..data.dataset import TARGET_KEYS, CenterNetDataset, collate, read_image, worker_init_fn
 from ..data.records import DetectionSource
-from ..inference.decode import detections_to_image
-from ..inference.predictor import Predictor, decode_heads, detect
+from ..inference.decode import decode_centernet, detections_to_image
+from ..inference.predictor import Predictor, detect
 from ..losses import centernet_loss
 from .coco import coco_evaluate, detections_to_coco_results, ground_truth_to_coco
 from .config import EvaluateConfig
@@ -80,7 +80,7 @@ def predict_source(
                 outputs = model(images)
                 targets = {key: batch[key].to(device) for key in TARGET_KEYS}
                 losses.append(centernet_loss(outputs, targets)[0].item())
-                decoded = decode_heads(outputs[-1], max_detections=config.max_detections)
+                decoded = decode_centernet(outputs[-1], max_detections=config.max_detections)
             decoded = decoded.cpu().numpy()
             for rows, meta in zip(decoded, batch["meta"], strict=True):
                 detections[meta["image_id"]] = detections_to_image(

@@ -1,9 +1,15 @@
-"""Turn CenterNet head outputs into boxes: peaks of the heatmap, their size and offset, then
-(optionally) back to image pixels.
+"""Turn head outputs into boxes: peaks of the heatmap, their size and offset, then (optionally)
+back to image pixels.
 
-`ctdet_decode` works on whole batches on any device and gives boxes in **output-map
-coordinates**; `detections_to_image` maps one image's boxes to **image pixels** through the
-inverse of the affine that made the network input.
+`ctdet_decode` is the one decoder: eager PyTorch (predictor, evaluation) and the exported graph
+(`detector.export`) both run it. It works on whole batches on any device, gives boxes in
+**output-map coordinates**, and uses only operators every runtime has (max-pool peak
+suppression and TopK, K clamped to the map size symbolically: no NonZero, no OneHot, which
+TensorRT rejects), so torch.export and ONNX trace it with dynamic batch and image sizes.
+
+`decode_centernet` is the CenterNet head type's adapter from one stack's raw outputs (heatmap
+logits, optionally with the mirrored pass of the flip test) to it; `detections_to_image` maps
+one image's boxes to **image pixels** through the inverse of the affine that made the input.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .tta import flip_merge
 
 # A peak is a cell that equals the maximum of its 3x3 neighbourhood.
 PEAK_WINDOW = 3
@@ -44,7 +52,7 @@ def ctdet_decode(heatmap: Tensor, wh: Tensor, offset: Tensor | None = None, K: i
     wh: (B, 2, H, W) box (width, height) in output-map cells.
     offset: (B, 2, H, W) sub-cell centre offset (x, y), or None, which places centres at
         cell + 0.5.
-    K: detections per image, clamped to C * H * W.
+    K: detections per image, clamped to C * H * W (symbolically when traced).
 
     A cell survives peak suppression if it equals the maximum of its 3x3 neighbourhood, so
     plateaus (equal neighbouring maxima) all survive, as in the original. The top K is taken
@@ -52,7 +60,8 @@ def ctdet_decode(heatmap: Tensor, wh: Tensor, offset: Tensor | None = None, K: i
     of those, which selects the same detections unless scores tie. No score threshold.
 
     Returns (B, K, 6) float32: x1, y1, x2, y2 in output-map coordinates, score, and the
-    0-based class as a float; sorted by score, highest first.
+    0-based class as a float; sorted by score, highest first. Only MaxPool, Equal, Mul, TopK,
+    GatherElements, Div, Concat and shape arithmetic when exported.
     """
     if heatmap.dim() != 4:
         raise ValueError(f"ctdet_decode: heatmap must be (B, C, H, W), got {tuple(heatmap.shape)}")
@@ -62,17 +71,21 @@ def ctdet_decode(heatmap: Tensor, wh: Tensor, offset: Tensor | None = None, K: i
         _check_map("offset", offset, batch, height, width)
     if int(K) != K or K < 1:
         raise ValueError(f"ctdet_decode: K must be a positive integer, got {K!r}")
-    K = min(int(K), classes * height * width)
+    cells = height * width
+    # sym_min stays symbolic under torch.export (a Min of the runtime shape in the graph); on
+    # plain ints it is min.
+    K = torch.sym_min(int(K), classes * cells)
 
     heatmap = heatmap.float()
     neighbourhood_max = F.max_pool2d(heatmap, PEAK_WINDOW, stride=1, padding=PEAK_WINDOW // 2)
-    peaks = heatmap * (neighbourhood_max == heatmap)
+    peaks = heatmap * (neighbourhood_max == heatmap).to(heatmap.dtype)
 
     scores, flat_index = peaks.reshape(batch, -1).topk(K, dim=1)
-    labels = torch.div(flat_index, height * width, rounding_mode="floor")
-    pixels = flat_index - labels * (height * width)
-    xs = (pixels % width).float()
-    ys = torch.div(pixels, width, rounding_mode="floor").float()
+    labels = torch.div(flat_index, cells, rounding_mode="floor")
+    pixels = flat_index - labels * cells
+    rows = torch.div(pixels, width, rounding_mode="floor")
+    xs = (pixels - rows * width).float()
+    ys = rows.float()
     if offset is None:
         xs = xs + 0.5
         ys = ys + 0.5
@@ -86,6 +99,26 @@ def ctdet_decode(heatmap: Tensor, wh: Tensor, offset: Tensor | None = None, K: i
         [xs - half_width, ys - half_height, xs + half_width, ys + half_height], dim=2
     )
     return torch.cat([boxes, scores.unsqueeze(2), labels.float().unsqueeze(2)], dim=2)
+
+
+def decode_centernet(
+    outputs: dict[str, Tensor],
+    flipped_outputs: dict[str, Tensor] | None = None,
+    max_detections: int = 100,
+) -> Tensor:
+    """(B, K, 6) detections in output-map coordinates (as `ctdet_decode`) from one stack's raw
+    CenterNet heads: "heatmap" (B, C, H, W) logits, "wh" and optionally "offset" (B, 2, H, W).
+    With the heads of the mirrored images, merged as the original's flip test does
+    (`flip_merge`)."""
+    if flipped_outputs is not None:
+        heads = flip_merge(outputs, flipped_outputs)
+    else:
+        heads = {
+            "heatmap": outputs["heatmap"].float().sigmoid(),
+            "wh": outputs["wh"],
+            "offset": outputs.get("offset"),
+        }
+    return ctdet_decode(heads["heatmap"], heads["wh"], heads["offset"], K=max_detections)
 
 
 def detections_to_image(detections: np.ndarray | Tensor, inverse_affine: np.ndarray) -> np.ndarray:

@@ -18,26 +18,8 @@ from torch import nn
 from ..checkpoint import load_model
 from ..config import ModelConfig
 from ..data.transforms import test_transform
-from .decode import ctdet_decode, detections_to_image
-from .tta import flip_merge, merge_multiscale
-
-
-def decode_heads(
-    outputs: dict[str, torch.Tensor],
-    flipped_outputs: dict[str, torch.Tensor] | None = None,
-    max_detections: int = 100,
-) -> torch.Tensor:
-    """(B, K, 6) detections in output-map coordinates from one stack's raw heads; with the
-    heads of the mirrored images, merged as the original's flip test does."""
-    if flipped_outputs is not None:
-        heads = flip_merge(outputs, flipped_outputs)
-    else:
-        heads = {
-            "heatmap": outputs["heatmap"].sigmoid(),
-            "wh": outputs["wh"],
-            "offset": outputs.get("offset"),
-        }
-    return ctdet_decode(heads["heatmap"], heads["wh"], heads.get("offset"), K=max_detections)
+from .decode import decode_centernet, detections_to_image
+from .tta import merge_multiscale
 
 
 @torch.no_grad()
@@ -47,12 +29,12 @@ def detect(
     """(B, K, 6) detections in output-map coordinates for a batch of prepared inputs
     (B, 3, H, W). With ``flip`` the mirrored batch runs in the same forward pass."""
     if not flip:
-        return decode_heads(model(images)[-1], max_detections=max_detections)
+        return decode_centernet(model(images)[-1], max_detections=max_detections)
     batch = len(images)
     outputs = model(torch.cat([images, images.flip(-1)]))[-1]
     plain = {key: value[:batch] for key, value in outputs.items()}
     mirrored = {key: value[batch:] for key, value in outputs.items()}
-    return decode_heads(plain, mirrored, max_detections)
+    return decode_centernet(plain, mirrored, max_detections)
 
 
 @dataclass
