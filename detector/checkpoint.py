@@ -90,7 +90,11 @@ def _check_plain(value: object, where: str) -> None:
 def build_from_config(config: ModelConfig, channel_plan: ChannelPlan | None = None) -> nn.Module:
     """The architecture of ``config``, resized to ``channel_plan``."""
     model = build_model(
-        config.arch, config.num_classes, head_conv=config.head_conv, widths=config.widths
+        config.arch,
+        config.num_classes,
+        head=config.head,
+        head_conv=config.head_conv,
+        widths=config.widths,
     )
     return apply_channel_plan(model, channel_plan)
 

@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import yaml
 
+from .heads import HEADS, unknown_head_message
+
 # torchvision's ImageNet statistics, in RGB order: what its pretrained weights expect.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -90,6 +92,10 @@ class ModelConfig:
 
     arch: str = "res18"
     """Backbone family and depth, e.g. res18, res50, res101 (see `detector.ARCHITECTURES`)."""
+    head: str = "centernet"
+    """Head type: the outputs the model predicts, their training targets, loss and decoder
+    (see `detector.heads.HEADS`); centernet: class heatmaps, box size and centre offset.
+    Checkpoints written before this key existed are centernet."""
     num_classes: int | None = None
     """Number of object classes, i.e. heatmap channels; None takes the data's class count."""
     head_conv: int | None = None
@@ -102,6 +108,10 @@ class ModelConfig:
     """Names of the classes in heatmap-channel order, when known."""
     input: InputSpec = field(default_factory=InputSpec)
     """How images are prepared for this model."""
+
+    def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise ConfigError(f"model.head: {unknown_head_message(self.head)}")
 
 
 # ---------------------------------------------------------------------------------------------

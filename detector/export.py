@@ -8,9 +8,10 @@ these functions.
 
 - `DeployModel` wraps a model for export: raw heads ``(heatmap logits, wh, offset)`` of the last
   stack, or with ``decode`` the top-K detections ``(B, K, 6)`` in input-image pixels.
-- The decoding in the graph is the decoder eager inference runs
-  (`detector.inference.decode.ctdet_decode`): max-pool peak suppression and TopK, with K
-  clamped to the map size symbolically; no NonZero, no OneHot (TensorRT rejects NonZero).
+- The decoding in the graph is the decoder eager inference runs, the head type's
+  (`detector.heads.HEADS`; centernet: `detector.inference.decode.ctdet_decode`): max-pool peak
+  suppression and TopK, with K clamped to the map size symbolically; no NonZero, no OneHot
+  (TensorRT rejects NonZero).
 - `fold_batchnorm` folds each BatchNorm into the (transposed) convolution before it.
 - `export_onnx` / `export_pt2` write the files; deformable convolutions (torchvision's
   ``deform_conv2d``) become ONNX ``DeformConv`` (opset 19), see `DEFORM_CONV_MIN_ORT`.
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .config import InputSpec
-from .inference.decode import decode_centernet
+from .heads import HEADS, unknown_head_message
 from .models.centernet import CenterNet, FusedHeads
 
 # ONNX opset of the exported graphs: 19 is the first with DeformConv; everything else CenterNet
@@ -41,7 +42,6 @@ ONNX_OPSET = 19
 DEFORM_CONV_MIN_ORT = "1.25.0"
 # Raw pixels are 8-bit: the input spec's mean/std are for pixels scaled to [0, 1].
 PIXEL_MAX = 255.0
-HEAD_OUTPUTS = ("heatmap", "wh", "offset")
 
 
 class ExportError(ValueError):
@@ -55,10 +55,11 @@ class DeployModel(nn.Module):
     trained (``raw_pixels=False``) or raw 0-255 pixels (``raw_pixels=True``: the graph applies
     ``(pixels / 255 - mean) / std`` itself, one multiply-add per pixel).
 
-    forward returns ``(heatmap, wh, offset)`` of the last stack (heatmap as logits, all
-    (B, ., H/down, W/down)), or with ``decode`` the detections ``(B, K', 6)`` of
-    `decode_centernet` with boxes in input-image pixels (map coordinates times the down
-    ratio), K' = min(max_detections, C * H/down * W/down).
+    forward returns the last stack's raw outputs in the order of the head type's outputs
+    (centernet: ``(heatmap, wh, offset)``, heatmap as logits, all (B, ., H/down, W/down)), or
+    with ``decode`` the detections ``(B, K', 6)`` of the head type's decoder (the one eager
+    inference runs) with boxes in input-image pixels (map coordinates times the down ratio),
+    K' = min(max_detections, C * H/down * W/down). ``head`` is the model config's ``head``.
     """
 
     def __init__(
@@ -66,6 +67,7 @@ class DeployModel(nn.Module):
         model: nn.Module,
         spec: InputSpec,
         *,
+        head: str = "centernet",
         decode: bool = False,
         max_detections: int = 100,
         raw_pixels: bool = False,
@@ -75,7 +77,9 @@ class DeployModel(nn.Module):
             raise ExportError(
                 f"max_detections: expected a positive integer, got {max_detections!r}"
             )
-        self.model = model
+        if head not in HEADS:
+            raise ExportError(unknown_head_message(head))
+        self.model, self.head_type = model, HEADS[head]
         self.decode, self.max_detections = decode, int(max_detections)
         self.down_ratio, self.raw_pixels = spec.down_ratio, raw_pixels
         std = torch.tensor(spec.std).reshape(1, 3, 1, 1)
@@ -85,15 +89,15 @@ class DeployModel(nn.Module):
         self.register_buffer("pixel_scale", 1.0 / (PIXEL_MAX * std), persistent=False)
         self.register_buffer("pixel_shift", -mean / std, persistent=False)
 
-    def forward(self, images: Tensor) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    def forward(self, images: Tensor) -> Tensor | tuple[Tensor, ...]:
         if self.raw_pixels:
             images = images * self.pixel_scale + self.pixel_shift
         outputs = self.model(images)[-1]
         if self.decode:
-            detections = decode_centernet(outputs, max_detections=self.max_detections)
+            detections = self.head_type.decode(outputs, None, self.max_detections)
             boxes = detections[..., :4] * self.down_ratio
             return torch.cat([boxes, detections[..., 4:]], dim=2)
-        return outputs["heatmap"], outputs["wh"], outputs["offset"]
+        return tuple(outputs[name] for name in self.head_type.outputs)
 
 
 def _fusable_pairs(model: nn.Module) -> list[tuple[str, str]]:
@@ -203,25 +207,28 @@ def prepare_for_export(
     model: nn.Module,
     spec: InputSpec,
     *,
+    head: str = "centernet",
     decode: bool = False,
     max_detections: int = 100,
     raw_pixels: bool = False,
 ) -> DeployModel:
     """The eval-mode, BN-folded `DeployModel` both exporters trace (``model`` is not changed)."""
     return DeployModel(
-        fold_batchnorm(model), spec, decode=decode, max_detections=max_detections,
+        fold_batchnorm(model), spec, head=head, decode=decode, max_detections=max_detections,
         raw_pixels=raw_pixels,
     ).eval()
 
 
-def output_names(decode: bool) -> list[str]:
-    return ["detections"] if decode else list(HEAD_OUTPUTS)
+def output_names(decode: bool, head: str = "centernet") -> list[str]:
+    """The graph's output names: ``detections``, or the head type's raw outputs."""
+    return ["detections"] if decode else list(HEADS[head].outputs)
 
 
 def export_program(
     model: nn.Module,
     spec: InputSpec,
     *,
+    head: str = "centernet",
     decode: bool = False,
     max_detections: int = 100,
     raw_pixels: bool = False,
@@ -233,7 +240,8 @@ def export_program(
     and ``batch`` (the fixed batch of a static program; at least 2 when ``dynamic``, since a
     batch of 1 would be specialised)."""
     deploy = prepare_for_export(
-        model, spec, decode=decode, max_detections=max_detections, raw_pixels=raw_pixels
+        model, spec, head=head, decode=decode, max_detections=max_detections,
+        raw_pixels=raw_pixels,
     )
     example = _example_input(spec, input_size, max(batch, 2) if dynamic else batch)
     with torch.no_grad():
@@ -313,6 +321,7 @@ def export_onnx(
     model: nn.Module,
     spec: InputSpec,
     *,
+    head: str = "centernet",
     decode: bool = False,
     max_detections: int = 100,
     raw_pixels: bool = False,
@@ -324,8 +333,9 @@ def export_onnx(
     """Write ``model`` as ONNX (opset `ONNX_OPSET`) through torch.export, check it with
     ``onnx.checker``, simplify it with onnxslim and check it again.
 
-    Input ``images`` (B, 3, H, W); outputs ``heatmap``, ``wh``, ``offset`` or, with ``decode``,
-    ``detections`` (B, K, 6) in input pixels (see `DeployModel`). ``dynamic``: batch and image
+    Input ``images`` (B, 3, H, W); outputs the head type's raw outputs (centernet: ``heatmap``,
+    ``wh``, ``offset``) or, with ``decode``, ``detections`` (B, K, 6) in input pixels (see
+    `DeployModel`; ``head`` is the model config's ``head``). ``dynamic``: batch and image
     sides (multiples of `side_multiple`) are free; otherwise the graph takes ``batch`` images of
     ``input_size``. Raises ExportError when a package is missing.
     """
@@ -334,8 +344,8 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     program = export_program(
-        model, spec, decode=decode, max_detections=max_detections, raw_pixels=raw_pixels,
-        dynamic=dynamic, input_size=input_size, batch=batch,
+        model, spec, head=head, decode=decode, max_detections=max_detections,
+        raw_pixels=raw_pixels, dynamic=dynamic, input_size=input_size, batch=batch,
     )
     translations = {}
     if hasattr(torch.ops, "torchvision") and hasattr(torch.ops.torchvision, "deform_conv2d"):
@@ -343,7 +353,7 @@ def export_onnx(
     onnx_program = torch.onnx.export(
         program,
         input_names=["images"],
-        output_names=output_names(decode),
+        output_names=output_names(decode, head),
         opset_version=ONNX_OPSET,
         dynamo=True,
         custom_translation_table=translations,

@@ -1,7 +1,8 @@
 """The torch `Dataset` of CenterNet training and validation items, and its collate function.
 
-An item is one image read from disk, transformed (`detector.data.transforms`) and encoded
-(`detector.targets.encode_targets`): the network input, the targets the loss consumes and the
+An item is one image read from disk, transformed (`detector.data.transforms`) and encoded by
+its head type's target encoder (`detector.heads.HEADS`; CenterNet's is
+`detector.targets.encode_targets`): the network input, the targets the loss consumes and the
 meta data needed to map detections back to image pixels and to evaluate them.
 
 Randomness: item i of epoch e draws its augmentation from a generator seeded with
@@ -23,12 +24,10 @@ from torch.utils.data import Dataset
 from detector.config import InputSpec
 from detector.data.transforms import AugmentConfig, test_transform, train_transform
 from detector.geometry import transform_boxes
-from detector.targets import encode_targets
+from detector.heads import HEADS
 
 if TYPE_CHECKING:
     from detector.data.records import ImageRecord
-
-TARGET_KEYS = ("heatmap", "wh", "offset", "index", "mask")
 
 
 def read_image(record: ImageRecord) -> np.ndarray:
@@ -52,8 +51,9 @@ class CenterNetDataset(Dataset):
 
     Each item is a dict:
         image: (3, H, W) float32 tensor, normalised, in ``spec.color_order``.
-        heatmap: (C, H/r, W/r) float32; wh, offset: (M, 2) float32; index: (M,) int64;
-            mask: (M,) float32 -- see `encode_targets`; M = max_objects, r = spec.down_ratio.
+        the head type's targets, as tensors; for centernet heatmap: (C, H/r, W/r) float32;
+            wh, offset: (M, 2) float32; index: (M,) int64; mask: (M,) float32 -- see
+            `encode_targets`; M = max_objects, r = spec.down_ratio.
         meta: dict with ``image_id``, ``center``, ``scale``, ``inverse_affine`` (output map ->
             image pixels), ``original_size`` (h, w), ``input_size``, ``output_size``,
             ``flipped`` and the ground truth in image pixels: ``boxes`` (N, 4) float32,
@@ -63,7 +63,8 @@ class CenterNetDataset(Dataset):
     the test pre-processing at the fixed input size, with targets too, so a validation loss
     can be computed on batches, as the original's val split does. ``keep_resolution=True``
     gives validation items at each image's own padded resolution instead (the original's
-    official test setting); their sizes differ, so load them one per batch.
+    official test setting); their sizes differ, so load them one per batch. ``head`` names the
+    head type whose targets are encoded: pass the model config's ``head``.
     """
 
     def __init__(
@@ -78,6 +79,7 @@ class CenterNetDataset(Dataset):
         min_overlap: float = 0.7,
         radius_variant: str = "original",
         keep_resolution: bool = False,
+        head: str = "centernet",
     ) -> None:
         if train and keep_resolution:
             raise ValueError("CenterNetDataset: keep_resolution applies to validation items only")
@@ -91,6 +93,7 @@ class CenterNetDataset(Dataset):
         self.min_overlap = min_overlap
         self.radius_variant = radius_variant
         self.keep_resolution = bool(keep_resolution)
+        self.encode_targets = HEADS[head].encode_targets
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -124,7 +127,7 @@ class CenterNetDataset(Dataset):
             labels = record.labels
             meta["flipped"] = False
         try:
-            targets = encode_targets(
+            targets = self.encode_targets(
                 boxes,
                 labels,
                 self.num_classes,
@@ -136,7 +139,7 @@ class CenterNetDataset(Dataset):
         except ValueError as error:
             raise ValueError(f"image {record.image_id} ({record.path}): {error}") from error
         item = {"image": torch.from_numpy(network_input)}
-        item.update({key: torch.from_numpy(targets[key]) for key in TARGET_KEYS})
+        item.update({key: torch.from_numpy(value) for key, value in targets.items()})
         item["meta"] = {
             "image_id": record.image_id,
             "center": meta["center"],
@@ -154,8 +157,8 @@ class CenterNetDataset(Dataset):
 
 
 def collate(batch: list[dict]) -> dict:
-    """Stack the items' tensors along a new batch dimension; ``meta`` becomes a list of the
-    items' meta dicts."""
+    """Stack the items' tensors (the image and the targets) along a new batch dimension;
+    ``meta`` becomes a list of the items' meta dicts."""
     if not batch:
         raise ValueError("collate: empty batch")
     sizes = {tuple(item["image"].shape) for item in batch}
@@ -164,7 +167,9 @@ def collate(batch: list[dict]) -> dict:
             f"collate: items have different input sizes {sorted(sizes)} (keep-resolution "
             f"items?); use batch_size=1 for them"
         )
-    stacked = {key: torch.stack([item[key] for item in batch]) for key in ("image",) + TARGET_KEYS}
+    stacked = {
+        key: torch.stack([item[key] for item in batch]) for key in batch[0] if key != "meta"
+    }
     stacked["meta"] = [item["meta"] for item in batch]
     return stacked
 

@@ -17,11 +17,11 @@ from tqdm import tqdm
 
 from .. import distributed
 from ..config import ModelConfig
-from ..data.dataset import TARGET_KEYS, CenterNetDataset, collate, read_image, worker_init_fn
+from ..data.dataset import CenterNetDataset, collate, read_image, worker_init_fn
 from ..data.records import DetectionSource
-from ..inference.decode import decode_centernet, detections_to_image
+from ..heads import HEADS
+from ..inference.decode import detections_to_image
 from ..inference.predictor import Predictor, detect
-from ..losses import centernet_loss
 from .coco import coco_evaluate, detections_to_coco_results, ground_truth_to_coco
 from .config import EvaluateConfig
 from .curves import plot_pr_curves
@@ -37,9 +37,11 @@ def predict_source(
     device: torch.device,
 ) -> tuple[dict[int, np.ndarray], float | None]:
     """Detections (image id -> (K, 6) in image pixels) for every image of ``source``, and the
-    mean validation loss when it can be computed (single scale, fixed resolution). The model
-    is moved to ``device``."""
+    mean validation loss when it can be computed (single scale, fixed resolution). Targets,
+    loss and decoder are those of the model config's head type. The model is moved to
+    ``device``."""
     spec = model_config.input
+    head = HEADS[model_config.head]
     keep_resolution = (
         spec.keep_resolution if config.keep_resolution is None else config.keep_resolution
     )
@@ -63,7 +65,7 @@ def predict_source(
                 detections[record.image_id] = predictor.predict_one(read_image(record))
             return detections, None
         dataset = CenterNetDataset(source.records, model_config.num_classes, spec, train=False,
-                                   keep_resolution=keep_resolution)
+                                   keep_resolution=keep_resolution, head=model_config.head)
         loader = DataLoader(
             dataset,
             batch_size=1 if keep_resolution else config.batch_size,
@@ -74,13 +76,20 @@ def predict_source(
         for batch in tqdm(loader, desc="evaluate", leave=False):
             images = batch["image"].to(device)
             if config.flip:
-                decoded = detect(model, images, flip=True, max_detections=config.max_detections)
+                decoded = detect(
+                    model, images, flip=True, max_detections=config.max_detections,
+                    head=model_config.head,
+                )
             else:
                 # One forward pass gives both the validation loss and the detections.
                 outputs = model(images)
-                targets = {key: batch[key].to(device) for key in TARGET_KEYS}
-                losses.append(centernet_loss(outputs, targets)[0].item())
-                decoded = decode_centernet(outputs[-1], max_detections=config.max_detections)
+                targets = {
+                    key: value.to(device)
+                    for key, value in batch.items()
+                    if key not in ("image", "meta")
+                }
+                losses.append(head.loss(outputs, targets)[0].item())
+                decoded = head.decode(outputs[-1], None, config.max_detections)
             decoded = decoded.cpu().numpy()
             for rows, meta in zip(decoded, batch["meta"], strict=True):
                 detections[meta["image_id"]] = detections_to_image(

@@ -18,23 +18,31 @@ from torch import nn
 from ..checkpoint import load_model
 from ..config import ModelConfig
 from ..data.transforms import test_transform
-from .decode import decode_centernet, detections_to_image
+from ..heads import HEADS
+from .decode import detections_to_image
 from .tta import merge_multiscale
 
 
 @torch.no_grad()
 def detect(
-    model: nn.Module, images: torch.Tensor, *, flip: bool = False, max_detections: int = 100
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    flip: bool = False,
+    max_detections: int = 100,
+    head: str = "centernet",
 ) -> torch.Tensor:
     """(B, K, 6) detections in output-map coordinates for a batch of prepared inputs
-    (B, 3, H, W). With ``flip`` the mirrored batch runs in the same forward pass."""
+    (B, 3, H, W), decoded by the decoder of head type ``head`` (the model config's ``head``).
+    With ``flip`` the mirrored batch runs in the same forward pass."""
+    decode = HEADS[head].decode
     if not flip:
-        return decode_centernet(model(images)[-1], max_detections=max_detections)
+        return decode(model(images)[-1], None, max_detections)
     batch = len(images)
     outputs = model(torch.cat([images, images.flip(-1)]))[-1]
     plain = {key: value[:batch] for key, value in outputs.items()}
     mirrored = {key: value[batch:] for key, value in outputs.items()}
-    return decode_centernet(plain, mirrored, max_detections)
+    return decode(plain, mirrored, max_detections)
 
 
 @dataclass
@@ -120,7 +128,8 @@ class Predictor:
             )
             batch = torch.from_numpy(network_input)[None].to(self.device)
             detections = detect(
-                self.model, batch, flip=self.flip, max_detections=self.max_detections
+                self.model, batch, flip=self.flip, max_detections=self.max_detections,
+                head=self.config.head,
             )
             per_scale.append(
                 detections_to_image(detections[0].cpu().numpy(), meta["inverse_affine"])

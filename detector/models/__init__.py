@@ -8,7 +8,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .centernet import HEAD_NAMES, CenterNet, output_layers
+from ..heads import HEADS, unknown_head_message
+from .centernet import CenterNet, output_layers
 from .dla import build_dla
 from .hourglass import build_hourglass
 from .hrnet import build_hrnet
@@ -17,8 +18,9 @@ from .resdcn import build_resdcn
 from .resnet import build_resnet
 from .resunet import build_resunet
 
-# name -> factory(num_classes, head_conv, widths, pretrained) -> CenterNet (hourglass104: its
-# two-stack HourglassNet, which returns the same list of per-stack dicts)
+# name -> factory(outputs, head_conv, widths, pretrained) -> CenterNet (hourglass104: its
+# two-stack HourglassNet, which returns the same list of per-stack dicts); outputs maps each
+# head's name to its channels, from the head table (`detector.heads.HEADS`)
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "res18": partial(build_resnet, 18),
     "res34": partial(build_resnet, 34),
@@ -41,6 +43,7 @@ def build_model(
     arch: str,
     num_classes: int = 80,
     *,
+    head: str = "centernet",
     head_conv: int | None = None,
     widths: dict | None = None,
     pretrained: str | Path | None = None,
@@ -49,7 +52,8 @@ def build_model(
 
     Args:
         arch: a name from `ARCHITECTURES`, e.g. "res18".
-        num_classes: heatmap channels.
+        num_classes: class heatmap channels.
+        head: a name from `detector.heads.HEADS`: which outputs the heads predict.
         head_conv: width of each head's 3x3 conv; None takes the architecture's default
             (64 for ResNets, 256 for DLA, as the original; 256 for hourglass104, the
             original's fixed head width; 64 for HRNet and MobileNetV3, the original's rule for
@@ -60,16 +64,18 @@ def build_model(
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; known architectures: {', '.join(ARCHITECTURES)}")
+    if head not in HEADS:
+        raise ValueError(unknown_head_message(head))
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes: expected a positive integer, got {num_classes!r}")
     if head_conv is not None and head_conv < 0:
         raise ValueError(f"head_conv: expected None or an integer >= 0, got {head_conv!r}")
-    return ARCHITECTURES[arch](num_classes, head_conv, widths, pretrained)
+    outputs = HEADS[head].output_channels(num_classes)
+    return ARCHITECTURES[arch](outputs, head_conv, widths, pretrained)
 
 
 __all__ = [
     "ARCHITECTURES",
-    "HEAD_NAMES",
     "CenterNet",
     "build_model",
     "output_layers",

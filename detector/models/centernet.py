@@ -17,9 +17,6 @@ from cuda_ops import ModulatedDeformConv2d
 # keeps fresh models identical to the original's.
 HEATMAP_BIAS_INIT = -2.19
 
-# Output names in the order heads are built and returned. The original calls them hm, wh, reg.
-HEAD_NAMES = ("heatmap", "wh", "offset")
-
 
 class CenterNet(nn.Module):
     """A single-stack CenterNet.
@@ -71,24 +68,38 @@ class FusedHeads(nn.Module):
         }
 
 
-def build_heads(in_channels: int, head_conv: int, num_classes: int) -> dict[str, nn.Sequential]:
-    """One head per output: 3x3 conv(head_conv) + ReLU + 1x1 conv, or a lone 1x1 conv when
-    ``head_conv`` is 0, as in the original. Only the heatmap bias is initialised here; each
-    backbone family applies its own initialisation to the regression heads."""
-    out_channels = {"heatmap": num_classes, "wh": 2, "offset": 2}
+def build_heads(
+    in_channels: int, head_conv: int, outputs: dict[str, int]
+) -> dict[str, nn.Sequential]:
+    """One head per output (name -> channels, from the head table: `HeadType.output_channels`):
+    3x3 conv(head_conv) + ReLU + 1x1 conv, or a lone 1x1 conv when ``head_conv`` is 0, as in
+    the original. Only the class heatmaps' last bias (`is_class_heatmap`) is initialised here;
+    each backbone family applies its own initialisation to the regression heads."""
     heads = {}
-    for name in HEAD_NAMES:
+    for name, channels in outputs.items():
         if head_conv > 0:
             head = nn.Sequential(
                 nn.Conv2d(in_channels, head_conv, kernel_size=3, padding=1, bias=True),
                 nn.ReLU(inplace=True),
-                nn.Conv2d(head_conv, out_channels[name], kernel_size=1),
+                nn.Conv2d(head_conv, channels, kernel_size=1),
             )
         else:
-            head = nn.Sequential(nn.Conv2d(in_channels, out_channels[name], kernel_size=1))
+            head = nn.Sequential(nn.Conv2d(in_channels, channels, kernel_size=1))
+        if is_class_heatmap(name):
+            nn.init.constant_(head[-1].bias, HEATMAP_BIAS_INIT)
         heads[name] = head
-    nn.init.constant_(heads["heatmap"][-1].bias, HEATMAP_BIAS_INIT)
     return heads
+
+
+def is_class_heatmap(output_name: str) -> bool:
+    """Outputs named ``heatmap`` or ``*_heatmap`` (the triplet's ``tl_heatmap``, ...) are class
+    heatmaps (logits); every other output is a regression (centernet: ``wh``, ``offset``)."""
+    return output_name == "heatmap" or output_name.endswith("_heatmap")
+
+
+def regression_head_names(heads: dict[str, nn.Module]) -> list[str]:
+    """The heads each backbone family initialises as regression outputs, in build order."""
+    return [name for name in heads if not is_class_heatmap(name)]
 
 
 def output_layers(model: nn.Module) -> list[nn.Module]:
@@ -98,7 +109,7 @@ def output_layers(model: nn.Module) -> list[nn.Module]:
     heads = [
         head[-1]
         for module in model.modules()
-        if isinstance(module, nn.ModuleDict) and set(HEAD_NAMES) <= set(module.keys())
+        if isinstance(module, HeadSet)
         for head in module.values()
     ]
     offsets = [

@@ -160,7 +160,7 @@ class HourglassNet(nn.Module):
 
     def __init__(
         self,
-        num_classes: int,
+        outputs: dict[str, int],
         *,
         stem_width: int = 128,
         dims: Sequence[int] = tuple(DEFAULT_WIDTHS["dims"]),
@@ -186,7 +186,7 @@ class HourglassNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         # One HeadSet per stack, so `output_layers` finds every stack's last head convs.
         self.heads = nn.ModuleList(
-            HeadSet(build_heads(cnv_width, head_conv, num_classes)) for _ in range(num_stacks)
+            HeadSet(build_heads(cnv_width, head_conv, outputs)) for _ in range(num_stacks)
         )
         self.head_stacks = head_stacks
 
@@ -243,7 +243,7 @@ def original_key(key: str) -> str:
 
 
 def build_hourglass(
-    num_classes: int,
+    outputs: dict[str, int],
     head_conv: int | None = None,
     widths: dict | None = None,
     pretrained: str | Path | None = None,
@@ -267,7 +267,7 @@ def build_hourglass(
             "per entry of dims"
         )
     return HourglassNet(
-        num_classes,
+        outputs,
         stem_width=widths["stem"],
         dims=dims,
         modules=modules,

@@ -232,7 +232,7 @@ def load_imagenet_weights(trunk: HRNetTrunk, path: str | Path) -> None:
 
 def build_hrnet(
     channels: int,
-    num_classes: int,
+    outputs: dict[str, int],
     head_conv: int | None = None,
     widths: dict | None = None,
     pretrained: str | Path | None = None,
@@ -254,4 +254,4 @@ def build_hrnet(
         UpsampleConcat(), *_conv_bn(sum(branches), neck_width, 1), nn.ReLU(inplace=True)
     )
     head_conv = DEFAULT_HEAD_CONV if head_conv is None else head_conv
-    return CenterNet(trunk, neck, build_heads(neck_width, head_conv, num_classes))
+    return CenterNet(trunk, neck, build_heads(neck_width, head_conv, outputs))

@@ -71,7 +71,7 @@ def load_imagenet_weights(trunk: MobileNetV3Trunk, path: str | Path) -> None:
 
 
 def build_mobilenet(
-    num_classes: int,
+    outputs: dict[str, int],
     head_conv: int | None = None,
     widths: dict | None = None,
     pretrained: str | Path | None = None,
@@ -86,4 +86,4 @@ def build_mobilenet(
         load_imagenet_weights(trunk, pretrained)
     neck = upsampling_neck(trunk.out_channels, neck_widths)
     head_conv = DEFAULT_HEAD_CONV if head_conv is None else head_conv
-    return CenterNet(trunk, neck, build_heads(neck_widths[-1], head_conv, num_classes))
+    return CenterNet(trunk, neck, build_heads(neck_widths[-1], head_conv, outputs))

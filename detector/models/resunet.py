@@ -84,7 +84,7 @@ class SkipNeck(nn.Module):
 
 def build_resunet(
     depth: int,
-    num_classes: int,
+    outputs: dict[str, int],
     head_conv: int | None = None,
     widths: dict | None = None,
     pretrained: str | Path | None = None,
@@ -97,6 +97,6 @@ def build_resunet(
     stage_channels = [width * expansion for width in widths["stages"]]
     neck = SkipNeck(stage_channels, list(widths["neck"]))
     head_conv = DEFAULT_HEAD_CONV if head_conv is None else head_conv
-    heads = build_heads(widths["neck"][-1], head_conv, num_classes)
+    heads = build_heads(widths["neck"][-1], head_conv, outputs)
     init_regression_heads(heads)  # as msra_resnet: regression outputs start close to 0
     return CenterNet(trunk, neck, heads)

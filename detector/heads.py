@@ -1,0 +1,72 @@
+"""The head table: a plain dict from head-type name to what a head type is made of.
+
+A head type is everything that depends on what the model predicts per output-map cell: the
+outputs the model builds (name -> channels), how one image's boxes become training targets, the
+loss of the model's outputs against a batch of those targets, and the decoder from one stack's
+raw outputs to detections. ``model.head`` in a recipe or checkpoint names an entry (default
+"centernet"), as ``model.arch`` names a backbone in `detector.models.ARCHITECTURES`;
+`build_model`, the dataset, evaluation, the predictor and export all look it up here.
+
+Later head types are one entry each, e.g. TTFNet (outputs ``heatmap`` and ``ltrb``, its own
+Gaussian targets, GIoU loss, ltrb decoder) or the keypoint triplet (``tl_heatmap``,
+``br_heatmap``, ``ct_heatmap``, embeddings and offsets).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from torch import Tensor
+
+from .inference.decode import decode_centernet
+from .losses import centernet_loss
+from .targets import encode_targets
+
+# In `HeadType.outputs`: one channel per class (a class heatmap).
+NUM_CLASSES = "num_classes"
+
+
+@dataclass(frozen=True)
+class HeadType:
+    """One head type: its outputs and the plain functions that train and decode them."""
+
+    outputs: dict[str, int | str]
+    """Output name -> channels, in the order the heads are built and returned; `NUM_CLASSES`
+    for one channel per class. Outputs named ``heatmap`` or ``*_heatmap`` are class heatmaps
+    (logits; their last bias starts at the prior, see `detector.models.centernet.build_heads`)."""
+    encode_targets: Callable[..., dict[str, np.ndarray]]
+    """(boxes, labels, num_classes, output_size, max_objects, min_overlap, radius_variant) ->
+    one image's targets as numpy arrays (boxes in output-map coordinates), as
+    `detector.targets.encode_targets`; the dataset batches every array it returns."""
+    loss: Callable[[list[dict[str, Tensor]], dict[str, Tensor]], tuple[Tensor, dict[str, Tensor]]]
+    """(model outputs: one dict per stack, batched targets) -> (total, detached parts), as
+    `detector.losses.centernet_loss`."""
+    decode: Callable[[dict[str, Tensor], dict[str, Tensor] | None, int], Tensor]
+    """(one stack's raw outputs, the mirrored images' outputs for the flip test or None,
+    max detections) -> (B, K, 6) x1, y1, x2, y2 in output-map coordinates, score, class; as
+    `detector.inference.decode.decode_centernet`. Must stay traceable by torch.export (the
+    exported graph runs it)."""
+
+    def output_channels(self, num_classes: int) -> dict[str, int]:
+        """Output name -> channels for a model of ``num_classes`` classes."""
+        return {
+            name: num_classes if channels == NUM_CLASSES else channels
+            for name, channels in self.outputs.items()
+        }
+
+
+HEADS: dict[str, HeadType] = {
+    "centernet": HeadType(
+        outputs={"heatmap": NUM_CLASSES, "wh": 2, "offset": 2},
+        encode_targets=encode_targets,
+        loss=centernet_loss,
+        decode=decode_centernet,
+    ),
+}
+
+
+def unknown_head_message(name: object) -> str:
+    """The error for a head name that is not in `HEADS`, listing the known ones."""
+    return f"unknown head type {name!r}; known head types: {', '.join(HEADS)}"
