@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .heads import HEADS, unknown_head_message
+from .heads import head_type
 
 # torchvision's ImageNet statistics, in RGB order: what its pretrained weights expect.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -110,8 +110,10 @@ class ModelConfig:
     """How images are prepared for this model."""
 
     def __post_init__(self) -> None:
-        if self.head not in HEADS:
-            raise ConfigError(f"model.head: {unknown_head_message(self.head)}")
+        try:
+            head_type(self.head)
+        except ValueError as error:
+            raise ConfigError(f"model.head: {error}") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .config import InputSpec
-from .heads import HEADS, unknown_head_message
+from .heads import head_type
 from .models.centernet import CenterNet, FusedHeads
 
 # ONNX opset of the exported graphs: 19 is the first with DeformConv; everything else CenterNet
@@ -77,9 +77,7 @@ class DeployModel(nn.Module):
             raise ExportError(
                 f"max_detections: expected a positive integer, got {max_detections!r}"
             )
-        if head not in HEADS:
-            raise ExportError(unknown_head_message(head))
-        self.model, self.head_type = model, HEADS[head]
+        self.model, self.head_type = model, head_type(head)
         self.decode, self.max_detections = decode, int(max_detections)
         self.down_ratio, self.raw_pixels = spec.down_ratio, raw_pixels
         std = torch.tensor(spec.std).reshape(1, 3, 1, 1)
@@ -221,7 +219,7 @@ def prepare_for_export(
 
 def output_names(decode: bool, head: str = "centernet") -> list[str]:
     """The graph's output names: ``detections``, or the head type's raw outputs."""
-    return ["detections"] if decode else list(HEADS[head].outputs)
+    return ["detections"] if decode else list(head_type(head).outputs)
 
 
 def export_program(

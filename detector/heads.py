@@ -5,7 +5,8 @@ outputs the model builds (name -> channels), how one image's boxes become traini
 loss of the model's outputs against a batch of those targets, and the decoder from one stack's
 raw outputs to detections. ``model.head`` in a recipe or checkpoint names an entry (default
 "centernet"), as ``model.arch`` names a backbone in `detector.models.ARCHITECTURES`;
-`build_model`, the dataset, evaluation, the predictor and export all look it up here.
+`build_model`, the dataset, evaluation, the predictor and export all look it up here
+(`head_type`).
 
 Later head types are one entry each, e.g. TTFNet (outputs ``heatmap`` and ``ltrb``, its own
 Gaussian targets, GIoU loss, ltrb decoder) or the keypoint triplet (``tl_heatmap``,
@@ -67,6 +68,8 @@ HEADS: dict[str, HeadType] = {
 }
 
 
-def unknown_head_message(name: object) -> str:
-    """The error for a head name that is not in `HEADS`, listing the known ones."""
-    return f"unknown head type {name!r}; known head types: {', '.join(HEADS)}"
+def head_type(name: str) -> HeadType:
+    """The entry of `HEADS` called ``name``; a ValueError listing the known ones otherwise."""
+    if name not in HEADS:
+        raise ValueError(f"unknown head type {name!r}; known head types: {', '.join(HEADS)}")
+    return HEADS[name]

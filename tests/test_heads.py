@@ -19,7 +19,7 @@ from detector.data.dataset import CenterNetDataset, collate
 from detector.data.records import DetectionSource, ImageRecord
 from detector.evaluate.config import EvaluateConfig
 from detector.evaluate.run import predict_source
-from detector.export import DeployModel, ExportError
+from detector.export import DeployModel
 from detector.heads import HEADS, NUM_CLASSES, HeadType
 from detector.inference.decode import ctdet_decode, decode_centernet
 from detector.inference.predictor import Predictor, detect
@@ -52,8 +52,10 @@ def test_unknown_head_is_a_config_error_naming_the_key_and_the_known_heads() -> 
         from_dict(ModelConfig, {"head": "ttfnet"}, "model")
     with pytest.raises(ValueError, match="unknown head type 'ttfnet'; known head types: centernet"):
         build_model("res18", 3, head="ttfnet")
-    with pytest.raises(ExportError, match="known head types: centernet"):
+    with pytest.raises(ValueError, match="known head types: centernet"):
         DeployModel(tiny_model(), tiny_config().input, head="ttfnet")
+    with pytest.raises(ValueError, match="known head types: centernet"):
+        CenterNetDataset([], 3, tiny_config().input, train=False, head="ttfnet")
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from detector.config import InputSpec
 from detector.data.transforms import AugmentConfig, test_transform, train_transform
 from detector.geometry import transform_boxes
-from detector.heads import HEADS
+from detector.heads import head_type
 
 if TYPE_CHECKING:
     from detector.data.records import ImageRecord
@@ -93,7 +93,7 @@ class CenterNetDataset(Dataset):
         self.min_overlap = min_overlap
         self.radius_variant = radius_variant
         self.keep_resolution = bool(keep_resolution)
-        self.encode_targets = HEADS[head].encode_targets
+        self.encode_targets = head_type(head).encode_targets
         self.epoch = 0
 
     def __len__(self) -> int:

@@ -19,7 +19,7 @@ from .. import distributed
 from ..config import ModelConfig
 from ..data.dataset import CenterNetDataset, collate, read_image, worker_init_fn
 from ..data.records import DetectionSource
-from ..heads import HEADS
+from ..heads import head_type
 from ..inference.decode import detections_to_image
 from ..inference.predictor import Predictor, detect
 from .coco import coco_evaluate, detections_to_coco_results, ground_truth_to_coco
@@ -41,7 +41,7 @@ def predict_source(
     loss and decoder are those of the model config's head type. The model is moved to
     ``device``."""
     spec = model_config.input
-    head = HEADS[model_config.head]
+    head = head_type(model_config.head)
     keep_resolution = (
         spec.keep_resolution if config.keep_resolution is None else config.keep_resolution
     )

@@ -18,7 +18,7 @@ from torch import nn
 from ..checkpoint import load_model
 from ..config import ModelConfig
 from ..data.transforms import test_transform
-from ..heads import HEADS
+from ..heads import head_type
 from .decode import detections_to_image
 from .tta import merge_multiscale
 
@@ -35,7 +35,7 @@ def detect(
     """(B, K, 6) detections in output-map coordinates for a batch of prepared inputs
     (B, 3, H, W), decoded by the decoder of head type ``head`` (the model config's ``head``).
     With ``flip`` the mirrored batch runs in the same forward pass."""
-    decode = HEADS[head].decode
+    decode = head_type(head).decode
     if not flip:
         return decode(model(images)[-1], None, max_detections)
     batch = len(images)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..heads import HEADS, unknown_head_message
+from ..heads import head_type
 from .centernet import CenterNet, output_layers
 from .dla import build_dla
 from .hourglass import build_hourglass
@@ -64,13 +64,11 @@ def build_model(
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; known architectures: {', '.join(ARCHITECTURES)}")
-    if head not in HEADS:
-        raise ValueError(unknown_head_message(head))
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes: expected a positive integer, got {num_classes!r}")
     if head_conv is not None and head_conv < 0:
         raise ValueError(f"head_conv: expected None or an integer >= 0, got {head_conv!r}")
-    outputs = HEADS[head].output_channels(num_classes)
+    outputs = head_type(head).output_channels(num_classes)
     return ARCHITECTURES[arch](outputs, head_conv, widths, pretrained)
 
 
