@@ -36,7 +36,8 @@ class HeadType:
     outputs: dict[str, int | str]
     """Output name -> channels, in the order the heads are built and returned; `NUM_CLASSES`
     for one channel per class. Outputs named ``heatmap`` or ``*_heatmap`` are class heatmaps
-    (logits; their last bias starts at the prior, see `detector.models.centernet.build_heads`)."""
+    (logits: their last bias starts at the prior), the others regressions
+    (`detector.models.centernet.is_class_heatmap`)."""
     encode_targets: Callable[..., dict[str, np.ndarray]]
     """(boxes, labels, num_classes, output_size, max_objects, min_overlap, radius_variant) ->
     one image's targets as numpy arrays (boxes in output-map coordinates), as
