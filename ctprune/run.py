@@ -42,7 +42,7 @@ from detector.data.sources import load_source
 from detector.engine.config import TrainConfig, TrainRecipe
 from detector.engine.train import resolve_model_config
 from detector.engine.validate import evaluate_model
-from detector.files import atomic_replace, atomic_write_text
+from detector.files import atomic_copy, atomic_write_json, atomic_write_text
 from detector.original import import_original_checkpoint
 
 from .distill import DistillConfig
@@ -58,14 +58,6 @@ CHECKPOINT = "checkpoint.pt"
 
 class RunError(ValueError):
     """A run folder or stage that cannot be used as asked."""
-
-
-def _write_json(path: Path, data: dict) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=str))
-
-
-def _copy_atomic(source: Path, destination: Path) -> None:
-    atomic_replace(destination, lambda temporary: shutil.copyfile(source, temporary))
 
 
 def _git_revision() -> str | None:
@@ -116,12 +108,12 @@ def write_manifest(recipe: Recipe, out_dir: Path, command: list[str] | None) -> 
             "choose another --out"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(path, {
+    atomic_write_json(path, {
         "recipe_name": recipe.name, "recipe_sha256": digest, "recipe_file": recipe.source,
         "command": command, "git_revision": _git_revision(), "versions": _versions(),
         "seed": recipe.train.seed, "created": created, "updated": now,
-    })
-    (out_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_dict, sort_keys=False))
+    }, default=str)
+    atomic_write_text(out_dir / "recipe.yaml", yaml.safe_dump(recipe_dict, sort_keys=False))
 
 
 @dataclasses.dataclass
@@ -200,12 +192,12 @@ class Runner:
             "fingerprint": stage.fingerprint,
             "input_size": list(self.model_config.input.input_size),
         }
-        _write_json(stage.folder / STAGE_FILE, {**base, "complete": False})
+        atomic_write_json(stage.folder / STAGE_FILE, {**base, "complete": False}, default=str)
         self.log(f"[{'resume' if resume else 'run'}] {stage.name}")
         started = time.perf_counter()
         extra = work(stage, resume)
         info = {**base, **extra, "complete": True, "seconds": time.perf_counter() - started}
-        _write_json(stage.folder / STAGE_FILE, info)
+        atomic_write_json(stage.folder / STAGE_FILE, info, default=str)
         return info
 
     def _evaluate(self, model: torch.nn.Module, model_config: ModelConfig, stage: Stage) -> dict:
@@ -237,7 +229,7 @@ class Runner:
         train(recipe, stage.folder, sparsity=sparsity, distill=distill, teacher_paths=teacher_paths,
               resume=resume, device=self.device, initial_model=initial_model, **self.fit_hooks)
         chosen = stage.folder / ("best.pt" if (stage.folder / "best.pt").is_file() else "last.pt")
-        _copy_atomic(chosen, stage.folder / CHECKPOINT)
+        atomic_copy(chosen, stage.folder / CHECKPOINT)
         model, _ = load_model(stage.folder / CHECKPOINT)
         return model
 
@@ -278,7 +270,7 @@ class Runner:
 
         def work(stage: Stage, resume: bool) -> dict:
             if recipe.baseline.checkpoint is not None:
-                _copy_atomic(
+                atomic_copy(
                     resolve_path(recipe, recipe.baseline.checkpoint), stage.folder / CHECKPOINT
                 )
                 model, checkpoint = load_model(stage.folder / CHECKPOINT)
