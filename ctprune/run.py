@@ -46,14 +46,21 @@ from detector.files import atomic_copy, atomic_write_json, atomic_write_text
 from detector.original import import_original_checkpoint
 
 from .distill import DistillConfig
+from .layout import CHECKPOINT_FILE as CHECKPOINT
+from .layout import (
+    EVAL_FOLDER,
+    MANIFEST_FILE,
+    METRICS_FILE,
+    RECIPE_FILE,
+    RESUME_FILE,
+    STAGE_FILE,
+    STAGES,
+)
 from .pruning import prune
 from .recalibrate import recalibrate_bn
 from .recipe import Branch, Recipe, branches, resolve_path, stage_fingerprint
+from .report import build_report, stage_figures
 from .train import train
-
-STAGES = ("baseline", "prune", "finetune", "report")
-STAGE_FILE = "stage.json"
-CHECKPOINT = "checkpoint.pt"
 
 
 class RunError(ValueError):
@@ -89,7 +96,7 @@ def _versions() -> dict:
 
 def write_manifest(recipe: Recipe, out_dir: Path, command: list[str] | None) -> None:
     """Record what runs in ``out_dir``; refuse a folder that holds another recipe's run."""
-    path = out_dir / "manifest.json"
+    path = out_dir / MANIFEST_FILE
     recipe_dict = {k: v for k, v in to_dict(recipe).items() if k != "source"}
     digest = stage_fingerprint(recipe_dict)
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -113,7 +120,7 @@ def write_manifest(recipe: Recipe, out_dir: Path, command: list[str] | None) -> 
         "command": command, "git_revision": _git_revision(), "versions": _versions(),
         "seed": recipe.train.seed, "created": created, "updated": now,
     }, default=str)
-    atomic_write_text(out_dir / "recipe.yaml", yaml.safe_dump(recipe_dict, sort_keys=False))
+    atomic_write_text(out_dir / RECIPE_FILE, yaml.safe_dump(recipe_dict, sort_keys=False))
 
 
 @dataclasses.dataclass
@@ -137,7 +144,7 @@ class Stage:
             and info.get("complete") is True
             and info.get("fingerprint") == self.fingerprint
             and (self.folder / CHECKPOINT).is_file()
-            and (self.folder / "eval" / "metrics.json").is_file()
+            and (self.folder / METRICS_FILE).is_file()
         )
 
 
@@ -180,7 +187,7 @@ class Runner:
             )
         previous = stage.info()
         resume = (previous is not None and previous.get("fingerprint") == stage.fingerprint
-                  and not self._forced(stage.kind) and (stage.folder / "resume.pt").is_file())
+                  and not self._forced(stage.kind) and (stage.folder / RESUME_FILE).is_file())
         if not resume and stage.folder.exists():
             shutil.rmtree(stage.folder)  # another configuration's leftovers: start clean
         stage.folder.mkdir(parents=True, exist_ok=True)
@@ -196,7 +203,11 @@ class Runner:
         self.log(f"[{'resume' if resume else 'run'}] {stage.name}")
         started = time.perf_counter()
         extra = work(stage, resume)
-        info = {**base, **extra, "complete": True, "seconds": time.perf_counter() - started}
+        seconds = time.perf_counter() - started
+        report = self.recipe.report  # measured once here, read back by every report
+        figures = stage_figures(stage.folder, base["input_size"], latency=report.latency,
+                                repeats=report.latency_repeats, threads=report.threads)
+        info = {**base, **extra, "figures": figures, "complete": True, "seconds": seconds}
         atomic_write_json(stage.folder / STAGE_FILE, info, default=str)
         return info
 
@@ -207,7 +218,7 @@ class Runner:
             model_config,
             self.recipe.evaluate,
             self.device,
-            stage.folder / "eval",
+            stage.folder / EVAL_FOLDER,
         )
         return {k: v for k, v in metrics.items() if k in ("ap", "ap50", "ap75", "voc_ap50")}
 
@@ -389,8 +400,7 @@ class Runner:
                           collate_fn=collate, generator=generator)
 
     def report(self) -> dict:
-        from .report import build_report
-
+        """The run's report from the figures its stages stored (nothing is timed again)."""
         config = self.recipe.report
         return build_report([self.out_dir], self.out_dir, latency=config.latency,
                             latency_repeats=config.latency_repeats, threads=config.threads)

@@ -1,0 +1,148 @@
+"""Measuring stage models: size, compute, precision and CPU latency, timed through
+`ctprune.bench.interleaved_times` (the one latency timer).
+
+Figures are measured once, when `ctprune run` finishes a stage (`stage_figures`, stored in the
+stage's stage.json under ``figures``), and read back by the report. `run_figures` measures a
+run again only when asked (``ctprune report --measure``) or when a stage predates stored
+figures; it then times each model interleaved with its run's baseline, so a slow spell on a
+shared machine slows both sides of the comparison alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from detector import count_macs, count_parameters, load_model, state_dict_mib
+
+from ..bench import interleaved_times, torch_runner, torch_threads
+from ..layout import CHECKPOINT_FILE
+from .artifacts import RunArtifacts
+
+PRECISIONS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# The first call allocates buffers and picks kernels: not what a deployed model pays.
+WARMUP_CALLS = 1
+
+
+def precision_of(model: nn.Module) -> str:
+    """The number format of the model's weights: fp32, bf16, fp16 (torch's name otherwise)."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return PRECISIONS.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def architecture_digest(model: nn.Module) -> str:
+    """A digest of the state dict's names and shapes: equal for two models exactly when they
+    share architecture and layer widths (the speed-up column compares it with the baseline's)."""
+    shapes = "\n".join(f"{name}:{tuple(tensor.shape)}" for name, tensor in model.state_dict().items())
+    return hashlib.sha256(shapes.encode()).hexdigest()[:16]
+
+
+def model_figures(model: nn.Module, input_size: tuple[int, int]) -> dict:
+    """Precision, parameters, state-dict MiB, GMACs of one forward at ``input_size`` (height,
+    width) and batch 1, and the architecture digest."""
+    return {
+        "precision": precision_of(model),
+        "params": count_parameters(model),
+        "size_mib": state_dict_mib(model),
+        "gmacs": count_macs(model, input_size) / 1e9,
+        "architecture": architecture_digest(model),
+    }
+
+
+def latencies_ms(models: dict[str, nn.Module], input_size: tuple[int, int],
+                 repeats: int) -> dict[str, float]:
+    """Median CPU milliseconds of one batch-1 eager forward at ``input_size`` per model, the
+    models timed interleaved round by round (`interleaved_times`) after one warm-up each."""
+    images = torch.zeros(1, 3, *input_size)
+    runners = {name: torch_runner(model.eval(), channels_last=False)
+               for name, model in models.items()}
+    seconds = interleaved_times(runners, images, rounds=repeats, warmup=WARMUP_CALLS)
+    return {name: statistics.median(times) * 1e3 for name, times in seconds.items()}
+
+
+def paired_latency(baseline: nn.Module, model: nn.Module, input_size: tuple[int, int],
+                   repeats: int) -> tuple[float, float]:
+    """Median milliseconds of ``baseline`` and ``model``, timed interleaved."""
+    medians = latencies_ms({"baseline": baseline, "model": model}, input_size, repeats)
+    return medians["baseline"], medians["model"]
+
+
+def load_stage_model(folder: Path, input_size: list[int] | None) -> tuple[nn.Module, tuple[int, int]]:
+    """The model in ``folder/checkpoint.pt`` (CPU, eval mode) and its input size (height,
+    width): ``input_size`` (stage.json's), else the checkpoint's."""
+    model, checkpoint = load_model(folder / CHECKPOINT_FILE)
+    size = input_size or checkpoint.model_config.input.input_size
+    return model.eval(), (int(size[0]), int(size[1]))
+
+
+def stage_figures(folder: Path, input_size: list[int] | None, *, latency: bool, repeats: int,
+                  threads: int | None) -> dict:
+    """What `ctprune run` stores in a finished stage's stage.json under ``figures``:
+    `model_figures` of its checkpoint, and, with ``latency``, ``latency_ms`` (the model timed
+    alone, ``repeats`` forwards on ``threads`` CPU threads) with the ``threads`` and
+    ``latency_repeats`` it ran with (all three None without)."""
+    model, size = load_stage_model(folder, input_size)
+    figures = {**model_figures(model, size), "latency_ms": None, "threads": None,
+               "latency_repeats": None}
+    if latency:
+        with torch_threads(threads):
+            figures["latency_ms"] = latencies_ms({"model": model}, size, repeats)["model"]
+            figures["threads"] = torch.get_num_threads()
+        figures["latency_repeats"] = repeats
+    return figures
+
+
+def measure_run(run: RunArtifacts, latency: bool, repeats: int,
+                threads: int | None) -> tuple[list[dict], list[dict]]:
+    """Figures of every stage of ``run`` (as `stage_figures`), measured now, and the latency
+    pairs (``{"run", "name", "baseline_ms", "model_ms"}``). Each model is timed interleaved
+    with the run's baseline; the baseline's own latency is the median of its medians across
+    the pairs (timed alone when the run has nothing else, as is a model in a run without a
+    baseline). Models are loaded one at a time; ``threads`` applies to latency only."""
+    baseline_stage = run.baseline
+    if baseline_stage is not None:
+        baseline_model, baseline_size = load_stage_model(
+            baseline_stage.folder, baseline_stage.info.get("input_size"))
+    settings = {"threads": None, "latency_repeats": repeats if latency else None}
+    all_figures, pairs = [], []
+    with torch_threads(threads):
+        if latency:
+            settings["threads"] = torch.get_num_threads()
+        for stage in run.stages:
+            if stage is baseline_stage:
+                model, input_size = baseline_model, baseline_size
+            else:
+                model, input_size = load_stage_model(stage.folder, stage.info.get("input_size"))
+            figures = {**model_figures(model, input_size), "latency_ms": None, **settings}
+            all_figures.append(figures)
+            if not latency or stage is baseline_stage:
+                continue
+            if baseline_stage is None:
+                figures["latency_ms"] = latencies_ms({"model": model}, input_size, repeats)["model"]
+                continue
+            baseline_ms, figures["latency_ms"] = paired_latency(
+                baseline_model, model, input_size, repeats)
+            pairs.append({"run": run.name, "name": stage.name, "baseline_ms": baseline_ms,
+                          "model_ms": figures["latency_ms"]})
+        if latency and baseline_stage is not None:
+            all_figures[run.stages.index(baseline_stage)]["latency_ms"] = (
+                statistics.median(pair["baseline_ms"] for pair in pairs) if pairs
+                else latencies_ms({"model": baseline_model}, baseline_size, repeats)["model"]
+            )
+    return all_figures, pairs
+
+
+def run_figures(run: RunArtifacts, *, measure: bool, latency: bool, repeats: int,
+                threads: int | None) -> tuple[list[dict], list[dict], bool]:
+    """Figures of every stage of ``run``, its latency pairs, and whether they were measured now.
+    The figures the stages stored are used unless ``measure`` is set or a stage has none (a
+    run from before figures were stored): then the whole run is measured (`measure_run`), so
+    its latencies stay comparable with each other."""
+    if not measure and all(stage.figures is not None for stage in run.stages):
+        return [stage.figures for stage in run.stages], [], False
+    figures, pairs = measure_run(run, latency, repeats, threads)
+    return figures, pairs, True
