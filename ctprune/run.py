@@ -204,9 +204,12 @@ class Runner:
         started = time.perf_counter()
         extra = work(stage, resume)
         seconds = time.perf_counter() - started
-        report = self.recipe.report  # measured once here, read back by every report
-        figures = stage_figures(stage.folder, base["input_size"], latency=report.latency,
-                                repeats=report.latency_repeats, threads=report.threads)
+        # Measured once here, each model timed interleaved with the baseline; reports read it.
+        settings = self.recipe.report
+        baseline = self.baseline_stage.folder if self.baseline_stage is not None else None
+        figures = stage_figures(stage.folder, base["input_size"], latency=settings.latency,
+                                repeats=settings.latency_repeats, threads=settings.threads,
+                                baseline_folder=baseline)
         info = {**base, **extra, "figures": figures, "complete": True, "seconds": seconds}
         atomic_write_json(stage.folder / STAGE_FILE, info, default=str)
         return info

@@ -319,27 +319,28 @@ def test_malformed_artifacts_name_the_file_and_key(run_a, tmp_path):
 # --- stored figures ------------------------------------------------------------------------------
 
 
-def stored_figures(model, latency_ms: float) -> dict:
-    """stage.json ``figures`` as `ctprune run` stores them, with a chosen latency."""
-    return {**model_figures(model, INPUT), "latency_ms": latency_ms, "threads": 1,
-            "latency_repeats": 7}
+def stored_figures(model, latency_ms: float, baseline_ms: float | None = None) -> dict:
+    """stage.json ``figures`` as `ctprune run` stores them, with chosen latencies."""
+    return {**model_figures(model, INPUT), "latency_ms": latency_ms,
+            "baseline_latency_ms": baseline_ms, "threads": 1, "latency_repeats": 7}
 
 
 @pytest.fixture(scope="module")
 def run_stored(models, tmp_path_factory):
-    """A run whose stages stored their figures: the baseline (10 ms), an unpruned control of
-    the baseline's widths (9 ms) and a pruned fine-tune (5 ms) whose AP is NaN."""
+    """A run whose stages stored their figures: the baseline (12 ms alone), an unpruned control
+    of the baseline's widths (9 ms, its baseline 10 ms in the same rounds) and a pruned
+    fine-tune (5 ms, its baseline 10 ms) whose AP is NaN."""
     run = tmp_path_factory.mktemp("runs") / "run_stored"
     write_manifest(run, "recipe_stored")
     baseline, pruned, config = models["baseline"], models["pruned"], models["config"]
     write_stage(run, "baseline", kind="baseline", order=1, model=baseline, config=config,
-                metrics=coco_metrics(0.40, 0.60), figures=stored_figures(baseline, 10.0))
+                metrics=coco_metrics(0.40, 0.60), figures=stored_figures(baseline, 12.0))
     write_stage(run, "control_unpruned/finetune", kind="finetune", order=2,
                 branch="control_unpruned", model=baseline, config=config,
-                metrics=coco_metrics(0.41, 0.61), figures=stored_figures(baseline, 9.0))
+                metrics=coco_metrics(0.41, 0.61), figures=stored_figures(baseline, 9.0, 10.0))
     write_stage(run, "l1_0.5/finetune", kind="finetune", order=3, branch="l1_0.5", model=pruned,
                 config=config, metrics=coco_metrics(math.nan, 0.55),
-                figures=stored_figures(pruned, 5.0))
+                figures=stored_figures(pruned, 5.0, 10.0))
     return run
 
 
@@ -357,9 +358,13 @@ def test_stored_figures_are_read_without_loading_or_timing_a_model(run_stored, t
     monkeypatch.setattr(measure, "interleaved_times", refuse)
     monkeypatch.setattr(measure, "load_model", refuse)
     report = build_report([run_stored], tmp_path)
+    # The baseline row: the median of its medians in the stored pairs, as when re-timed.
     assert [row["latency_ms"] for row in report["rows"]] == [10.0, 9.0, 5.0]
     assert report["runs"][0]["measured"] is False and report["runs"][0]["threads"] == 1
-    assert report["threads"] is None and report["latency_pairs"] == []
+    assert report["threads"] is None
+    assert [(pair["name"], pair["baseline_ms"], pair["model_ms"])
+            for pair in report["latency_pairs"]] == [
+        ("control_unpruned/finetune", 10.0, 9.0), ("l1_0.5/finetune", 10.0, 5.0)]
     assert "measured once as each stage finished" in (tmp_path / "report.md").read_text()
 
 
@@ -376,7 +381,7 @@ def test_measure_times_every_stage_again_interleaved_with_the_baseline(run_store
     command = ["report", str(run_stored), "--out", str(tmp_path), "--measure", "--threads", "1"]
     assert main(command) == 0
     report = json.loads((tmp_path / "report.json").read_text())
-    assert timed == [2, 2]  # each model paired with the baseline
+    assert timed == [1, 2, 2]  # the baseline alone, then each model paired with it
     assert report["runs"][0]["measured"] is True and report["threads"] == 1
     assert [pair["name"] for pair in report["latency_pairs"]] == [
         "control_unpruned/finetune", "l1_0.5/finetune"]

@@ -17,7 +17,7 @@ FIGURE_TYPES = {
     "architecture": (str,),
 }
 """The keys of stage.json ``figures`` every row needs, with their types; ``precision``
-(default fp32) and ``latency_ms`` (null when not timed) are optional."""
+(default fp32), ``latency_ms`` and ``baseline_latency_ms`` (null when not timed) are optional."""
 
 
 @dataclass
@@ -125,9 +125,10 @@ def check_figures(figures: object, path: Path) -> None:
                 f"{path}: figures.{key}: expected {' or '.join(k.__name__ for k in kinds)}, "
                 f"got {value!r}"
             )
-    latency = figures.get("latency_ms")
-    if latency is not None and not is_number(latency):
-        raise ValueError(f"{path}: figures.latency_ms: expected a number or null, got {latency!r}")
+    for key in ("latency_ms", "baseline_latency_ms"):
+        value = figures.get(key)
+        if value is not None and not is_number(value):
+            raise ValueError(f"{path}: figures.{key}: expected a number or null, got {value!r}")
     precision = figures.get("precision")
     if precision is not None and not isinstance(precision, str):
         raise ValueError(f"{path}: figures.precision: expected fp32, bf16 ..., got {precision!r}")

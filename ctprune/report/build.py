@@ -12,7 +12,7 @@ from .artifacts import RunArtifacts, is_positive_int, read_run
 from .html import render_html
 from .measure import run_figures
 from .plots import write_plots
-from .tables import format_markdown, run_rows, run_speedups
+from .tables import format_markdown, latency_pairs, run_rows, run_speedups
 
 
 def check_arguments(run_dirs: list[Path], out_dir: Path | None, latency_repeats: int,
@@ -114,10 +114,11 @@ def build_report(
         )
     summaries, rows, pairs, speedups = [], [], [], []
     for run in runs:
-        figures, run_pairs, measured = run_figures(
+        figures, measured = run_figures(
             run, measure=measure, latency=latency, repeats=latency_repeats, threads=threads)
+        run_pairs = latency_pairs(run, figures)
         summaries.append(run_summary(run, figures, measured))
-        rows += run_rows(run, figures)
+        rows += run_rows(run, figures, run_pairs)
         pairs += run_pairs
         speedups += run_speedups(run, figures, run_pairs)
     timed_now = [summary for summary in summaries if summary["measured"] and summary["timed"]]

@@ -2,10 +2,10 @@
 `ctprune.bench.interleaved_times` (the one latency timer).
 
 Figures are measured once, when `ctprune run` finishes a stage (`stage_figures`, stored in the
-stage's stage.json under ``figures``), and read back by the report. `run_figures` measures a
+stage's stage.json under ``figures``), and read back by the report; `run_figures` measures a
 run again only when asked (``ctprune report --measure``) or when a stage predates stored
-figures; it then times each model interleaved with its run's baseline, so a slow spell on a
-shared machine slows both sides of the comparison alike.
+figures. Either way each model is timed interleaved with its run's baseline, so a slow spell
+on a shared machine slows both sides of the comparison alike and their ratio stays fair.
 """
 
 from __future__ import annotations
@@ -80,69 +80,42 @@ def load_stage_model(folder: Path, input_size: list[int] | None) -> tuple[nn.Mod
 
 
 def stage_figures(folder: Path, input_size: list[int] | None, *, latency: bool, repeats: int,
-                  threads: int | None) -> dict:
+                  threads: int | None, baseline_folder: Path | None = None) -> dict:
     """What `ctprune run` stores in a finished stage's stage.json under ``figures``:
-    `model_figures` of its checkpoint, and, with ``latency``, ``latency_ms`` (the model timed
-    alone, ``repeats`` forwards on ``threads`` CPU threads) with the ``threads`` and
-    ``latency_repeats`` it ran with (all three None without)."""
+    `model_figures` of its checkpoint and, with ``latency``, its ``latency_ms``, timed
+    interleaved with the baseline in ``baseline_folder`` (whose median, from the same rounds,
+    is ``baseline_latency_ms``) or alone without one, ``repeats`` forwards each on ``threads``
+    CPU threads, and the ``threads`` and ``latency_repeats`` it ran with (all None without)."""
     model, size = load_stage_model(folder, input_size)
-    figures = {**model_figures(model, size), "latency_ms": None, "threads": None,
-               "latency_repeats": None}
-    if latency:
-        with torch_threads(threads):
+    figures = {**model_figures(model, size), "latency_ms": None, "baseline_latency_ms": None,
+               "threads": None, "latency_repeats": None}
+    if not latency:
+        return figures
+    with torch_threads(threads):
+        if baseline_folder is None:
             figures["latency_ms"] = latencies_ms({"model": model}, size, repeats)["model"]
-            figures["threads"] = torch.get_num_threads()
-        figures["latency_repeats"] = repeats
+        else:
+            baseline, _ = load_stage_model(baseline_folder, list(size))
+            figures["baseline_latency_ms"], figures["latency_ms"] = paired_latency(
+                baseline, model, size, repeats)
+        figures["threads"] = torch.get_num_threads()
+    figures["latency_repeats"] = repeats
     return figures
 
 
-def measure_run(run: RunArtifacts, latency: bool, repeats: int,
-                threads: int | None) -> tuple[list[dict], list[dict]]:
-    """Figures of every stage of ``run`` (as `stage_figures`), measured now, and the latency
-    pairs (``{"run", "name", "baseline_ms", "model_ms"}``). Each model is timed interleaved
-    with the run's baseline; the baseline's own latency is the median of its medians across
-    the pairs (timed alone when the run has nothing else, as is a model in a run without a
-    baseline). Models are loaded one at a time; ``threads`` applies to latency only."""
-    baseline_stage = run.baseline
-    if baseline_stage is not None:
-        baseline_model, baseline_size = load_stage_model(
-            baseline_stage.folder, baseline_stage.info.get("input_size"))
-    settings = {"threads": None, "latency_repeats": repeats if latency else None}
-    all_figures, pairs = [], []
-    with torch_threads(threads):
-        if latency:
-            settings["threads"] = torch.get_num_threads()
-        for stage in run.stages:
-            if stage is baseline_stage:
-                model, input_size = baseline_model, baseline_size
-            else:
-                model, input_size = load_stage_model(stage.folder, stage.info.get("input_size"))
-            figures = {**model_figures(model, input_size), "latency_ms": None, **settings}
-            all_figures.append(figures)
-            if not latency or stage is baseline_stage:
-                continue
-            if baseline_stage is None:
-                figures["latency_ms"] = latencies_ms({"model": model}, input_size, repeats)["model"]
-                continue
-            baseline_ms, figures["latency_ms"] = paired_latency(
-                baseline_model, model, input_size, repeats)
-            pairs.append({"run": run.name, "name": stage.name, "baseline_ms": baseline_ms,
-                          "model_ms": figures["latency_ms"]})
-        if latency and baseline_stage is not None:
-            all_figures[run.stages.index(baseline_stage)]["latency_ms"] = (
-                statistics.median(pair["baseline_ms"] for pair in pairs) if pairs
-                else latencies_ms({"model": baseline_model}, baseline_size, repeats)["model"]
-            )
-    return all_figures, pairs
-
-
 def run_figures(run: RunArtifacts, *, measure: bool, latency: bool, repeats: int,
-                threads: int | None) -> tuple[list[dict], list[dict], bool]:
-    """Figures of every stage of ``run``, its latency pairs, and whether they were measured now.
+                threads: int | None) -> tuple[list[dict], bool]:
+    """Figures of every stage of ``run`` (`stage_figures`), and whether they were measured now.
     The figures the stages stored are used unless ``measure`` is set or a stage has none (a
-    run from before figures were stored): then the whole run is measured (`measure_run`), so
-    its latencies stay comparable with each other."""
+    run from before figures were stored): then every stage is measured again, one at a time,
+    each model timed interleaved with the run's baseline as `ctprune run` does."""
     if not measure and all(stage.figures is not None for stage in run.stages):
-        return [stage.figures for stage in run.stages], [], False
-    figures, pairs = measure_run(run, latency, repeats, threads)
-    return figures, pairs, True
+        return [stage.figures for stage in run.stages], False
+    baseline = run.baseline
+    figures = [
+        stage_figures(stage.folder, stage.info.get("input_size"), latency=latency,
+                      repeats=repeats, threads=threads,
+                      baseline_folder=None if baseline is None or stage is baseline else baseline.folder)
+        for stage in run.stages
+    ]
+    return figures, True

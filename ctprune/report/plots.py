@@ -122,7 +122,7 @@ def place_labels(figure, axes, points: list[tuple[float, float]], labels: list[s
 def plot_ap_vs_gmacs(rows: list[dict], path: Path) -> None:
     """AP50 (circles) and AP (squares) against GMACs, one colour per run, the Pareto front of
     each metric as a grey line. Points carry their row's number (a short label placed clear of
-    other marks); the legend beside the axes maps numbers to stage names."""
+    other marks, `place_labels`); the legend beside the axes maps numbers to stage names."""
     from matplotlib.lines import Line2D
 
     rows = [row for row in rows if row["ap50"] is not None or row["ap"] is not None]
@@ -133,15 +133,18 @@ def plot_ap_vs_gmacs(rows: list[dict], path: Path) -> None:
     colours = {run: f"C{index % 10}" for index, run in enumerate(runs)}
     figure = new_figure(10, max(5.5, 1.5 + 0.15 * (len(rows) + len(runs) + 4)))
     axes = figure.add_subplot()
-    points, labels = [], []
+    # Rows on the very same point (an unpruned control beside its baseline, a sweep's
+    # zero-AP stages) share one label: "2,3".
+    numbers_at: dict[tuple[float, float], list[str]] = {}
     for metric, (marker, _) in METRIC_MARKERS.items():
         for number, row in enumerate(rows, start=1):
             if row[metric] is None:
                 continue
             axes.scatter(row["gmacs"], row[metric], color=colours[row["run"]], marker=marker,
                          facecolors=colours[row["run"]] if metric == "ap50" else "none", zorder=3)
-            points.append((row["gmacs"], row[metric]))
-            labels.append(str(number))
+            numbers = numbers_at.setdefault((row["gmacs"], row[metric]), [])
+            if str(number) not in numbers:  # AP equal to AP50: one point
+                numbers.append(str(number))
         scored = [(row["gmacs"], row[metric]) for row in rows if row[metric] is not None]
         front = [scored[index] for index in pareto_front(scored)]
         axes.plot([x for x, _ in front], [y for _, y in front], color="grey", zorder=2,
@@ -164,7 +167,9 @@ def plot_ap_vs_gmacs(rows: list[dict], path: Path) -> None:
     axes.grid(alpha=0.3)
     axes.margins(0.08)
     figure.tight_layout()
-    place_labels(figure, axes, points, labels, [legend.get_window_extent()])
+    place_labels(figure, axes, list(numbers_at), [",".join(numbers) for numbers in
+                                                  numbers_at.values()],
+                 [legend.get_window_extent()])
     save_figure(figure, path)
 
 

@@ -4,6 +4,7 @@ speed-ups relative to the run's baseline, the markdown table and the header line
 from __future__ import annotations
 
 import math
+import statistics
 
 from .artifacts import METRIC_KEYS, RunArtifacts, StageArtifacts
 
@@ -48,20 +49,35 @@ def stage_row(run: RunArtifacts, stage: StageArtifacts, figures: dict) -> dict:
     return {key: row[key] for key in ROW_KEYS}
 
 
-def run_rows(run: RunArtifacts, figures: list[dict]) -> list[dict]:
-    """One row per stage of ``run`` (``figures`` in stage order), with kept fractions."""
+def latency_pairs(run: RunArtifacts, figures: list[dict]) -> list[dict]:
+    """``{"run", "name", "baseline_ms", "model_ms"}`` for each stage of ``run`` timed
+    interleaved with its baseline (``figures`` in stage order)."""
+    return [{"run": run.name, "name": stage.name, "baseline_ms": stage_figures["baseline_latency_ms"],
+             "model_ms": stage_figures["latency_ms"]}
+            for stage, stage_figures in zip(run.stages, figures, strict=True)
+            if stage_figures.get("baseline_latency_ms") is not None
+            and stage_figures.get("latency_ms") is not None]
+
+
+def run_rows(run: RunArtifacts, figures: list[dict], pairs: list[dict]) -> list[dict]:
+    """One row per stage of ``run`` (``figures`` in stage order), with kept fractions. The
+    baseline row's latency is the median of its medians across the ``pairs`` (its latency
+    timed alone where there are none)."""
     rows = [stage_row(run, stage, stage_figures)
             for stage, stage_figures in zip(run.stages, figures, strict=True)]
+    if run.baseline is not None and pairs:
+        baseline_row = rows[run.stages.index(run.baseline)]
+        baseline_row["latency_ms"] = statistics.median(pair["baseline_ms"] for pair in pairs)
     add_kept_fractions(rows)
     return rows
 
 
 def run_speedups(run: RunArtifacts, figures: list[dict], pairs: list[dict]) -> list[dict]:
     """``{"run", "name", "speedup"}`` for each stage of ``run`` whose architecture (layer
-    widths) differs from its baseline's: the paired ratio baseline ms / model ms where the
-    latency was timed in pairs, else the ratio of the stored medians. A stage of the
-    baseline's own architecture (the baseline, an unpruned control) gets none: the ratio of two
-    timings of one architecture is noise, not a speed-up."""
+    widths) differs from its baseline's: the ratio baseline ms / model ms of its interleaved
+    timing (of the rows' latencies where it has none). A stage of the baseline's own
+    architecture (the baseline, an unpruned control) gets none: the ratio of two timings of
+    one architecture is noise, not a speed-up."""
     baseline = run.baseline
     if baseline is None:
         return []
@@ -71,12 +87,11 @@ def run_speedups(run: RunArtifacts, figures: list[dict], pairs: list[dict]) -> l
     for stage, stage_figures in zip(run.stages, figures, strict=True):
         if stage_figures["architecture"] == reference["architecture"]:
             continue
-        if stage.name in paired:
-            baseline_ms, model_ms = paired[stage.name]["baseline_ms"], paired[stage.name]["model_ms"]
-        else:
-            baseline_ms, model_ms = reference["latency_ms"], stage_figures["latency_ms"]
-        if baseline_ms is not None and model_ms:
-            speedups.append({"run": run.name, "name": stage.name, "speedup": baseline_ms / model_ms})
+        pair = paired.get(stage.name, {"baseline_ms": reference.get("latency_ms"),
+                                       "model_ms": stage_figures.get("latency_ms")})
+        if pair["baseline_ms"] is not None and pair["model_ms"]:
+            speedups.append({"run": run.name, "name": stage.name,
+                             "speedup": pair["baseline_ms"] / pair["model_ms"]})
     return speedups
 
 
