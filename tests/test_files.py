@@ -65,4 +65,5 @@ def test_copy_and_strict_json(tmp_path):
     def refuse(constant):
         raise AssertionError(f"not strict JSON: {constant}")
 
-    assert json.loads(path.read_text(), parse_constant=refuse) == {"ap": None, "values": [1.0, None]}
+    written = json.loads(path.read_text(), parse_constant=refuse)
+    assert written == {"ap": None, "values": [1.0, None]}

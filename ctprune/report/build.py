@@ -37,16 +37,15 @@ def the_one_value(values: list) -> object:
 def run_summary(run: RunArtifacts, figures: list[dict], measured: bool) -> dict:
     """What the report says about one run: its manifest's identity, whether its figures were
     measured now, and the latency settings its stages share (None where they differ)."""
-    timed = [stage_figures for stage_figures in figures if stage_figures.get("latency_ms") is not None]
+    timed = [stage for stage in figures if stage.get("latency_ms") is not None]
     return {
         "name": run.name,
         "path": str(run.folder.resolve()),
         **{key: run.manifest.get(key) for key in ("recipe_name", "recipe_sha256", "created")},
         "measured": measured,
         "timed": bool(timed),
-        "threads": the_one_value([stage_figures.get("threads") for stage_figures in timed]),
-        "latency_repeats": the_one_value(
-            [stage_figures.get("latency_repeats") for stage_figures in timed]),
+        "threads": the_one_value([stage.get("threads") for stage in timed]),
+        "latency_repeats": the_one_value([stage.get("latency_repeats") for stage in timed]),
     }
 
 

@@ -37,7 +37,8 @@ def precision_of(model: nn.Module) -> str:
 def architecture_digest(model: nn.Module) -> str:
     """A digest of the state dict's names and shapes: equal for two models exactly when they
     share architecture and layer widths (the speed-up column compares it with the baseline's)."""
-    shapes = "\n".join(f"{name}:{tuple(tensor.shape)}" for name, tensor in model.state_dict().items())
+    shapes = "\n".join(f"{name}:{tuple(tensor.shape)}"
+                       for name, tensor in model.state_dict().items())
     return hashlib.sha256(shapes.encode()).hexdigest()[:16]
 
 
@@ -71,7 +72,8 @@ def paired_latency(baseline: nn.Module, model: nn.Module, input_size: tuple[int,
     return medians["baseline"], medians["model"]
 
 
-def load_stage_model(folder: Path, input_size: list[int] | None) -> tuple[nn.Module, tuple[int, int]]:
+def load_stage_model(folder: Path,
+                     input_size: list[int] | None) -> tuple[nn.Module, tuple[int, int]]:
     """The model in ``folder/checkpoint.pt`` (CPU, eval mode) and its input size (height,
     width): ``input_size`` (stage.json's), else the checkpoint's."""
     model, checkpoint = load_model(folder / CHECKPOINT_FILE)
@@ -112,10 +114,9 @@ def run_figures(run: RunArtifacts, *, measure: bool, latency: bool, repeats: int
     if not measure and all(stage.figures is not None for stage in run.stages):
         return [stage.figures for stage in run.stages], False
     baseline = run.baseline
-    figures = [
-        stage_figures(stage.folder, stage.info.get("input_size"), latency=latency,
-                      repeats=repeats, threads=threads,
-                      baseline_folder=None if baseline is None or stage is baseline else baseline.folder)
-        for stage in run.stages
-    ]
+    figures = []
+    for stage in run.stages:
+        paired_with = None if baseline is None or stage is baseline else baseline.folder
+        figures.append(stage_figures(stage.folder, stage.info.get("input_size"), latency=latency,
+                                     repeats=repeats, threads=threads, baseline_folder=paired_with))
     return figures, True

@@ -52,11 +52,11 @@ def stage_row(run: RunArtifacts, stage: StageArtifacts, figures: dict) -> dict:
 def latency_pairs(run: RunArtifacts, figures: list[dict]) -> list[dict]:
     """``{"run", "name", "baseline_ms", "model_ms"}`` for each stage of ``run`` timed
     interleaved with its baseline (``figures`` in stage order)."""
-    return [{"run": run.name, "name": stage.name, "baseline_ms": stage_figures["baseline_latency_ms"],
-             "model_ms": stage_figures["latency_ms"]}
-            for stage, stage_figures in zip(run.stages, figures, strict=True)
-            if stage_figures.get("baseline_latency_ms") is not None
-            and stage_figures.get("latency_ms") is not None]
+    return [{"run": run.name, "name": stage.name, "baseline_ms": measured["baseline_latency_ms"],
+             "model_ms": measured["latency_ms"]}
+            for stage, measured in zip(run.stages, figures, strict=True)
+            if measured.get("baseline_latency_ms") is not None
+            and measured.get("latency_ms") is not None]
 
 
 def run_rows(run: RunArtifacts, figures: list[dict], pairs: list[dict]) -> list[dict]:
