@@ -3,8 +3,9 @@ speed-ups relative to the run's baseline, the markdown table and the header line
 
 from __future__ import annotations
 
-import math
 import statistics
+
+from detector.files import finite_or_null
 
 from .artifacts import METRIC_KEYS, RunArtifacts, StageArtifacts
 
@@ -13,13 +14,6 @@ ROW_KEYS = ("run", "name", "stage", "precision", "params", "size_mib", "gmacs", 
 FIGURE_KEYS = ("precision", "params", "size_mib", "gmacs", "latency_ms")
 DEFAULT_PRECISION = "fp32"
 EMPTY_CELL = "–"
-
-
-def finite_or_none(value: object) -> float | None:
-    """Metrics with nothing to measure are NaN (pycocotools' -1); JSON has no NaN, so None."""
-    if value is None or not math.isfinite(value):
-        return None
-    return float(value)
 
 
 def kept_fraction(value: float | None, baseline: float | None) -> float | None:
@@ -44,7 +38,8 @@ def stage_row(run: RunArtifacts, stage: StageArtifacts, figures: dict) -> dict:
     row = {"run": run.name, "name": stage.name, "stage": stage.kind,
            **{key: figures.get(key) for key in FIGURE_KEYS}}
     row["precision"] = row["precision"] or DEFAULT_PRECISION
-    row.update({metric: finite_or_none(stage.metrics[metric]) for metric in METRIC_KEYS})
+    # pycocotools reports a metric with nothing to measure as -1, evaluate_model as NaN.
+    row.update({metric: finite_or_null(stage.metrics[metric]) for metric in METRIC_KEYS})
     row.update({"ap_kept": None, "ap50_kept": None})
     return {key: row[key] for key in ROW_KEYS}
 
