@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from .layout import REPORT_FILES, STAGES
+
 
 def _run_dir(name: str, out: Path | None) -> Path:
     return out if out is not None else Path("experiments") / name
@@ -50,8 +52,9 @@ def _report(args: argparse.Namespace) -> None:
 
     if len(args.runs) > 1 and args.out is None:
         raise ValueError("comparing several runs needs --out DIR for the combined report")
-    build_report(args.runs, args.out, latency=not args.no_latency, threads=args.threads)
-    print(((args.out or args.runs[0]) / "report.md").read_text())
+    build_report(args.runs, args.out, measure=args.measure, latency=not args.no_latency,
+                 threads=args.threads)
+    print(((args.out or args.runs[0]) / REPORT_FILES["markdown"]).read_text())
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -282,10 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--from",
         dest="from_stage",
-        choices=("baseline", "prune", "finetune", "report"),
+        choices=STAGES,
         help="run this stage and every later one again, even when done",
     )
-    run.add_argument("--only", choices=("baseline", "prune", "finetune", "report"),
+    run.add_argument("--only", choices=STAGES,
                      help="run only this stage (the stages before it must be done)")
     run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     run.set_defaults(run=_run)
@@ -297,8 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--out", type=Path, help="folder for a combined report (default: the run folder)"
     )
-    report.add_argument("--threads", type=int, help="CPU threads for latency")
-    report.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    report.add_argument("--measure", action="store_true",
+                        help="measure every stage's model again (size, MACs and latency, each "
+                        "model interleaved with its run's baseline) instead of reading the "
+                        "figures each stage stored when it finished")
+    report.add_argument("--threads", type=int,
+                        help="CPU threads for the latency the report measures itself")
+    report.add_argument("--no-latency", action="store_true",
+                        help="time nothing here (latencies stored by the stages are still shown)")
     report.set_defaults(run=_report)
 
     evaluate = commands.add_parser(

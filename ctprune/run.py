@@ -42,30 +42,29 @@ from detector.data.sources import load_source
 from detector.engine.config import TrainConfig, TrainRecipe
 from detector.engine.train import resolve_model_config
 from detector.evaluate.run import evaluate_model
-from detector.files import atomic_replace, atomic_write_text
+from detector.files import atomic_copy, atomic_write_json, atomic_write_text
 from detector.original import import_original_checkpoint
 
 from .distill import DistillConfig
+from .layout import CHECKPOINT_FILE as CHECKPOINT
+from .layout import (
+    EVAL_FOLDER,
+    MANIFEST_FILE,
+    METRICS_FILE,
+    RECIPE_FILE,
+    RESUME_FILE,
+    STAGE_FILE,
+    STAGES,
+)
 from .pruning import prune
 from .recalibrate import recalibrate_bn
 from .recipe import Branch, Recipe, branches, resolve_path, stage_fingerprint
+from .report import build_report, stage_figures
 from .train import train
-
-STAGES = ("baseline", "prune", "finetune", "report")
-STAGE_FILE = "stage.json"
-CHECKPOINT = "checkpoint.pt"
 
 
 class RunError(ValueError):
     """A run folder or stage that cannot be used as asked."""
-
-
-def _write_json(path: Path, data: dict) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=str))
-
-
-def _copy_atomic(source: Path, destination: Path) -> None:
-    atomic_replace(destination, lambda temporary: shutil.copyfile(source, temporary))
 
 
 def _git_revision() -> str | None:
@@ -97,7 +96,7 @@ def _versions() -> dict:
 
 def write_manifest(recipe: Recipe, out_dir: Path, command: list[str] | None) -> None:
     """Record what runs in ``out_dir``; refuse a folder that holds another recipe's run."""
-    path = out_dir / "manifest.json"
+    path = out_dir / MANIFEST_FILE
     recipe_dict = {k: v for k, v in to_dict(recipe).items() if k != "source"}
     digest = stage_fingerprint(recipe_dict)
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -116,12 +115,12 @@ def write_manifest(recipe: Recipe, out_dir: Path, command: list[str] | None) -> 
             "choose another --out"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(path, {
+    atomic_write_json(path, {
         "recipe_name": recipe.name, "recipe_sha256": digest, "recipe_file": recipe.source,
         "command": command, "git_revision": _git_revision(), "versions": _versions(),
         "seed": recipe.train.seed, "created": created, "updated": now,
-    })
-    (out_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_dict, sort_keys=False))
+    }, default=str)
+    atomic_write_text(out_dir / RECIPE_FILE, yaml.safe_dump(recipe_dict, sort_keys=False))
 
 
 @dataclasses.dataclass
@@ -145,7 +144,7 @@ class Stage:
             and info.get("complete") is True
             and info.get("fingerprint") == self.fingerprint
             and (self.folder / CHECKPOINT).is_file()
-            and (self.folder / "eval" / "metrics.json").is_file()
+            and (self.folder / METRICS_FILE).is_file()
         )
 
 
@@ -188,7 +187,7 @@ class Runner:
             )
         previous = stage.info()
         resume = (previous is not None and previous.get("fingerprint") == stage.fingerprint
-                  and not self._forced(stage.kind) and (stage.folder / "resume.pt").is_file())
+                  and not self._forced(stage.kind) and (stage.folder / RESUME_FILE).is_file())
         if not resume and stage.folder.exists():
             shutil.rmtree(stage.folder)  # another configuration's leftovers: start clean
         stage.folder.mkdir(parents=True, exist_ok=True)
@@ -200,12 +199,19 @@ class Runner:
             "fingerprint": stage.fingerprint,
             "input_size": list(self.model_config.input.input_size),
         }
-        _write_json(stage.folder / STAGE_FILE, {**base, "complete": False})
+        atomic_write_json(stage.folder / STAGE_FILE, {**base, "complete": False}, default=str)
         self.log(f"[{'resume' if resume else 'run'}] {stage.name}")
         started = time.perf_counter()
         extra = work(stage, resume)
-        info = {**base, **extra, "complete": True, "seconds": time.perf_counter() - started}
-        _write_json(stage.folder / STAGE_FILE, info)
+        seconds = time.perf_counter() - started
+        # Measured once here, each model timed interleaved with the baseline; reports read it.
+        settings = self.recipe.report
+        baseline = self.baseline_stage.folder if self.baseline_stage is not None else None
+        figures = stage_figures(stage.folder, base["input_size"], latency=settings.latency,
+                                repeats=settings.latency_repeats, threads=settings.threads,
+                                baseline_folder=baseline)
+        info = {**base, **extra, "figures": figures, "complete": True, "seconds": seconds}
+        atomic_write_json(stage.folder / STAGE_FILE, info, default=str)
         return info
 
     def _evaluate(self, model: torch.nn.Module, model_config: ModelConfig, stage: Stage) -> dict:
@@ -215,7 +221,7 @@ class Runner:
             model_config,
             self.recipe.evaluate,
             self.device,
-            stage.folder / "eval",
+            stage.folder / EVAL_FOLDER,
         )
         return {k: v for k, v in metrics.items() if k in ("ap", "ap50", "ap75", "voc_ap50")}
 
@@ -237,7 +243,7 @@ class Runner:
         train(recipe, stage.folder, sparsity=sparsity, distill=distill, teacher_paths=teacher_paths,
               resume=resume, device=self.device, initial_model=initial_model, **self.fit_hooks)
         chosen = stage.folder / ("best.pt" if (stage.folder / "best.pt").is_file() else "last.pt")
-        _copy_atomic(chosen, stage.folder / CHECKPOINT)
+        atomic_copy(chosen, stage.folder / CHECKPOINT)
         model, _ = load_model(stage.folder / CHECKPOINT)
         return model
 
@@ -278,7 +284,7 @@ class Runner:
 
         def work(stage: Stage, resume: bool) -> dict:
             if recipe.baseline.checkpoint is not None:
-                _copy_atomic(
+                atomic_copy(
                     resolve_path(recipe, recipe.baseline.checkpoint), stage.folder / CHECKPOINT
                 )
                 model, checkpoint = load_model(stage.folder / CHECKPOINT)
@@ -397,8 +403,7 @@ class Runner:
                           collate_fn=collate, generator=generator)
 
     def report(self) -> dict:
-        from .report import build_report
-
+        """The run's report from the figures its stages stored (nothing is timed again)."""
         config = self.recipe.report
         return build_report([self.out_dir], self.out_dir, latency=config.latency,
                             latency_repeats=config.latency_repeats, threads=config.threads)

@@ -12,9 +12,7 @@ Format history:
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from torch import nn
 
 from .channel_plan import ChannelPlan, apply_channel_plan, channel_plan_of
 from .config import ModelConfig, from_dict, to_dict
+from .files import atomic_replace
 from .models import build_model
 
 FORMAT_VERSION = 1
@@ -52,20 +51,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def atomic_save(obj: object, path: str | Path) -> Path:
-    """torch.save to a temporary file in the target folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    """torch.save ``obj`` to ``path`` atomically (`detector.files.atomic_replace`)."""
+    return atomic_replace(path, lambda file: torch.save(obj, file))
 
 
 def _check_plain(value: object, where: str) -> None:

@@ -1,29 +1,84 @@
-"""Files written whole or not at all: filled as a temporary file beside the target, then renamed
-over it, so an interrupted run never leaves a truncated file behind."""
+"""Files written whole or not at all: filled as a temporary file beside the target, flushed to
+disk, then renamed over it, so a crash or an interrupted run never leaves a truncated file
+behind. Every file ctprune writes into a run folder goes through `atomic_replace`."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
+
+FILE_MODE = 0o644
+"""Mode of every file written here: read-write for its owner, readable by everyone, whatever
+the umask. Stated rather than inherited because temporary-file helpers create private (0o600)
+files and the rename would keep that mode."""
 
 
-def atomic_replace(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(temporary)`` to fill a temporary file in ``path``'s folder, then rename it
-    over ``path``; on any failure the temporary file is removed and ``path`` is untouched."""
+def atomic_replace(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write(file)`` on a temporary file opened for binary writing in ``path``'s folder,
+    fsync it, give it `FILE_MODE`, rename it over ``path`` and fsync the folder (so the rename
+    itself survives a power cut). On any failure the temporary file is removed and ``path`` is
+    left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkstemp: its files are private (mode 0600) and the rename would keep that.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        write(temporary)
+        with open(temporary, "xb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, FILE_MODE)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
     return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    # A folder cannot be opened for fsync on Windows; there the rename is as durable as it gets.
+    if os.name != "posix":
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
-    return atomic_replace(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+    return atomic_replace(path, lambda file: file.write(text.encode("utf-8")))
+
+
+def atomic_copy(source: str | Path, destination: str | Path) -> Path:
+    """Copy the bytes of ``source`` to ``destination`` atomically."""
+    with open(source, "rb") as original:
+        return atomic_replace(destination, lambda file: shutil.copyfileobj(original, file))
+
+
+def finite_or_null(data: object) -> object:
+    """``data`` with every NaN or infinite float replaced by None (JSON has neither) and tuples
+    turned into lists, recursively; other values are returned unchanged."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {key: finite_or_null(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_or_null(value) for value in data]
+    return data
+
+
+def atomic_write_json(
+    path: str | Path, data: object, *, default: Callable[[object], object] | None = None
+) -> Path:
+    """``data`` as strict, indented JSON (NaN and infinities become null) written atomically;
+    ``default`` converts values JSON has no type for, as in `json.dumps`."""
+    text = json.dumps(finite_or_null(data), indent=2, allow_nan=False, default=default)
+    return atomic_write_text(path, text + "\n")

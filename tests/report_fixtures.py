@@ -64,17 +64,21 @@ def write_stage(
     history: list[dict] | None = None,
     prune: dict | None = None,
     branch: str | None = None,
+    figures: dict | None = None,
     complete: bool = True,
     extra_history_lines: list[str] = (),
 ) -> Path:
-    """One stage folder ``run/relative``: stage.json, and the checkpoint, eval/metrics.json,
-    metrics.jsonl lines given."""
+    """One stage folder ``run/relative``: stage.json (with the stored ``figures`` given: as
+    `ctprune run` writes them since it stores them; without: an older run's), and the
+    checkpoint, eval/metrics.json, metrics.jsonl lines given."""
     folder = run / relative
     folder.mkdir(parents=True, exist_ok=True)
     info = {"name": relative, "stage": kind, "branch": branch, "complete": complete, "seconds": 1.5,
             "input_size": [64, 64], "order": order, "fingerprint": "f" * 16}
     if prune is not None:
         info["prune"] = prune
+    if figures is not None:
+        info["figures"] = figures
     write_json(folder / "stage.json", info)
     if model is not None:
         save_checkpoint(folder / "checkpoint.pt", model, config)

@@ -66,6 +66,13 @@ def test_smoke_recipe_runs_the_whole_chain(smoke_run):
     assert manifest["recipe_name"] == "smoke" and manifest["versions"]["torch"]
     stage = json.loads((run / "l1_r0.5" / "prune" / "stage.json").read_text())
     assert stage["complete"] and stage["prune"]["criterion"] == "l1"
+    # Figures are measured once as each stage finishes; the report reads them back.
+    assert stage["figures"]["precision"] == "fp32" and stage["figures"]["threads"] == 1
+    assert report["runs"][0]["measured"] is False
+    by_name = {row["name"]: row for row in report["rows"]}
+    assert by_name["l1_r0.5/prune"]["latency_ms"] == stage["figures"]["latency_ms"]
+    speedups = {entry["name"] for entry in report["speedups"]}
+    assert "l1_r0.5/finetune" in speedups and "control_unpruned/finetune" not in speedups
 
 
 def test_a_second_run_skips_finished_stages(smoke_run):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import math
 import re
 import shutil
 import statistics
@@ -23,13 +24,17 @@ from report_fixtures import (
 from tiny import tiny_config, tiny_model
 
 import ctprune
+from ctprune.cli import main
 from ctprune.report import (
     ROW_KEYS,
     build_report,
+    measure,
     paired_latency,
     pareto_front,
     read_history,
 )
+from ctprune.report.measure import model_figures
+from ctprune.report.plots import new_figure, place_labels
 from detector import count_macs, count_parameters, load_model, state_dict_mib
 
 INPUT = (64, 64)
@@ -251,11 +256,12 @@ class Recorder(torch.nn.Module):
         return images
 
 
-def test_paired_latency_alternates_after_one_warm_up_each():
+def test_paired_latency_interleaves_through_the_bench_timer_after_one_warm_up_each():
     calls = []
     baseline, model = Recorder("baseline", calls), Recorder("model", calls)
     baseline_ms, model_ms = paired_latency(baseline, model, (8, 8), repeats=3)
-    assert calls == ["baseline", "model"] * 4
+    # ctprune.bench.interleaved_times: forward order on even rounds, reverse on odd ones.
+    assert calls == ["baseline", "model"] * 2 + ["model", "baseline"] + ["baseline", "model"]
     assert baseline_ms >= 0 and model_ms >= 0
 
 
@@ -308,3 +314,136 @@ def test_malformed_artifacts_name_the_file_and_key(run_a, tmp_path):
     write_json(run / "baseline" / "stage.json", no_order)
     with pytest.raises(ValueError, match=r"baseline/stage.json: missing key 'order'"):
         build_report([run], latency=False)
+
+
+# --- stored figures ------------------------------------------------------------------------------
+
+
+def stored_figures(model, latency_ms: float, baseline_ms: float | None = None) -> dict:
+    """stage.json ``figures`` as `ctprune run` stores them, with chosen latencies."""
+    return {**model_figures(model, INPUT), "latency_ms": latency_ms,
+            "baseline_latency_ms": baseline_ms, "threads": 1, "latency_repeats": 7}
+
+
+@pytest.fixture(scope="module")
+def run_stored(models, tmp_path_factory):
+    """A run whose stages stored their figures: the baseline (12 ms alone), an unpruned control
+    of the baseline's widths (9 ms, its baseline 10 ms in the same rounds) and a pruned
+    fine-tune (5 ms, its baseline 10 ms) whose AP is NaN."""
+    run = tmp_path_factory.mktemp("runs") / "run_stored"
+    write_manifest(run, "recipe_stored")
+    baseline, pruned, config = models["baseline"], models["pruned"], models["config"]
+    write_stage(run, "baseline", kind="baseline", order=1, model=baseline, config=config,
+                metrics=coco_metrics(0.40, 0.60), figures=stored_figures(baseline, 12.0))
+    write_stage(run, "control_unpruned/finetune", kind="finetune", order=2,
+                branch="control_unpruned", model=baseline, config=config,
+                metrics=coco_metrics(0.41, 0.61), figures=stored_figures(baseline, 9.0, 10.0))
+    write_stage(run, "l1_0.5/finetune", kind="finetune", order=3, branch="l1_0.5", model=pruned,
+                config=config, metrics=coco_metrics(math.nan, 0.55),
+                figures=stored_figures(pruned, 5.0, 10.0))
+    return run
+
+
+def table_column(markdown: str, header: str) -> list[str]:
+    lines = [line.split("|")[1:-1] for line in markdown.splitlines() if line.startswith("|")]
+    column = [cell.strip() for cell in lines[0]].index(header)
+    return [cells[column].strip() for cells in lines[2:]]
+
+
+def test_stored_figures_are_read_without_loading_or_timing_a_model(run_stored, tmp_path,
+                                                                   monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the report measured a model")
+
+    monkeypatch.setattr(measure, "interleaved_times", refuse)
+    monkeypatch.setattr(measure, "load_model", refuse)
+    report = build_report([run_stored], tmp_path)
+    # The baseline row: the median of its medians in the stored pairs, as when re-timed.
+    assert [row["latency_ms"] for row in report["rows"]] == [10.0, 9.0, 5.0]
+    assert report["runs"][0]["measured"] is False and report["runs"][0]["threads"] == 1
+    assert report["threads"] is None
+    assert [(pair["name"], pair["baseline_ms"], pair["model_ms"])
+            for pair in report["latency_pairs"]] == [
+        ("control_unpruned/finetune", 10.0, 9.0), ("l1_0.5/finetune", 10.0, 5.0)]
+    assert "measured once as each stage finished" in (tmp_path / "report.md").read_text()
+
+
+def test_measure_times_every_stage_again_interleaved_with_the_baseline(run_stored, tmp_path,
+                                                                      monkeypatch, capsys):
+    timed = []
+    timer = measure.interleaved_times
+
+    def recording_timer(runners, *args, **kwargs):
+        timed.append(len(runners))
+        return timer(runners, *args, **kwargs)
+
+    monkeypatch.setattr(measure, "interleaved_times", recording_timer)
+    command = ["report", str(run_stored), "--out", str(tmp_path), "--measure", "--threads", "1"]
+    assert main(command) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert timed == [1, 2, 2]  # the baseline alone, then each model paired with it
+    assert report["runs"][0]["measured"] is True and report["threads"] == 1
+    assert [pair["name"] for pair in report["latency_pairs"]] == [
+        "control_unpruned/finetune", "l1_0.5/finetune"]
+    assert [row["latency_ms"] for row in report["rows"]] != [10.0, 9.0, 5.0]
+    assert "measured now" in capsys.readouterr().out
+
+
+def test_every_row_carries_its_precision(report_a, run_stored, tmp_path):
+    stored = build_report([run_stored], tmp_path)
+    for report, out_dir in (report_a, (stored, tmp_path)):
+        assert [row["precision"] for row in report["rows"]] == ["fp32"] * len(report["rows"])
+        markdown = (out_dir / "report.md").read_text()
+        assert table_column(markdown, "precision") == ["fp32"] * len(report["rows"])
+        assert "<th>precision</th>" in (out_dir / "report.html").read_text()
+
+
+def test_stored_figures_without_precision_are_fp32(run_stored, tmp_path):
+    run = shutil.copytree(run_stored, tmp_path / "run")
+    info = json.loads((run / "baseline" / "stage.json").read_text())
+    del info["figures"]["precision"]
+    write_json(run / "baseline" / "stage.json", info)
+    assert build_report([run], tmp_path / "out")["rows"][0]["precision"] == "fp32"
+
+
+def test_a_nan_metric_is_null_in_strict_json(run_stored, tmp_path):
+    report = build_report([run_stored], tmp_path)
+
+    def refuse(constant):
+        raise AssertionError(f"report.json holds {constant}")
+
+    written = json.loads((tmp_path / "report.json").read_text(), parse_constant=refuse)
+    pruned = written["rows"][2]
+    assert pruned["ap"] is None and pruned["ap_kept"] is None and pruned["ap50"] == 0.55
+    assert written == report
+
+
+def test_only_rows_of_other_widths_than_the_baseline_show_a_speedup(run_stored, tmp_path):
+    report = build_report([run_stored], tmp_path)
+    assert report["speedups"] == [
+        {"run": "run_stored", "name": "l1_0.5/finetune", "speedup": 2.0}]
+    markdown = (tmp_path / "report.md").read_text()
+    assert table_column(markdown, "speed-up") == ["–", "–", "2.00x"]
+
+
+def test_html_has_no_literal_backticks(report_a):
+    out_dir = report_a[1]
+    page = (out_dir / "report.html").read_text()
+    assert "`" in (out_dir / "report.md").read_text()  # the markdown has code spans ...
+    assert "`" not in page and "<code>run_a</code>" in page  # ... the page has <code>
+
+
+def test_point_labels_do_not_overlap_each_other_or_the_markers():
+    figure = new_figure(6, 4)
+    axes = figure.add_subplot()
+    points = [(1.0 + 0.01 * (index % 4), 0.5 + 0.004 * index) for index in range(16)]
+    axes.scatter(*zip(*points, strict=True))
+    axes.set_xlim(0, 2)
+    axes.set_ylim(0, 1)
+    labels = place_labels(figure, axes, points, [f"stage {index}" for index in range(16)], [])
+    renderer = figure.canvas.get_renderer()
+    boxes = [label.get_window_extent(renderer) for label in labels]
+    for index, box in enumerate(boxes):
+        assert not any(box.overlaps(other) for other in boxes[index + 1:])
+        for x, y in axes.transData.transform(points):
+            assert not box.contains(x, y)

@@ -1,0 +1,24 @@
+"""The report of a run (or a comparison of runs), built only from the artifacts its stages left
+in the run folder (`ctprune.layout`), so it can be rebuilt without rerunning anything.
+
+One module per concern: `artifacts` reads the run folders, `measure` measures stage models
+(through `ctprune.bench`'s timer; `ctprune run` stores each stage's figures as it finishes),
+`tables` makes the rows and the markdown, `plots` the PNGs, `html` the self-contained page,
+and `build` ties them together in `build_report`.
+"""
+
+from .artifacts import read_history, read_run
+from .build import build_report
+from .measure import paired_latency, stage_figures
+from .plots import pareto_front
+from .tables import ROW_KEYS
+
+__all__ = [
+    "ROW_KEYS",
+    "build_report",
+    "paired_latency",
+    "pareto_front",
+    "read_history",
+    "read_run",
+    "stage_figures",
+]
