@@ -19,6 +19,7 @@ from .. import distributed
 from ..config import ModelConfig
 from ..data.dataset import CenterNetDataset, collate, read_image, worker_init_fn
 from ..data.records import DetectionSource
+from ..files import atomic_write_json, atomic_write_text
 from ..heads import head_type
 from ..inference.decode import detections_to_image
 from ..inference.predictor import Predictor, detect
@@ -150,15 +151,17 @@ def _score(
     if out_dir is not None and write_reports:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "results.json").write_text(json.dumps(results))
+        # Compact: a COCO val results file holds half a million detections.
+        atomic_write_text(out_dir / "results.json", json.dumps(results, allow_nan=False))
         rows = ["| class | COCO AP | VOC AP50 |", "|---|---|---|"]
         for index, name in enumerate(source.class_names):
             coco_ap = metrics["per_class_ap"].get(name, math.nan)
             rows.append(f"| {name} | {coco_ap:.4f} | {voc['per_class_ap'][index]:.4f} |")
-        (out_dir / "per_class_ap.md").write_text("\n".join(rows) + "\n")
+        atomic_write_text(out_dir / "per_class_ap.md", "\n".join(rows) + "\n")
         summary = {k: v for k, v in metrics.items() if k != "per_class_ap"}
-        (out_dir / "metrics.json").write_text(
-            json.dumps({**summary, "per_class_ap": metrics["per_class_ap"]}, indent=2)
+        # Strict JSON: a class without ground truth has a NaN AP, written as null.
+        atomic_write_json(
+            out_dir / "metrics.json", {**summary, "per_class_ap": metrics["per_class_ap"]}
         )
         if config.pr_curves:
             plot_pr_curves(voc["precision_recall"], source.class_names, out_dir / "pr_curves")
