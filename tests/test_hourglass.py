@@ -8,11 +8,11 @@ from torch import nn
 
 from ctprune.pruning import CRITERIA, prune
 from detector import count_macs, count_parameters, load_model, output_layers, save_checkpoint
+from detector.inference.decode import decode_centernet
+from detector.inference.predictor import detect
 from detector.losses import centernet_loss
 from detector.models import build_model
 from detector.original import convert_original_state_dict, import_original_checkpoint
-from detector.inference.decode import decode_centernet
-from detector.inference.predictor import detect
 
 pytestmark = pytest.mark.timeout(60)
 
