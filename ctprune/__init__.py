@@ -15,10 +15,10 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 from .distill import DistillConfig, TeacherConfig, distillation_loss
 from .pruning import CRITERIA, PruneResult, PruneStats, prune
-from .recalibrate import recalibrate_bn
+from .pruning.recalibrate import recalibrate_bn
 from .recipe import Recipe, load_recipe
 from .run import run_recipe
-from .slimming import SparsityConfig, bn_gamma_statistics, sparsity_callbacks
+from .pruning.slimming import SparsityConfig, bn_gamma_statistics, sparsity_callbacks
 
 __all__ = [
     "CRITERIA",

@@ -10,7 +10,7 @@ type raises with its dotted path, ``--set section.key=value`` overrides any key)
     baseline:   where the unpruned model comes from: a ctprune checkpoint, an original
                 CenterNet checkpoint, or (neither given) training it with `train`
     train:      how the baseline is trained (detector.engine.config.TrainConfig)
-    sparsity:   optional; sparsity-train the baseline's BN scales (ctprune.slimming)
+    sparsity:   optional; sparsity-train the baseline's BN scales (ctprune.pruning.slimming)
     prune:      what to prune and how (PruneConfig); a list of ratios or criteria is a sweep
     finetune:   how each pruned model is trained afterwards (a TrainConfig), with an optional
                 `distill` part: the unpruned baseline (or other teachers) as teacher
@@ -41,7 +41,7 @@ from detector.engine.config import EvaluateConfig, TrainConfig, read_recipe
 from .distill import DistillConfig
 from .pruning.api import DEFAULT_ROUND_TO
 from .pruning.criteria import check_criterion
-from .slimming import SparsityConfig
+from .pruning.slimming import SparsityConfig
 
 
 @dataclass

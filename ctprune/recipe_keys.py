@@ -30,7 +30,7 @@ from .recipe import (
     ReportConfig,
     SyntheticConfig,
 )
-from .slimming import SparsityConfig
+from .pruning.slimming import SparsityConfig
 
 # (section as written in a recipe, its dataclass), in the order a recipe reads.
 SECTIONS = (

@@ -47,7 +47,7 @@ from detector.original import import_original_checkpoint
 
 from .distill import DistillConfig
 from .pruning import prune
-from .recalibrate import recalibrate_bn
+from .pruning.recalibrate import recalibrate_bn
 from .recipe import Branch, Recipe, branches, resolve_path, stage_fingerprint
 from .train import train
 

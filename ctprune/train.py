@@ -34,7 +34,7 @@ from .distill import (
     load_teacher,
     request_features,
 )
-from .slimming import SparsityConfig, scheduled_lr, sparsity_callbacks
+from .pruning.slimming import SparsityConfig, scheduled_lr, sparsity_callbacks
 
 CTPRUNE_SECTIONS = ("sparsity",)
 

@@ -6,7 +6,7 @@ import yaml
 from tiny import TINY_HEAD_CONV, TINY_WIDTHS
 
 from ctprune.cli import main
-from ctprune.slimming import bn_gamma_statistics
+from ctprune.pruning.slimming import bn_gamma_statistics
 from ctprune.train import load_training_recipe
 from detector import load_model
 from detector.data.shapes import generate_shapes

@@ -2,7 +2,8 @@
 
 One entry point, `prune(model, ratio, criterion, ...) -> PruneResult(model, plan, stats)`;
 the folders mirror the algorithm: `graph` (coupled channels) -> `criteria` (importance) ->
-`allocate` (how many channels each group keeps) -> `merge` (k-means merging) -> `api`.
+`allocate` (how many channels each group keeps) -> `merge` (k-means merging) -> `api`; beside
+them `slimming` (sparsity training of BN scales) and `recalibrate` (BN statistics after pruning).
 """
 
 from .allocate import rounded_keep
