@@ -50,6 +50,9 @@ SECTIONS = (
     ("report", ReportConfig),
 )
 
+# Sections whose unset keys come from another section (`ctprune.recipe.load_recipe`).
+INHERITS = {"finetune": ("train", {field.name for field in dataclasses.fields(TrainConfig)})}
+
 
 def field_docs(cls: type) -> dict[str, str]:
     """Field name -> the docstring literal that follows it in ``cls``'s body."""
@@ -109,9 +112,11 @@ def keys_markdown() -> str:
             if not field.init:
                 continue
             meaning = docs.get(field.name, "").replace("\n", " ").replace("|", "\\|")
+            default = f"`{_default(field)}`"
+            if section in INHERITS and field.name in INHERITS[section][1]:
+                default = f"`{INHERITS[section][0]}`'s"
             lines.append(
-                f"| `{field.name}` | `{_type_name(hints[field.name])}` | "
-                f"`{_default(field)}` | {meaning} |"
+                f"| `{field.name}` | `{_type_name(hints[field.name])}` | {default} | {meaning} |"
             )
         lines.append("")
     return "\n".join(lines)

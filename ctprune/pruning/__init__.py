@@ -7,15 +7,18 @@ them `slimming` (sparsity training of BN scales) and `recalibrate` (BN statistic
 """
 
 from .allocate import rounded_keep
-from .api import DEFAULT_ROUND_TO, PruneResult, PruneStats, prune, widths_after_pruning
+from .api import PruneResult, PruneStats, prune, prune_with, widths_after_pruning
 from .criteria import CRITERIA
+from .options import DEFAULT_ROUND_TO, PruneOptions
 
 __all__ = [
     "CRITERIA",
     "DEFAULT_ROUND_TO",
+    "PruneOptions",
     "PruneResult",
     "PruneStats",
     "prune",
+    "prune_with",
     "rounded_keep",
     "widths_after_pruning",
 ]
