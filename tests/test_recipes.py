@@ -251,3 +251,14 @@ def test_ctprune_train_trains_a_run_recipes_baseline(tmp_path, capsys):
     assert main(["train", str(path), "--out", str(tmp_path / "baseline"), *settings]) == 0
     assert "trained 1 epochs" in capsys.readouterr().out
     assert (tmp_path / "baseline" / "last.pt").is_file()
+
+
+def test_prune_options_are_checked_at_every_sweep_point(tmp_path):
+    path = _write_recipe(tmp_path, "train: {epochs: 2, lr_steps: []}\n"
+                                   "prune: {ratio: [0.5, 0.9], criterion: [l1, l2]}\n")
+    with pytest.raises(ConfigError, match="prune.ratio: 0.9 exceeds max_layer_ratio 0.8"):
+        load_recipe(path, check_files=False)
+    recipe = load_recipe(path, ["prune.max_layer_ratio=0.95"], check_files=False)
+    options = recipe.prune.options("l2", 0.9, None)
+    assert (options.criterion, options.ratio, options.max_layer_ratio) == ("l2", 0.9, 0.95)
+    assert len(branches(recipe)) == 4

@@ -61,6 +61,11 @@ def check_options(criterion, ratio, target_macs, scope, max_layer_ratio, round_t
         raise ValueError(f"scope: expected 'layer' or 'global', got {scope!r}")
     if not 0.0 < max_layer_ratio < 1.0:
         raise ValueError(f"max_layer_ratio: expected a number in (0, 1), got {max_layer_ratio!r}")
+    if ratio is not None and ratio > max_layer_ratio:
+        raise ValueError(
+            f"ratio: {ratio} exceeds max_layer_ratio {max_layer_ratio}, the most any layer may "
+            "lose; raise max_layer_ratio to prune harder"
+        )
     if round_to is not None and round_to < 1:
         raise ValueError(f"round_to: expected None or a positive integer, got {round_to!r}")
 
