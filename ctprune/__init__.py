@@ -14,15 +14,16 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+source"
 
 from .distill import DistillConfig, TeacherConfig, distillation_loss
-from .pruning import CRITERIA, PruneResult, PruneStats, prune
-from .recalibrate import recalibrate_bn
+from .pruning import CRITERIA, PruneOptions, PruneResult, PruneStats, prune, prune_with
+from .pruning.recalibrate import recalibrate_bn
+from .pruning.slimming import SparsityConfig, bn_gamma_statistics, sparsity_callbacks
 from .recipe import Recipe, load_recipe
 from .run import run_recipe
-from .slimming import SparsityConfig, bn_gamma_statistics, sparsity_callbacks
 
 __all__ = [
     "CRITERIA",
     "DistillConfig",
+    "PruneOptions",
     "PruneResult",
     "PruneStats",
     "Recipe",
@@ -33,6 +34,7 @@ __all__ = [
     "distillation_loss",
     "load_recipe",
     "prune",
+    "prune_with",
     "recalibrate_bn",
     "run_recipe",
     "sparsity_callbacks",

@@ -16,11 +16,13 @@ def _run_dir(name: str, out: Path | None) -> Path:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .train import load_training_recipe, train
+    from .recipe import load_recipe, prepare_data
+    from .train import train
 
-    recipe, sparsity = load_training_recipe(args.recipe, args.set)
+    recipe = prepare_data(load_recipe(args.recipe, args.set))
     out_dir = _run_dir(recipe.name, args.out)
-    result = train(recipe, out_dir, sparsity=sparsity, resume=args.resume, device=args.device)
+    result = train(recipe.train_recipe(), out_dir, sparsity=recipe.sparsity, resume=args.resume,
+                   device=args.device)
     last = result.history[-1] if result.history else {}
     metrics = {
         k: round(v, 4)
@@ -113,21 +115,12 @@ def _prune(args: argparse.Namespace) -> None:
 
     from detector import load_model, save_checkpoint
 
-    from .pruning import DEFAULT_ROUND_TO, prune
+    from .pruning import prune_with
 
+    options = prune_options(args)
     model, checkpoint = load_model(args.checkpoint)
     size = tuple(args.input_size or checkpoint.model_config.input.input_size)
-    round_to = DEFAULT_ROUND_TO if args.round_to is None else (args.round_to or None)
-    result = prune(
-        model,
-        args.ratio,
-        args.criterion,
-        scope=args.scope,
-        example_inputs=torch.zeros(1, 3, *size),
-        max_layer_ratio=args.max_layer_ratio,
-        round_to=round_to,
-        target_macs=args.target_macs,
-    )
+    result = prune_with(model, options, example_inputs=torch.zeros(1, 3, *size))
     stats = result.stats
     meta = {
         "pruned_from": str(args.checkpoint),
@@ -144,11 +137,43 @@ def _prune(args: argparse.Namespace) -> None:
     rows = [("params (M)", stats.params_before / 1e6, stats.params_after / 1e6),
             ("state dict (MiB)", stats.mib_before, stats.mib_after),
             (f"GMACs at {size[0]}x{size[1]}", stats.macs_before / 1e9, stats.macs_after / 1e9)]
-    print(f"| {args.criterion}, {stats.scope}, ratio {stats.ratio:.3f} | before | after | change |")
+    print(f"| {stats.criterion}, {stats.scope}, ratio {stats.ratio:.3f} "
+          "| before | after | change |")
     print("|---|---|---|---|")
     for name, before, after in rows:
         print(f"| {name} | {before:.2f} | {after:.2f} | {(after / before - 1) * 100:+.1f}% |")
     print(f"pruned in {stats.seconds:.2f} s; wrote {args.out}")
+
+
+def add_prune_options(parser: argparse.ArgumentParser) -> None:
+    """The flags of `PruneOptions`, with its defaults (``--round-to 0``: whole channels)."""
+    from .pruning.options import DEFAULTS, SCOPES
+
+    parser.add_argument("--criterion", default=DEFAULTS.criterion,
+                        help=f"l1, l2, bn_gamma, kmeans or random (default {DEFAULTS.criterion})")
+    parser.add_argument("--ratio", type=float, help="fraction of channels to remove, per group "
+                        f"or global (default {DEFAULTS.ratio} unless --target-macs is given)")
+    parser.add_argument("--target-macs", type=float,
+                        help="instead of --ratio: keep this fraction of MACs")
+    parser.add_argument("--scope", default=DEFAULTS.scope, choices=SCOPES)
+    parser.add_argument("--max-layer-ratio", type=float, default=DEFAULTS.max_layer_ratio,
+                        help=f"the most any group may lose (default {DEFAULTS.max_layer_ratio})")
+    parser.add_argument("--round-to", type=int, default=DEFAULTS.round_to,
+                        help=f"keep multiples of this (default {DEFAULTS.round_to}; "
+                             "0: no rounding)")
+
+
+def prune_options(args: argparse.Namespace):
+    """The `PruneOptions` that `add_prune_options`' flags give."""
+    from .pruning import PruneOptions
+    from .pruning.options import DEFAULTS
+
+    ratio = args.ratio
+    if ratio is None and args.target_macs is None:
+        ratio = DEFAULTS.ratio
+    return PruneOptions(criterion=args.criterion, ratio=ratio, target_macs=args.target_macs,
+                        scope=args.scope, max_layer_ratio=args.max_layer_ratio,
+                        round_to=args.round_to or None)
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -159,7 +184,8 @@ def _export(args: argparse.Namespace) -> None:
     out = args.out or Path(args.checkpoint).with_suffix(f".{args.format}")
     options = dict(decode=args.decode, max_detections=args.max_detections, dynamic=args.dynamic,
                    raw_pixels=args.raw_pixels,
-                   input_size=tuple(args.input_size) if args.input_size else None)
+                   input_size=tuple(args.input_size) if args.input_size else None,
+                   head=checkpoint.model_config.head)
     if args.format == "onnx":
         path = export_onnx(out, model, checkpoint.model_config.input, **options)
     else:
@@ -265,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser(
-        "train", help="train a model from a recipe (model, data, train, evaluate)"
+        "train", help="train a recipe's baseline (model, data, train, evaluate, sparsity)"
     )
     train.add_argument("recipe", type=Path)
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -343,20 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     prune = commands.add_parser("prune", help="remove channels from a checkpoint's model")
     prune.add_argument("checkpoint", type=Path)
-    prune.add_argument(
-        "--ratio", type=float, help="fraction of channels to remove (per group or global)"
-    )
-    prune.add_argument("--criterion", default="l1", help="l1, l2, bn_gamma, kmeans or random")
-    prune.add_argument("--scope", default="layer", choices=("layer", "global"))
-    prune.add_argument(
-        "--round-to", type=int, help="keep multiples of this (default 16; 0: no rounding)"
-    )
-    prune.add_argument(
-        "--max-layer-ratio", type=float, default=0.8, help="global scope: cap per group"
-    )
-    prune.add_argument(
-        "--target-macs", type=float, help="instead of --ratio: keep this fraction of MACs"
-    )
+    add_prune_options(prune)
     prune.add_argument(
         "--input-size",
         type=int,

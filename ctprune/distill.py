@@ -2,8 +2,10 @@
 
 `distillation_loss(teachers, config)` returns ``loss_fn(outputs, batch) -> (total, parts)``,
 the signature of `detector.losses.centernet_loss`, so `detector.engine.fit.fit` trains with it
-unchanged; the feature adapters it optimises go in through fit's ``extra_parameters``. The main
-use is compression: fine-tune a pruned model with the unpruned one as its teacher.
+unchanged; the feature adapters it optimises go in through fit's ``extra_parameters``, and
+fit's ``forward_kwargs={"return_features": True}`` makes the student return its neck
+features. The main use is compression: fine-tune a pruned model with the unpruned one as its
+teacher.
 
 Output distillation is centerX's (JDAI-CV/centerX, ``centernet_kdloss.py``; formulas in
 shared/reference/peers.md section 2.3). For teacher k, S and T the student's and teacher's heads
@@ -310,19 +312,6 @@ def _device_of(module: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def request_features(model: nn.Module) -> torch.utils.hooks.RemovableHandle:
-    """Make ``model`` return its neck features (``return_features=True``) while training, so a
-    loss function with the task loss's signature can read them from the outputs. The training
-    loop calls ``model(images)``; this forward pre-hook adds the keyword. Remove it after."""
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict):
-        if module.training:
-            return args, {**kwargs, "return_features": True}
-        return None
-
-    return model.register_forward_pre_hook(hook, with_kwargs=True)
-
-
 def distillation_loss(
     teachers: Sequence[Teacher],
     config: DistillConfig,
@@ -333,8 +322,8 @@ def distillation_loss(
 ) -> LossFn:
     """A loss function with `centernet_loss`'s signature: ``loss_fn(outputs, batch) ->
     (total, parts)``. outputs: the student's list of per-stack dicts (with ``features`` when
-    feature distillation is on, see `request_features`); batch: the training batch, whose
-    ``image`` (B, 3, H, W) the teachers run on.
+    feature distillation is on: fit's ``forward_kwargs={"return_features": True}``); batch:
+    the training batch, whose ``image`` (B, 3, H, W) the teachers run on.
 
     ``total = task (when config.with_labels) + sum_k weight_k (heatmap_weight L_heatmap +
     wh_weight L_wh + offset_weight L_offset + feature_weight L_feature)``; every student stack
@@ -400,7 +389,7 @@ def distillation_loss(
                     if "features" not in output:
                         raise DistillError(
                             "distill: feature_weight > 0 but the student outputs no 'features'; "
-                            "call request_features(model) before training"
+                            "train with fit(..., forward_kwargs={'return_features': True})"
                         )
                     adapted = adapters[index](output["features"].float())
                     terms["distill_feature"].append(

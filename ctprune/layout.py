@@ -8,26 +8,27 @@
     STAGE/metrics.jsonl, STAGE/resume.pt    training stages: the epoch log, the resume state
     RUN/report.json, .md, .html, *.png      the report
 
-The names inside ``eval/`` and the training files are chosen by `detector` (the evaluation and
-the training loop write them); they are repeated here so the report reads them by one name.
+The training files and the names inside ``eval/`` are `detector.layout`'s (the training loop
+and the evaluation write them); this module adds what only a ctprune run has.
 """
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
+from detector.layout import (  # noqa: F401 (re-exported: the report reads them from here)
+    EVAL_FOLDER,
+    HISTORY_FILE,
+    METRICS_FILE,
+    PR_CURVES_FOLDER,
+    RECIPE_FILE,
+    RESUME_FILE,
+)
 
 STAGES = ("baseline", "prune", "finetune", "report")
 """The stages of a run in order; `--from` and `--only` take these names."""
 
 MANIFEST_FILE = "manifest.json"
-RECIPE_FILE = "recipe.yaml"
 STAGE_FILE = "stage.json"
 CHECKPOINT_FILE = "checkpoint.pt"
-RESUME_FILE = "resume.pt"
-HISTORY_FILE = "metrics.jsonl"
-EVAL_FOLDER = "eval"
-METRICS_FILE = PurePosixPath(EVAL_FOLDER, "metrics.json")
-PR_CURVES_FOLDER = PurePosixPath(EVAL_FOLDER, "pr_curves")
 
 REPORT_FILES = {"json": "report.json", "markdown": "report.md", "html": "report.html"}
 PLOT_FILES = {

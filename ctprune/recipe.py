@@ -1,19 +1,23 @@
-"""Recipes: one flat YAML file that states a whole compression experiment.
+"""Recipes: one flat YAML file that states a whole compression experiment, or (without
+`prune`) a training run.
 
 Sections, each validated strictly into the dataclasses the CLI uses (an unknown key or a wrong
 type raises with its dotted path, ``--set section.key=value`` overrides any key):
 
     name:       the run's name; it writes under experiments/<name>/ unless --out says otherwise
-    synthetic:  optional; generate the built-in benchmark there first (a no-op when present)
+    synthetic:  optional; the runner generates the built-in benchmark there before reading
+                data (a no-op when present; `prepare_data`), loading never does
     model:      the architecture and input spec (detector.config.ModelConfig)
     data:       a mapping or the path of a data.yaml (detector.data.sources.DataConfig)
     baseline:   where the unpruned model comes from: a ctprune checkpoint, an original
                 CenterNet checkpoint, or (neither given) training it with `train`
     train:      how the baseline is trained (detector.engine.config.TrainConfig)
-    sparsity:   optional; sparsity-train the baseline's BN scales (ctprune.slimming)
-    prune:      what to prune and how (PruneConfig); a list of ratios or criteria is a sweep
-    finetune:   how each pruned model is trained afterwards (a TrainConfig), with an optional
-                `distill` part: the unpruned baseline (or other teachers) as teacher
+    sparsity:   optional; sparsity-train the baseline's BN scales (ctprune.pruning.slimming)
+    prune:      optional; what to prune and how (PruneConfig, the knobs of
+                ctprune.pruning.PruneOptions); a list of ratios or criteria is a sweep
+    finetune:   how each pruned model is trained afterwards (a TrainConfig whose unset keys
+                come from `train`), with an optional `distill` part: the unpruned baseline
+                (or other teachers) as teacher
     evaluate:   detector.evaluate.config.EvaluateConfig, used after every stage
     report:     ReportConfig
 """
@@ -35,14 +39,13 @@ from detector.config import (
     read_yaml,
     to_dict,
 )
-from detector.data.sources import DataConfig
-from detector.engine.config import TrainConfig, read_recipe
+from detector.data.sources import DataConfig, load_data_yaml
+from detector.engine.config import TrainConfig, TrainRecipe
 from detector.evaluate.config import EvaluateConfig
 
 from .distill import DistillConfig
-from .pruning.api import DEFAULT_ROUND_TO
-from .pruning.criteria import check_criterion
-from .slimming import SparsityConfig
+from .pruning.options import DEFAULTS, PruneOptions
+from .pruning.slimming import SparsityConfig
 
 
 @dataclass
@@ -78,24 +81,17 @@ class BaselineConfig:
 
 
 @dataclass
-class PruneConfig:
-    """How the baseline is pruned. A list in `ratio`, `target_macs` or `criterion` makes a
-    sweep: one branch per combination, each pruned and fine-tuned on its own."""
+class PruneConfig(PruneOptions):
+    """How the baseline is pruned: `PruneOptions`' knobs, where a list in `ratio`, `target_macs`
+    or `criterion` makes a sweep (one branch per combination, each pruned and fine-tuned on its
+    own), plus rounds and BatchNorm recalibration."""
 
-    criterion: str | list[str] = "l1"
+    criterion: str | list[str] = DEFAULTS.criterion
     """One of ctprune.pruning.CRITERIA (l1, l2, bn_gamma, kmeans, random), or a list."""
-    ratio: float | list[float] | None = 0.2
+    ratio: float | list[float] | None = DEFAULTS.ratio
     """Fraction of channels removed per round (per group in layer scope), or a list."""
-    target_macs: float | list[float] | None = None
+    target_macs: float | list[float] | None = DEFAULTS.target_macs
     """Instead of `ratio`: the fraction of the baseline's MACs to keep (bisected), or a list."""
-    scope: str = "layer"
-    """"layer": every group loses the ratio; "global": groups ranked together."""
-    max_layer_ratio: float = 0.8
-    """The most any group may lose in global scope."""
-    round_to: int | None = DEFAULT_ROUND_TO
-    """Kept widths are multiples of this (None: whole channels)."""
-    ratio_overrides: dict = field(default_factory=dict)
-    """Module-name pattern -> ratio for the groups it matches."""
     rounds: int = 1
     """Iterative pruning: prune -> fine-tune repeated this many times, each round removing
     `ratio` of what is left (the first seed's schedule)."""
@@ -103,27 +99,28 @@ class PruneConfig:
     """Training batches used to re-estimate BatchNorm statistics after each pruning (0: off)."""
 
     def __post_init__(self) -> None:
-        for criterion in _as_list(self.criterion):
-            try:
-                check_criterion(criterion)
-            except ValueError as error:
-                raise ValueError(f"criterion: {error}") from None
-        if (self.ratio is None) == (self.target_macs is None):
+        ratios, targets = _as_list(self.ratio), _as_list(self.target_macs)
+        if bool(ratios) == bool(targets):
             raise ValueError("ratio: give exactly one of prune.ratio and prune.target_macs")
-        for ratio in _as_list(self.ratio):
-            if not 0.0 <= ratio < 1.0:
-                raise ValueError(f"ratio: expected values in [0, 1), got {ratio!r}")
-        for target in _as_list(self.target_macs):
-            if not 0.0 < target <= 1.0:
-                raise ValueError(f"target_macs: expected values in (0, 1], got {target!r}")
-        if self.scope not in ("layer", "global"):
-            raise ValueError(f"scope: expected 'layer' or 'global', got {self.scope!r}")
+        for criterion in _as_list(self.criterion):
+            for ratio in ratios or [None]:
+                for target in targets or [None]:
+                    self.options(criterion, ratio, target)  # checks every sweep point
         if self.rounds < 1:
             raise ValueError(f"rounds: expected an integer >= 1, got {self.rounds!r}")
         if self.recalibrate_batches < 0:
             raise ValueError(
                 f"recalibrate_batches: expected an integer >= 0, got {self.recalibrate_batches!r}"
             )
+
+    def options(
+        self, criterion: str, ratio: float | None, target_macs: float | None
+    ) -> PruneOptions:
+        """One sweep point: this section's shared knobs with one criterion and one amount."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(PruneOptions)}
+        return PruneOptions(
+            **{**shared, "criterion": criterion, "ratio": ratio, "target_macs": target_macs}
+        )
 
 
 @dataclass
@@ -144,7 +141,8 @@ class ReportConfig:
 
 @dataclass
 class FinetuneConfig(TrainConfig):
-    """How each pruned model is trained afterwards: the `train` keys, plus `distill`."""
+    """How each pruned model is trained afterwards: every `train` key the section does not set
+    is taken from the recipe's `train` section (not from the defaults), plus `distill`."""
 
     distill: DistillConfig | None = None
     """Knowledge distillation while fine-tuning (ctprune.distill); by default the teacher is the
@@ -158,22 +156,42 @@ class FinetuneConfig(TrainConfig):
 
 @dataclass
 class Recipe:
-    """A whole experiment: baseline -> prune -> fine-tune -> evaluate -> report."""
+    """A whole experiment: baseline -> prune -> fine-tune -> evaluate -> report. Without a
+    `prune` section it is a training recipe: `ctprune train` (and `ctprune run`) train its
+    baseline; `ctprune train` on a recipe with `prune` trains its baseline too."""
 
     name: str = "run"
     """The run's name: experiments/<name>/ unless --out is given."""
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    """The architecture and its input spec."""
+    data: DataConfig | str = field(default_factory=DataConfig)
+    """The data section, or the path of a data.yaml (relative to the recipe file) that
+    `prepare_data` reads once the synthetic benchmark is generated."""
     synthetic: SyntheticConfig | None = None
+    """The built-in benchmark, generated by the runner before it reads the data."""
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    """Where the unpruned model comes from."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """How the baseline is trained."""
     sparsity: SparsityConfig | None = None
-    prune: PruneConfig = field(default_factory=PruneConfig)
+    """Sparsity training of the baseline's BatchNorm scales (network slimming)."""
+    prune: PruneConfig | None = None
+    """How the baseline is pruned; None: a training recipe (no branches)."""
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """How each pruned model is trained; unset keys come from `train`."""
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    """Evaluation after every stage."""
     report: ReportConfig = field(default_factory=ReportConfig)
+    """What the report measures."""
     source: str = ""
     """The recipe file (set by `load_recipe`; relative paths resolve against its folder)."""
+
+    def train_recipe(self) -> TrainRecipe:
+        """The detector's view of the recipe's baseline training (after `prepare_data`)."""
+        if isinstance(self.data, str):
+            raise ValueError(f"data: {self.data} is not read yet; call prepare_data(recipe)")
+        return TrainRecipe(name=self.name, model=self.model, data=self.data, train=self.train,
+                           evaluate=self.evaluate)
 
 
 @dataclass(frozen=True)
@@ -195,8 +213,11 @@ def _as_list(value) -> list:
 
 
 def branches(recipe: Recipe) -> list[Branch]:
-    """The sweep's branches (criteria x ratios or MAC targets), then the controls."""
+    """The sweep's branches (criteria x ratios or MAC targets), then the controls; none
+    without a `prune` section."""
     config = recipe.prune
+    if config is None:
+        return []
     amounts = [("r", ratio, None) for ratio in _as_list(config.ratio)]
     amounts += [("macs", None, target) for target in _as_list(config.target_macs)]
     result = [
@@ -223,35 +244,77 @@ def resolve_path(recipe: Recipe, path: str) -> Path:
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), *, check_files: bool = True) -> Recipe:
-    """Read and validate a recipe; the synthetic benchmark is generated first when declared,
-    so that its data.yaml can be read. Every error names the key or the file.
+    """Read and validate a recipe: the YAML file and the ``--set`` overrides, each read once.
+    Every error names the key or the file. Loading has no side effects: a `synthetic`
+    benchmark is generated, and a data.yaml named by `data` read, by `prepare_data`, which the
+    runner calls before it reads the data.
 
-    ``check_files=False`` validates keys and types only: no data is generated or read and
-    the files the recipe names need not exist (a recipe whose COCO paths a user still has to
-    edit validates; its `data` section then comes back as the defaults)."""
+    `finetune` takes every key it does not set from `train` (``{**train, **finetune}`` before
+    validation); without a `train` section, a recipe that prunes must give `finetune.epochs`.
+
+    ``check_files=False`` validates keys and types only; by default the files the recipe names
+    (baseline, teachers, unlabelled images, a data.yaml the synthetic benchmark will not
+    write) must exist."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such recipe file")
     raw = merge(read_yaml(path), parse_overrides(list(overrides)))
-    if not check_files:
-        data = raw.pop("data", None)
-        if isinstance(data, dict):
-            from_dict(DataConfig, data, "data")
-        elif data is not None and not isinstance(data, str):
-            raise ConfigError(f"data: expected a mapping or the path of a data.yaml, got {data!r}")
-        return from_dict(Recipe, {**raw, "source": str(path.resolve())}, "")
-    synthetic = raw.get("synthetic")
-    if synthetic is not None:
-        from detector.data.shapes import generate_shapes
+    raw = _inherit_finetune(raw)
+    data = raw.pop("data", None)
+    recipe = from_dict(Recipe, {**raw, "source": str(path.resolve())}, "")
+    recipe.data = _data_section(data, path)
+    for section in ("train", "finetune"):
+        _check_lr_steps(getattr(recipe, section), section)
+    if check_files:
+        _check_files(recipe, path)
+    return recipe
 
-        config = from_dict(SyntheticConfig, synthetic, "synthetic")
-        out_dir = (
-            Path(config.out_dir)
-            if Path(config.out_dir).is_absolute()
-            else path.parent / config.out_dir
-        )
-        generate_shapes(out_dir, config.num_train, config.num_val, config.image_size, config.seed)
-    recipe = from_dict(Recipe, {**read_recipe(path, overrides), "source": str(path.resolve())}, "")
+
+def _inherit_finetune(raw: dict) -> dict:
+    """``raw`` with its finetune section completed from its train section."""
+    train, finetune = raw.get("train"), raw.get("finetune")
+    if not isinstance(train, dict) and train is not None:
+        return raw  # from_dict names the wrong type
+    if finetune is not None and not isinstance(finetune, dict):
+        return raw
+    if train is None and raw.get("prune") is not None and "epochs" not in (finetune or {}):
+        raise ConfigError("finetune.epochs: required when the recipe has no train section")
+    if train is None and finetune is None:
+        return raw
+    return {**raw, "finetune": {**(train or {}), **(finetune or {})}}
+
+
+def _check_lr_steps(config: TrainConfig, section: str) -> None:
+    """A multistep schedule's drops must fall within the epochs (a drop beyond them never
+    happens: usually a schedule written for another length)."""
+    if config.schedule != "multistep":
+        return
+    for step in config.lr_steps:
+        if step > config.epochs:
+            raise ConfigError(
+                f"{section}.lr_steps: step {step:g} is beyond {section}.epochs {config.epochs}"
+            )
+
+
+def _data_section(data, path: Path) -> DataConfig | str:
+    """The data section as a DataConfig whose relative paths resolve against the recipe's
+    folder, or the data.yaml path as written (read later by `prepare_data`)."""
+    if data is None:
+        return DataConfig()
+    if isinstance(data, str):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"data: expected a mapping or the path of a data.yaml, got {data!r}")
+    if data.get("root") is None:
+        data = {**data, "root": str(path.parent.resolve())}
+    return from_dict(DataConfig, data, "data")
+
+
+def _check_files(recipe: Recipe, path: Path) -> None:
+    if isinstance(recipe.data, str) and recipe.synthetic is None:
+        data_file = resolve_path(recipe, recipe.data)
+        if not data_file.is_file():
+            raise FileNotFoundError(f"{path}: data: {data_file} does not exist")
     for key in ("checkpoint", "original"):
         value = getattr(recipe.baseline, key)
         if value is not None and not resolve_path(recipe, value).is_file():
@@ -269,6 +332,20 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, check_files: boo
         if images is not None and not resolve_path(recipe, images).is_dir():
             raise FileNotFoundError(f"{path}: finetune.distill.unlabelled_images: "
                                     f"{resolve_path(recipe, images)} is not a folder")
+
+
+def prepare_data(recipe: Recipe) -> Recipe:
+    """``recipe`` with its data ready to read: the synthetic benchmark generated first when the
+    recipe declares one (a no-op when it is already there), then the data.yaml that `data`
+    names read. The runner's first step (`ctprune run`, `ctprune train`)."""
+    if recipe.synthetic is not None:
+        from detector.data.shapes import generate_shapes
+
+        config = recipe.synthetic
+        generate_shapes(resolve_path(recipe, config.out_dir), config.num_train, config.num_val,
+                        config.image_size, config.seed)
+    if isinstance(recipe.data, str):
+        return dataclasses.replace(recipe, data=load_data_yaml(resolve_path(recipe, recipe.data)))
     return recipe
 
 

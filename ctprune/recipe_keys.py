@@ -23,6 +23,7 @@ from detector.engine.config import TrainConfig
 from detector.evaluate.config import EvaluateConfig
 
 from .distill import DistillConfig, TeacherConfig
+from .pruning.slimming import SparsityConfig
 from .recipe import (
     BaselineConfig,
     FinetuneConfig,
@@ -31,7 +32,6 @@ from .recipe import (
     ReportConfig,
     SyntheticConfig,
 )
-from .slimming import SparsityConfig
 
 # (section as written in a recipe, its dataclass), in the order a recipe reads.
 SECTIONS = (
@@ -50,6 +50,9 @@ SECTIONS = (
     ("evaluate", EvaluateConfig),
     ("report", ReportConfig),
 )
+
+# Sections whose unset keys come from another section (`ctprune.recipe.load_recipe`).
+INHERITS = {"finetune": ("train", {field.name for field in dataclasses.fields(TrainConfig)})}
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -110,9 +113,11 @@ def keys_markdown() -> str:
             if not field.init:
                 continue
             meaning = docs.get(field.name, "").replace("\n", " ").replace("|", "\\|")
+            default = f"`{_default(field)}`"
+            if section in INHERITS and field.name in INHERITS[section][1]:
+                default = f"`{INHERITS[section][0]}`'s"
             lines.append(
-                f"| `{field.name}` | `{_type_name(hints[field.name])}` | "
-                f"`{_default(field)}` | {meaning} |"
+                f"| `{field.name}` | `{_type_name(hints[field.name])}` | {default} | {meaning} |"
             )
         lines.append("")
     return "\n".join(lines)

@@ -43,6 +43,7 @@ from detector.engine.config import TrainConfig, TrainRecipe
 from detector.engine.train import resolve_model_config
 from detector.evaluate.run import evaluate_model
 from detector.files import atomic_copy, atomic_write_json, atomic_write_text
+from detector.layout import BEST_CHECKPOINT, LAST_CHECKPOINT
 from detector.original import import_original_checkpoint
 
 from .distill import DistillConfig
@@ -56,9 +57,9 @@ from .layout import (
     STAGE_FILE,
     STAGES,
 )
-from .pruning import prune
-from .recalibrate import recalibrate_bn
-from .recipe import Branch, Recipe, branches, resolve_path, stage_fingerprint
+from .pruning import prune_with
+from .pruning.recalibrate import recalibrate_bn
+from .recipe import Branch, Recipe, branches, prepare_data, resolve_path, stage_fingerprint
 from .report import build_report, stage_figures
 from .train import train
 
@@ -153,19 +154,21 @@ class Runner:
 
     def __init__(self, recipe: Recipe, out_dir: Path, *, device: str | None = None,
                  rerun_from: str | None = None, only: str | None = None,
-                 fit_hooks: dict | None = None, log: Callable[[str], None] = print) -> None:
+                 on_epoch_end: Callable[[int, torch.nn.Module, dict], None] | None = None,
+                 log: Callable[[str], None] = print) -> None:
         for stage in (rerun_from, only):
             if stage is not None and stage not in STAGES:
                 raise RunError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-        self.recipe, self.out_dir = recipe, Path(out_dir)
+        # The synthetic benchmark is generated here, before anything reads the data.
+        self.recipe, self.out_dir = prepare_data(recipe), Path(out_dir)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.rerun_from, self.only, self.log = rerun_from, only, log
-        self.fit_hooks = fit_hooks or {}
+        self.on_epoch_end = on_epoch_end
         self.order = 0
         self.baseline_stage: Stage | None = None
-        self.train_source = load_source(recipe.data, "train")
-        self.val_source = load_source(recipe.data, "val")
-        self.model_config = resolve_model_config(recipe.model, self.train_source.class_names)
+        self.train_source = load_source(self.recipe.data, "train")
+        self.val_source = load_source(self.recipe.data, "val")
+        self.model_config = resolve_model_config(self.recipe.model, self.train_source.class_names)
 
     # --- stage bookkeeping -------------------------------------------------------------------
     def _wanted(self, kind: str) -> bool:
@@ -241,8 +244,10 @@ class Runner:
             images = resolve_path(self.recipe, distill.unlabelled_images)
             distill = dataclasses.replace(distill, unlabelled_images=str(images))
         train(recipe, stage.folder, sparsity=sparsity, distill=distill, teacher_paths=teacher_paths,
-              resume=resume, device=self.device, initial_model=initial_model, **self.fit_hooks)
-        chosen = stage.folder / ("best.pt" if (stage.folder / "best.pt").is_file() else "last.pt")
+              resume=resume, device=self.device, initial_model=initial_model,
+              on_epoch_end=self.on_epoch_end)
+        best = stage.folder / BEST_CHECKPOINT
+        chosen = best if best.is_file() else stage.folder / LAST_CHECKPOINT
         atomic_copy(chosen, stage.folder / CHECKPOINT)
         model, _ = load_model(stage.folder / CHECKPOINT)
         return model
@@ -315,16 +320,8 @@ class Runner:
     def prune_stage(self, source: Stage, branch: Branch, round_index: int) -> Stage:
         config = self.recipe.prune
         suffix = "" if config.rounds == 1 else f"_{round_index}"
-        settings = {
-            "criterion": branch.criterion,
-            "ratio": branch.ratio,
-            "target_macs": branch.target_macs,
-            "scope": config.scope,
-            "max_layer_ratio": config.max_layer_ratio,
-            "round_to": config.round_to,
-            "ratio_overrides": config.ratio_overrides,
-            "recalibrate_batches": config.recalibrate_batches,
-        }
+        options = config.options(branch.criterion, branch.ratio, branch.target_macs)
+        settings = {**to_dict(options), "recalibrate_batches": config.recalibrate_batches}
         stage = Stage(
             self.out_dir / branch.name / f"prune{suffix}",
             f"{branch.name}/prune{suffix}",
@@ -342,18 +339,8 @@ class Runner:
         def work(stage: Stage, resume: bool) -> dict:
             model, checkpoint = load_model(source.folder / CHECKPOINT)
             size = tuple(checkpoint.model_config.input.input_size)
-            result = prune(
-                model,
-                branch.ratio,
-                branch.criterion,
-                scope=config.scope,
-                example_inputs=torch.zeros(1, 3, *size),
-                ratio_overrides=config.ratio_overrides or None,
-                max_layer_ratio=config.max_layer_ratio,
-                round_to=config.round_to,
-                target_macs=branch.target_macs,
-                inplace=True,
-            )
+            result = prune_with(model, options, example_inputs=torch.zeros(1, 3, *size),
+                                inplace=True)
             if config.recalibrate_batches > 0:
                 recalibrate_bn(result.model, self._recalibration_loader(checkpoint.model_config),
                                config.recalibrate_batches)
@@ -397,6 +384,7 @@ class Runner:
             train=True,
             augment=self.recipe.finetune.augment,
             seed=self.recipe.finetune.seed,
+            head=model_config.head,
         )
         generator = torch.Generator().manual_seed(self.recipe.finetune.seed)
         return DataLoader(dataset, batch_size=self.recipe.finetune.batch_size, shuffle=True,
@@ -434,11 +422,21 @@ def _file_digest(path: Path) -> str:
 
 
 def run_recipe(
-    recipe: Recipe, out_dir: str | Path, *, command: list[str] | None = None, **options
+    recipe: Recipe,
+    out_dir: str | Path,
+    *,
+    command: list[str] | None = None,
+    device: str | None = None,
+    rerun_from: str | None = None,
+    only: str | None = None,
+    on_epoch_end: Callable[[int, torch.nn.Module, dict], None] | None = None,
+    log: Callable[[str], None] = print,
 ) -> dict | None:
-    """Run every stage of ``recipe`` into ``out_dir`` and return the report (None with --only
-    a stage other than report). ``options``: device, rerun_from, only, fit_hooks, log."""
+    """Run every stage of ``recipe`` into ``out_dir`` and return the report (None with ``only``
+    a stage other than report). ``on_epoch_end`` is given to every training stage's `fit`."""
     out_dir = Path(out_dir)
-    runner = Runner(recipe, out_dir, **options)  # reads the data: errors surface before any work
-    write_manifest(recipe, out_dir, command)
+    # Reads the data: errors surface before any work.
+    runner = Runner(recipe, out_dir, device=device, rerun_from=rerun_from, only=only,
+                    on_epoch_end=on_epoch_end, log=log)
+    write_manifest(runner.recipe, out_dir, command)
     return runner.run()

@@ -1,30 +1,33 @@
-"""`ctprune train`: the detector's training, plus what ctprune adds to a training recipe.
+"""`ctprune train`: the detector's training, plus what ctprune adds to it.
 
-A ctprune training recipe is a detector recipe (model, data, train, evaluate) with one more
-optional section, ``sparsity`` (`SparsityConfig`): when present, the BatchNorm scales are
-sparsity-trained for network slimming, so that the ``bn_gamma`` criterion has a ranking to act on.
+A training recipe is a run recipe (`ctprune.recipe.Recipe`) without `prune`; `ctprune train`
+trains its baseline (`Recipe.train_recipe()`). Its optional ``sparsity`` section
+(`SparsityConfig`) sparsity-trains the BatchNorm scales for network slimming, so that the
+``bn_gamma`` criterion has a ranking to act on:
 
     sparsity:
       method: proximal      # or l1 (with SGD)
       strength: 0.1
 
-Distillation (`ctprune.distill`) plugs in the same way: `train(..., distill=config,
-teacher_paths=[...])` swaps the task loss for the distillation loss and hands the feature
-adapters to the optimiser; the training loop is unchanged.
+`train` prepares the run (`detector.engine.train.prepare_run`) and calls `fit` itself with what
+it adds: sparsity training's ``after_backward`` / ``after_step``, and distillation's loss
+(`train(..., distill=config, teacher_paths=[...])`), its feature adapters as extra parameters
+and ``forward_kwargs={"return_features": True}`` for feature distillation.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from detector.config import from_dict
-from detector.engine.config import TrainRecipe, read_recipe
-from detector.engine.fit import FitResult
-from detector.engine.train import resolve_model_config, train_from_recipe
+from detector.engine.config import TrainConfig, TrainRecipe
+from detector.engine.fit import FitResult, LossFn, fit
+from detector.engine.train import Prepared, prepare_run
+from detector.heads import head_type
 
 from .distill import (
     DistillConfig,
@@ -32,21 +35,8 @@ from .distill import (
     feature_adapters,
     image_folder_json,
     load_teacher,
-    request_features,
 )
-from .slimming import SparsityConfig, scheduled_lr, sparsity_callbacks
-
-CTPRUNE_SECTIONS = ("sparsity",)
-
-
-def load_training_recipe(
-    path: str | Path, overrides: list[str] = ()
-) -> tuple[TrainRecipe, SparsityConfig | None]:
-    """The detector recipe and the sparsity section (None when absent), both strict."""
-    raw = read_recipe(path, overrides)
-    sparsity = raw.pop("sparsity", None)
-    recipe = from_dict(TrainRecipe, raw, "")
-    return recipe, (None if sparsity is None else from_dict(SparsityConfig, sparsity, "sparsity"))
+from .pruning.slimming import SparsityConfig, scheduled_lr, sparsity_callbacks
 
 
 def unlabelled_recipe(recipe: TrainRecipe, images: str | Path, out_dir: str | Path) -> TrainRecipe:
@@ -81,77 +71,59 @@ def train(
     teacher_paths: list[str | Path] | None = None,
     resume: bool = False,
     device: str | None = None,
-    **options,
+    initial_model: nn.Module | None = None,
+    on_epoch_end: Callable[[int, nn.Module, dict], None] | None = None,
 ) -> FitResult:
-    """`detector.engine.train.train_from_recipe` (``options`` pass through to it), with
-    sparsity training and distillation when asked for. ``teacher_paths``: the checkpoint of
-    each of ``distill.teachers`` (resolved by the caller), defaulting to their ``checkpoint``."""
-    hooks = []
+    """Train ``recipe``'s model (or ``initial_model``, in place) into ``out_dir``: `prepare_run`,
+    then `fit` with sparsity training's callables and distillation's loss when asked for.
+    ``teacher_paths``: the checkpoint of each of ``distill.teachers`` (resolved by the caller),
+    defaulting to their ``checkpoint``."""
     if distill is not None and not distill.with_labels and distill.unlabelled_images is not None:
         recipe = unlabelled_recipe(recipe, distill.unlabelled_images, out_dir)
-
-    def model_options(model: nn.Module, steps_per_epoch: int, start_epoch: int) -> dict:
-        result = {}
-        if sparsity is not None:
-            learning_rate = scheduled_lr(recipe.train, steps_per_epoch, start_epoch)
-            result["after_backward"], result["after_step"] = sparsity_callbacks(
-                model, sparsity, learning_rate
-            )
-        if distill is not None:
-            result.update(_distill_options(model, recipe, distill, teacher_paths, hooks))
-        return result
-
-    try:
-        if sparsity is None and distill is None:
-            return train_from_recipe(recipe, out_dir, resume=resume, device=device, **options)
-        return train_from_recipe(
-            recipe,
-            out_dir,
-            resume=resume,
-            device=device,
-            options_for_model=model_options,
-            **options,
+    run = prepare_run(recipe, out_dir, device=device, resume=resume, initial_model=initial_model)
+    after_backward = after_step = None
+    if sparsity is not None:
+        learning_rate = scheduled_lr(recipe.train, run.steps_per_epoch, run.start_epoch)
+        after_backward, after_step = sparsity_callbacks(run.plain_model, sparsity, learning_rate)
+    loss_fn, extra_parameters, forward_kwargs = None, [], {}  # None: the head type's loss
+    if distill is not None:
+        loss_fn, extra_parameters, forward_kwargs = _distillation(
+            run, recipe.train, distill, teacher_paths
         )
-    finally:
-        for hook in hooks:
-            hook.remove()
+    return fit(run.model, run.model_config, recipe.train, run.train_loader, out_dir,
+               evaluate=run.evaluate, loss_fn=loss_fn, forward_kwargs=forward_kwargs,
+               after_backward=after_backward, after_step=after_step, on_epoch_end=on_epoch_end,
+               extra_parameters=extra_parameters, resume=resume, device=run.device)
 
 
-def _distill_options(
-    model: nn.Module,
-    recipe: TrainRecipe,
-    config: DistillConfig,
+def _distillation(
+    run: Prepared,
+    config: TrainConfig,
+    distill: DistillConfig,
     teacher_paths: list[str | Path] | None,
-    hooks: list,
-) -> dict:
-    """The fit options of distillation for the built (plain, on-device) student."""
-    from detector.data.sources import load_source
-
-    paths = teacher_paths or [teacher.checkpoint for teacher in config.teachers]
-    if len(paths) != len(config.teachers) or any(path is None for path in paths):
+) -> tuple[LossFn, list[nn.Parameter], dict]:
+    """Distillation's loss function, its extra parameters (the feature adapters) and what the
+    student must return (its neck features, for feature distillation)."""
+    paths = teacher_paths or [teacher.checkpoint for teacher in distill.teachers]
+    if len(paths) != len(distill.teachers) or any(path is None for path in paths):
         raise ValueError(
             "distill.teachers: every teacher needs a checkpoint (outside `ctprune run`, "
             "where the default teacher is the run's baseline)"
         )
-    class_names = load_source(recipe.data, "val" if recipe.data.val else "train").class_names
-    student_config = resolve_model_config(recipe.model, class_names)
     teachers = [
-        load_teacher(teacher, student_config, path)
-        for teacher, path in zip(config.teachers, paths, strict=True)
+        load_teacher(teacher, run.model_config, path)
+        for teacher, path in zip(distill.teachers, paths, strict=True)
     ]
-    device = next(model.parameters()).device
-    memory_format = torch.channels_last if recipe.train.channels_last else torch.preserve_format
+    memory_format = torch.channels_last if config.channels_last else torch.preserve_format
     for teacher in teachers:
         # The student's memory format, so the teacher reads its input tensor without a copy.
-        teacher.model.to(device, memory_format=memory_format)
-    options = {}
-    adapters = None
-    if config.feature_weight > 0:
-        example = torch.zeros(1, 3, *student_config.input.input_size, device=device)
-        adapters = feature_adapters(model, teachers, example).to(device)
-        hooks.append(request_features(model))
-        options["extra_parameters"] = list(adapters.parameters())
-    options["loss_fn"] = distillation_loss(
-        teachers, config, adapters=adapters, precision=recipe.train.precision
-    )
-    return options
+        teacher.model.to(run.device, memory_format=memory_format)
+    adapters, extra_parameters, forward_kwargs = None, [], {}
+    if distill.feature_weight > 0:
+        example = torch.zeros(1, 3, *run.model_config.input.input_size, device=run.device)
+        adapters = feature_adapters(run.plain_model, teachers, example).to(run.device)
+        extra_parameters = list(adapters.parameters())
+        forward_kwargs = {"return_features": True}
+    loss_fn = distillation_loss(teachers, distill, adapters=adapters, precision=config.precision,
+                                task_loss=head_type(run.model_config.head).loss)
+    return loss_fn, extra_parameters, forward_kwargs

@@ -152,6 +152,8 @@ def _convert(value: Any, annotation: Any, path: str) -> Any:
                 return _convert(value, option, path)
             except ConfigError as error:
                 errors.append(error)
+        if len(errors) == 1:  # an optional section: its own error names the key inside it
+            raise errors[0]
         raise ConfigError(f"{path}: expected {_describe(annotation)}, got {value!r}")
     if origin is Literal:
         if value in arguments:

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from ctprune.recalibrate import recalibrate_bn
-from ctprune.slimming import (
+from ctprune.pruning.recalibrate import recalibrate_bn
+from ctprune.pruning.slimming import (
     SparsityConfig,
     bn_gamma_statistics,
     lr_sum,

@@ -19,7 +19,7 @@ from torch.utils.data import default_collate
 
 from ctprune.bench import bench_models
 from ctprune.pruning import prune
-from ctprune.recipe import load_recipe
+from ctprune.recipe import load_recipe, prepare_data
 from ctprune.run import run_recipe
 from detector import load_model
 from detector.data.shapes import generate_shapes
@@ -51,7 +51,7 @@ def test_smoke_chain_on_cuda_with_amp_channels_last_and_distillation(tmp_path):
     (tmp_path / "recipes").mkdir()
     recipe_path = tmp_path / "recipes" / "smoke.yaml"
     recipe_path.write_text(yaml.safe_dump(raw))
-    recipe = load_recipe(recipe_path)
+    recipe = prepare_data(load_recipe(recipe_path))
     run = tmp_path / "run"
     report = run_recipe(recipe, run, device="cuda")
 

@@ -41,7 +41,7 @@ def recipe(tmp_path_factory):
             "lr": 0.02,
             "workers": 0,
             "eval_interval": 0,
-            "lr_steps": [100],
+            "lr_steps": [],
             "augment": {
                 "random_crop": False,
                 "shift": 0.0,
@@ -106,7 +106,7 @@ def test_two_processes_match_one_within_noise(recipe, tmp_path):
     assert len(checksums) == 2 and checksums[0] == checksums[1]  # the ranks hold one model
     one, _ = load_model(tmp_path / "single" / "last.pt")
     two, checkpoint = load_model(tmp_path / "ddp" / "last.pt")
-    torch.manual_seed(317)  # the recipe's seed, which train_from_recipe uses to build the model
+    torch.manual_seed(317)  # the recipe's seed, which prepare_run seeds to build the model
     start = build_from_config(checkpoint.model_config)
     before, after_one, after_two = (_loss_on_training_set(m, recipe) for m in (start, one, two))
     # Same data, global batch and lr: the runs differ only by per-process BatchNorm statistics

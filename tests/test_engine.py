@@ -28,7 +28,7 @@ def shapes(tmp_path_factory):
 
 def _recipe(tmp_path, shapes, **train):
     settings = {"epochs": 2, "batch_size": 8, "lr": 2e-3, "workers": 0, "eval_interval": 1,
-                "lr_steps": [100], **train}
+                "lr_steps": [], **train}
     recipe = {
         "name": "tiny",
         "model": {"arch": "res18", "head_conv": TINY_HEAD_CONV, "widths": TINY_WIDTHS["res"],

@@ -74,6 +74,26 @@ def test_extension_points_are_called(tmp_path):
     assert torch.all(extra > 0)  # the extra parameter was optimised
 
 
+def test_forward_kwargs_reach_the_model_and_on_step_end_sees_every_step(tmp_path):
+    from detector.losses import centernet_loss
+
+    returned_features, steps = [], []
+
+    def loss_reading_features(outputs, batch):
+        returned_features.append("features" in outputs[-1])
+        return centernet_loss(outputs, batch)
+
+    _run(
+        tmp_path,
+        _config(epochs=2),
+        loss_fn=loss_reading_features,
+        forward_kwargs={"return_features": True},
+        on_step_end=lambda step, model, parts: steps.append((step, sorted(parts))),
+    )
+    assert returned_features == [True] * 4
+    assert [step for step, _ in steps] == [1, 2, 3, 4] and "heatmap" in steps[0][1]
+
+
 def test_extra_parameters_survive_a_resume(tmp_path):
     def run(out_dir, epochs, resume=False):
         extra = torch.nn.Parameter(torch.zeros(3))

@@ -462,3 +462,28 @@ def test_bad_arguments_are_named(kwargs, message):
 def test_a_model_without_parameters_is_refused():
     with pytest.raises(ValueError, match="nothing to prune: the model has no parameters"):
         prune(nn.ReLU(), 0.3)
+
+
+def test_prune_the_recipe_and_the_cli_share_one_set_of_defaults():
+    import dataclasses
+    import inspect
+
+    from ctprune.cli import build_parser, prune_options
+    from ctprune.pruning import PruneOptions
+    from ctprune.recipe import PruneConfig
+
+    defaults = PruneOptions()
+    signature = inspect.signature(prune).parameters
+    for name in ("criterion", "scope", "max_layer_ratio", "round_to", "target_macs"):
+        assert signature[name].default == getattr(defaults, name), name
+    assert signature["ratio_overrides"].default is None and defaults.ratio_overrides == {}
+    assert "data" in signature and signature["data"].default is None
+    recipe_section = PruneConfig()
+    for field in dataclasses.fields(PruneOptions):
+        assert getattr(recipe_section, field.name) == getattr(defaults, field.name), field.name
+    args = build_parser().parse_args(["prune", "model.pt", "--out", "pruned.pt"])
+    assert prune_options(args) == defaults
+    args = build_parser().parse_args(["prune", "m.pt", "--out", "p.pt", "--target-macs", "0.5",
+                                      "--round-to", "0"])
+    assert prune_options(args) == dataclasses.replace(defaults, ratio=None, target_macs=0.5,
+                                                      round_to=None)

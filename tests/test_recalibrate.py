@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import default_collate
 
-from ctprune.recalibrate import recalibrate_bn
+from ctprune.pruning.recalibrate import recalibrate_bn
 from detector.engine.config import TrainConfig
 from detector.engine.train import train_loader
 

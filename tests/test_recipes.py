@@ -19,17 +19,10 @@ SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke.yaml"
 
 @pytest.mark.parametrize("path", RECIPES, ids=[path.stem for path in RECIPES])
 def test_every_shipped_recipe_validates(path):
-    if path.stem == "shapes_res18":  # a training recipe (`ctprune train`), not a `ctprune run` one
-        from detector.config import from_dict, read_yaml
-        from detector.engine.config import TrainRecipe
-
-        raw = read_yaml(path)
-        raw.pop("data")
-        from_dict(TrainRecipe, raw, "")
-        return
     recipe = load_recipe(path, check_files=False)
     assert recipe.name == path.stem
-    assert branches(recipe)
+    # A training recipe (`ctprune train`) is a run recipe without `prune`.
+    assert branches(recipe) or recipe.prune is None
 
 
 def _smoke_copy(tmp_path) -> Path:
@@ -148,7 +141,7 @@ def kill_in_first_finetune_epoch(epoch, model, record):
 recipe = load_recipe(
     recipe_path, ["finetune.epochs=2", "report.controls=false", "report.latency=false"]
 )
-run_recipe(recipe, out_dir, fit_hooks={"on_epoch_end": kill_in_first_finetune_epoch})
+run_recipe(recipe, out_dir, on_epoch_end=kill_in_first_finetune_epoch)
 print("finished")
 """
 
@@ -198,3 +191,81 @@ def test_a_sweep_with_iterative_rounds(tmp_path):
         # Each round removes its ratio of what the previous round left.
         assert second["params"] < first["params"] < rows["baseline"]["params"]
     assert rows["l1_r0.5/prune_1"]["params"] < rows["l1_r0.3/prune_1"]["params"]
+
+
+def _write_recipe(tmp_path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text("name: demo\ndata: {train: a.json, val: b.json, images: images}\n" + text)
+    return path
+
+
+def test_finetune_takes_every_key_it_does_not_set_from_train(tmp_path):
+    path = _write_recipe(tmp_path, (
+        "train: {epochs: 7, batch_size: 4, lr: 1.0e-3, lr_steps: [5], workers: 0}\n"
+        "prune: {ratio: 0.5}\n"
+        "finetune: {epochs: 3, lr_steps: []}\n"
+    ))
+    recipe = load_recipe(path, ["train.seed=5"], check_files=False)
+    finetune = recipe.finetune
+    assert (finetune.epochs, finetune.lr_steps) == (3, [])
+    assert (finetune.batch_size, finetune.lr, finetune.workers, finetune.seed) == (4, 1e-3, 0, 5)
+    assert finetune.train_config().batch_size == 4
+    # No finetune section at all: the fine-tune is the baseline's training.
+    path = _write_recipe(tmp_path, "train: {epochs: 7, lr_steps: [5]}\nprune: {ratio: 0.5}\n")
+    assert load_recipe(path, check_files=False).finetune.epochs == 7
+
+
+def test_missing_finetune_epochs_and_late_lr_steps_are_named(tmp_path):
+    path = _write_recipe(tmp_path, "prune: {ratio: 0.5}\nfinetune: {lr: 1.0e-3}\n")
+    with pytest.raises(
+        ConfigError, match="finetune.epochs: required when the recipe has no train section"
+    ):
+        load_recipe(path, check_files=False)
+    path = _write_recipe(tmp_path, "prune: {ratio: 0.5}\nfinetune: {epochs: 10, lr_steps: []}\n")
+    assert load_recipe(path, check_files=False).finetune.epochs == 10
+    path = _write_recipe(tmp_path, "train: {epochs: 140, lr_steps: [90, 150]}\n")
+    with pytest.raises(ConfigError, match="train.lr_steps: step 150 is beyond train.epochs 140"):
+        load_recipe(path, check_files=False)
+    # Inherited from train: the original's drops at 90 and 120 in a 10-epoch fine-tune.
+    path = _write_recipe(tmp_path, "train: {epochs: 140}\nprune: {ratio: 0.5}\n"
+                                   "finetune: {epochs: 10}\n")
+    with pytest.raises(
+        ConfigError, match="finetune.lr_steps: step 90 is beyond finetune.epochs 10"
+    ):
+        load_recipe(path, check_files=False)
+
+
+def test_loading_has_no_side_effects_and_the_runner_generates_the_data(tmp_path):
+    from ctprune.recipe import prepare_data
+    from detector.data.sources import DataConfig
+
+    path = _smoke_copy(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    recipe = load_recipe(path, ["synthetic.num_train=8", "synthetic.num_val=4"])
+    assert sorted(tmp_path.rglob("*")) == before  # nothing generated, nothing written
+    assert recipe.data == "../data/smoke_shapes/data.yaml"
+    prepared = prepare_data(recipe)
+    assert isinstance(prepared.data, DataConfig)
+    assert (tmp_path / "data" / "smoke_shapes" / "data.yaml").is_file()
+
+
+def test_ctprune_train_trains_a_run_recipes_baseline(tmp_path, capsys):
+    from ctprune.cli import main
+
+    path = _smoke_copy(tmp_path)
+    settings = ["--set", "synthetic.num_train=16", "--set", "synthetic.num_val=8",
+                "--set", "train.epochs=1", "--set", "train.eval_interval=0"]
+    assert main(["train", str(path), "--out", str(tmp_path / "baseline"), *settings]) == 0
+    assert "trained 1 epochs" in capsys.readouterr().out
+    assert (tmp_path / "baseline" / "last.pt").is_file()
+
+
+def test_prune_options_are_checked_at_every_sweep_point(tmp_path):
+    path = _write_recipe(tmp_path, "train: {epochs: 2, lr_steps: []}\n"
+                                   "prune: {ratio: [0.5, 0.9], criterion: [l1, l2]}\n")
+    with pytest.raises(ConfigError, match="prune.ratio: 0.9 exceeds max_layer_ratio 0.8"):
+        load_recipe(path, check_files=False)
+    recipe = load_recipe(path, ["prune.max_layer_ratio=0.95"], check_files=False)
+    options = recipe.prune.options("l2", 0.9, None)
+    assert (options.criterion, options.ratio, options.max_layer_ratio) == ("l2", 0.9, 0.95)
+    assert len(branches(recipe)) == 4

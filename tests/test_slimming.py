@@ -8,7 +8,7 @@ import torch
 from tiny import TinyDetectionData, tiny_config, tiny_model
 from torch.utils.data import default_collate
 
-from ctprune.slimming import (
+from ctprune.pruning.slimming import (
     DEFAULT_L1_STRENGTH,
     DEFAULT_PROXIMAL_STRENGTH,
     SparsityConfig,

@@ -6,8 +6,8 @@ import yaml
 from tiny import TINY_HEAD_CONV, TINY_WIDTHS
 
 from ctprune.cli import main
-from ctprune.slimming import bn_gamma_statistics
-from ctprune.train import load_training_recipe
+from ctprune.pruning.slimming import bn_gamma_statistics
+from ctprune.recipe import load_recipe
 from detector import load_model
 from detector.data.shapes import generate_shapes
 
@@ -26,7 +26,7 @@ def _recipe(tmp_path, shapes, sparsity=None, name="recipe"):
                   "input": {"input_size": [64, 64]}},
         "data": str(shapes / "data.yaml"),
         # 12 steps at lr 0.05 x 8 / 32: a proximal budget of 12 x 0.0125 x 20 = 3 > gamma = 1.
-        "train": {"epochs": 3, "batch_size": 8, "lr": 0.05, "lr_steps": [100], "workers": 0,
+        "train": {"epochs": 3, "batch_size": 8, "lr": 0.05, "lr_steps": [], "workers": 0,
                   "eval_interval": 0},
     }
     if sparsity is not None:
@@ -57,5 +57,5 @@ def test_sparsity_section_is_strict(tmp_path, shapes, capsys):
     path = _recipe(tmp_path, shapes, {"method": "l2"})
     assert main(["train", str(path), "--out", str(tmp_path / "run")]) == 2
     assert "sparsity.method: expected 'l1' or 'proximal', got 'l2'" in capsys.readouterr().err
-    recipe, sparsity = load_training_recipe(_recipe(tmp_path, shapes))
-    assert sparsity is None and recipe.name == "sparse"
+    recipe = load_recipe(_recipe(tmp_path, shapes))
+    assert recipe.sparsity is None and recipe.prune is None and recipe.name == "sparse"

@@ -3,6 +3,7 @@
 result = prune(model, 0.3, "l1")                        # every group loses 30 %
 result = prune(model, 0.3, "bn_gamma", scope="global")  # 30 % of all channels, ranked together
 result = prune(model, None, "l1", target_macs=0.5)      # half the MACs
+result = prune_with(model, PruneOptions(ratio=0.3))     # the knobs as one object
 save_checkpoint(path, result.model, config)             # config + channel plan + weights
 """
 
@@ -41,14 +42,11 @@ from .graph import (
     resolve_ignored_layers,
 )
 from .merge import fold_into_kept
+from .options import DEFAULTS, SCOPES, PruneOptions
 
-SCOPES = ("layer", "global")
 # Graph building traces one forward pass; at 128 px it is ~18x faster than at 512 px and gives
 # the same groups (the architecture is fully convolutional).
 DEFAULT_EXAMPLE_SIZE = (128, 128)
-# Chosen from experiments/bench_prune.md: on CPU (oneDNN blocks channels by 16) widths that are
-# multiples of 16 turn MAC savings into real speed-ups; odd widths waste most of them.
-DEFAULT_ROUND_TO = 16
 # target_macs bisection stops when the ratio interval is this narrow.
 RATIO_RESOLUTION = 1e-4
 
@@ -236,19 +234,20 @@ def _bisect_ratio(target_macs: float, high: float, macs_of) -> float:
 def prune(
     model: nn.Module,
     ratio: float | None,
-    criterion: str = "l1",
+    criterion: str = DEFAULTS.criterion,
     *,
-    scope: str = "layer",
+    scope: str = DEFAULTS.scope,
     example_inputs: torch.Tensor | None = None,
     ignored_layers: Iterable[str | nn.Module] | None = None,
     ratio_overrides: dict[str, float] | None = None,
-    max_layer_ratio: float = 0.8,
-    round_to: int | None = DEFAULT_ROUND_TO,
-    target_macs: float | None = None,
+    max_layer_ratio: float = DEFAULTS.max_layer_ratio,
+    round_to: int | None = DEFAULTS.round_to,
+    target_macs: float | None = DEFAULTS.target_macs,
     data: object = None,
     inplace: bool = False,
 ) -> PruneResult:
-    """Remove channels from ``model``; everything coupled to a channel goes with it.
+    """Remove channels from ``model``; everything coupled to a channel goes with it. The
+    defaults are `PruneOptions`'s; `prune_with(model, options)` passes a whole options object.
 
     Args:
         model: a CenterNet (any model whose output layers `detector.output_layers` declares;
@@ -418,3 +417,29 @@ def prune(
     plan = {name: value for name, value in widths_after.items() if value != widths_before[name]}
     stats.seconds = round(time.perf_counter() - started, 4)
     return PruneResult(working, plan or None, stats)
+
+
+def prune_with(
+    model: nn.Module,
+    options: PruneOptions,
+    *,
+    example_inputs: torch.Tensor | None = None,
+    ignored_layers: Iterable[str | nn.Module] | None = None,
+    data: object = None,
+    inplace: bool = False,
+) -> PruneResult:
+    """`prune` with the knobs of ``options`` (a recipe's branch, the command line's flags)."""
+    return prune(
+        model,
+        options.ratio,
+        options.criterion,
+        scope=options.scope,
+        example_inputs=example_inputs,
+        ignored_layers=ignored_layers,
+        ratio_overrides=options.ratio_overrides or None,
+        max_layer_ratio=options.max_layer_ratio,
+        round_to=options.round_to,
+        target_macs=options.target_macs,
+        data=data,
+        inplace=inplace,
+    )

@@ -1,11 +1,13 @@
 """The training loop: one function to read top to bottom.
 
 Extension points are arguments, not subclasses: a loss function with the task loss's signature
-(distillation), an after-backward callable (sparsity regularisation), an after-step callable
-(proximal updates), extra parameters to optimise (distillation adapters) and an end-of-epoch
-callable. Every epoch ends with two atomic files in ``out_dir``: ``last.pt`` (the model, in the
-checkpoint format) and ``resume.pt`` (optimiser, scheduler, scaler, RNG, extra parameters and
-progress), then ``best.pt`` when the selection metric improved.
+(distillation), keyword arguments of the model's forward (``return_features`` for feature
+distillation), an after-backward callable (sparsity regularisation), an after-step callable
+(proximal updates), extra parameters to optimise (distillation adapters), and end-of-step and
+end-of-epoch callables (logging, averaging weights). Every epoch ends with two atomic files in
+``out_dir``: ``last.pt`` (the model, in the checkpoint format) and ``resume.pt`` (optimiser,
+scheduler, scaler, RNG, extra parameters and progress), then ``best.pt`` when the selection
+metric improved.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from tqdm import tqdm
 from ..checkpoint import atomic_save, load_model, save_checkpoint, unwrap_model
 from ..config import ModelConfig, to_dict
 from ..distributed import average_gradients, barrier, is_main_process
-from ..losses import centernet_loss
+from ..heads import head_type
+from ..layout import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT, RESUME_FILE
 from .config import TrainConfig
 from .optim import build_optimizer, build_scheduler
 
@@ -133,7 +136,7 @@ class MetricsLog:
 
     def __init__(self, out_dir: Path, enabled: bool):
         self.enabled = enabled
-        self.path = out_dir / "metrics.jsonl"
+        self.path = out_dir / HISTORY_FILE
         self.writer = None
         if enabled:
             try:
@@ -156,10 +159,80 @@ class MetricsLog:
 
 def completed_epochs(out_dir: str | Path) -> int:
     """The epochs a run in ``out_dir`` has finished, as its resume file records (0 without one)."""
-    path = Path(out_dir) / "resume.pt"
+    path = Path(out_dir) / RESUME_FILE
     if not path.is_file():
         return 0
     return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+
+
+def _resume(out_dir: Path, model_config: ModelConfig, plain_model: nn.Module,
+            extra_parameters: list[nn.Parameter], optimizer, scheduler, scaler) -> FitResult:
+    """Put ``out_dir``'s last.pt and resume.pt back into the model, the extra parameters, the
+    optimiser, the schedule, the scaler and the RNGs; the progress so far."""
+    if not (out_dir / RESUME_FILE).is_file() or not (out_dir / LAST_CHECKPOINT).is_file():
+        raise FileNotFoundError(f"{out_dir}: nothing to resume (no last.pt and resume.pt)")
+    # On the CPU: RNG states must stay CPU byte tensors; the optimiser moves its own state to its
+    # parameters' device.
+    state = torch.load(out_dir / RESUME_FILE, map_location="cpu", weights_only=True)
+    resumed, _ = load_model(
+        out_dir / LAST_CHECKPOINT, arch=model_config.arch, num_classes=model_config.num_classes
+    )
+    plain_model.load_state_dict(resumed.state_dict())
+    _restore_extra_parameters(
+        extra_parameters, state.get("extra_parameters"), out_dir / RESUME_FILE
+    )
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"])
+    return FitResult(state["epoch"], state["best_value"], state["best_epoch"], state["history"])
+
+
+def _save_epoch(out_dir: Path, plain_model: nn.Module, model_config: ModelConfig,
+                config: TrainConfig, record: dict, result: FitResult, improved: bool,
+                optimizer, scheduler, scaler, extra_parameters: list[nn.Parameter]) -> None:
+    """The end-of-epoch files: last.pt (checkpoint format), resume.pt (everything else a resume
+    needs) and, when the selection metric improved, best.pt."""
+    meta = {
+        "epoch": result.epochs,
+        "metrics": {k: v for k, v in record.items() if isinstance(v, (int, float))},
+        "train_config": to_dict(config),
+    }
+    save_checkpoint(out_dir / LAST_CHECKPOINT, plain_model, model_config, meta=meta)
+    atomic_save(
+        {
+            "format": RESUME_FORMAT,
+            "epoch": result.epochs,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": _rng_state(),
+            "extra_parameters": [parameter.detach().cpu() for parameter in extra_parameters],
+            "best_value": result.best_value,
+            "best_epoch": result.best_epoch,
+            "history": result.history,
+        },
+        out_dir / RESUME_FILE,
+    )
+    if improved:
+        save_checkpoint(out_dir / BEST_CHECKPOINT, plain_model, model_config, meta=meta)
+
+
+def _record_best(result: FitResult, record: dict, metric: str) -> bool:
+    """Append the epoch's record to ``result``; True (and the best updated) when ``metric``
+    improved."""
+    result.history.append(record)
+    value = record.get(metric)
+    improved = value is not None and math.isfinite(value) and _improved(metric, value,
+                                                                         result.best_value)
+    if improved:
+        result.best_value, result.best_epoch = value, result.epochs
+    return improved
+
+
+def _wants_evaluation(config: TrainConfig, done: int) -> bool:
+    interval = config.eval_interval
+    return interval > 0 and (done % interval == 0 or done == config.epochs)
 
 
 def fit(
@@ -170,9 +243,11 @@ def fit(
     out_dir: str | Path,
     *,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
-    loss_fn: LossFn = centernet_loss,
+    loss_fn: LossFn | None = None,
+    forward_kwargs: dict | None = None,
     after_backward: Callable[[nn.Module], None] | None = None,
     after_step: Callable[[nn.Module], None] | None = None,
+    on_step_end: Callable[[int, nn.Module, dict], None] | None = None,
     on_epoch_end: Callable[[int, nn.Module, dict], None] | None = None,
     extra_parameters: Iterable[nn.Parameter] = (),
     resume: bool = False,
@@ -182,11 +257,17 @@ def fit(
     ``resume``), evaluating every ``config.eval_interval`` epochs with ``evaluate(model) ->
     metrics`` and keeping ``best.pt`` by ``config.best_metric``.
 
-    ``model`` may be wrapped in DistributedDataParallel; then only rank 0 writes files.
-    ``loss_fn(outputs, batch)`` gets the model outputs and the batch on the device (with
-    ``image``), and returns the total loss and a dict of its parts.
+    ``model`` may be wrapped in DistributedDataParallel; then only rank 0 writes files. Each step
+    calls ``model(images, **forward_kwargs)`` (``{"return_features": True}`` for feature
+    distillation) and ``loss_fn(outputs, batch)``, which gets the batch on the device (with
+    ``image``) and returns the total loss and a dict of its parts (default: the loss of the
+    model's head type, `detector.heads`). The callables get the plain
+    model: ``after_backward`` with true gradients, ``after_step`` after the optimiser step,
+    ``on_step_end(step, model, parts)`` at the end of every step, ``on_epoch_end(epoch, model,
+    record)`` once the epoch's files are written.
     """
-    out_dir, device = Path(out_dir), torch.device(device)
+    out_dir, device, forward_kwargs = Path(out_dir), torch.device(device), forward_kwargs or {}
+    loss_fn = loss_fn or head_type(model_config.head).loss
     main = is_main_process()
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -199,25 +280,8 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "amp")
     result = FitResult(epochs=0)
     if resume:
-        if not (out_dir / "resume.pt").is_file() or not (out_dir / "last.pt").is_file():
-            raise FileNotFoundError(f"{out_dir}: nothing to resume (no last.pt and resume.pt)")
-        # On the CPU: RNG states must stay CPU byte tensors; the optimiser moves its own state
-        # to its parameters' device.
-        state = torch.load(out_dir / "resume.pt", map_location="cpu", weights_only=True)
-        resumed, _ = load_model(
-            out_dir / "last.pt", arch=model_config.arch, num_classes=model_config.num_classes
-        )
-        plain_model.load_state_dict(resumed.state_dict())
-        _restore_extra_parameters(
-            extra_parameters, state.get("extra_parameters"), out_dir / "resume.pt"
-        )
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
-        result = FitResult(
-            state["epoch"], state["best_value"], state["best_epoch"], state["history"]
-        )
+        result = _resume(out_dir, model_config, plain_model, extra_parameters, optimizer,
+                         scheduler, scaler)
     log = MetricsLog(out_dir, enabled=main)
     global_step = result.epochs * len(train_loader)
 
@@ -241,14 +305,15 @@ def fit(
             if config.channels_last:
                 batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
             with _autocast(config.precision, device):
-                outputs = model(batch["image"])
+                outputs = model(batch["image"], **forward_kwargs)
             loss, parts = loss_fn(outputs, batch)
             # The step's one wait for the device: everything after it is queued asynchronously.
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(
                     f"non-finite loss ({loss_value}) at epoch {epoch + 1}, step {step + 1}; "
-                    f"the last good checkpoint is {out_dir / 'last.pt'} (epoch {result.epochs}). "
+                    f"the last good checkpoint is {out_dir / LAST_CHECKPOINT} "
+                    f"(epoch {result.epochs}). "
                     "Try a lower train.lr or train.grad_clip."
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -275,68 +340,28 @@ def fit(
             # refresh=False: the bar redraws at tqdm's own pace, not once per step (log files)
             progress.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{rate:.1f}", refresh=False)
             if global_step % config.log_interval == 0:
-                record = {
-                    "kind": "train",
-                    "epoch": epoch + 1,
-                    "step": global_step,
-                    "lr": scheduler.get_last_lr()[0],
-                    "images_per_s": rate,
-                    **{f"loss_{k}": float(v) for k, v in parts.items()},
-                }
-                log.write(record, global_step)
+                log.write({"kind": "train", "epoch": epoch + 1, "step": global_step,
+                           "lr": scheduler.get_last_lr()[0], "images_per_s": rate,
+                           **{f"loss_{k}": float(v) for k, v in parts.items()}}, global_step)
+            if on_step_end is not None:
+                on_step_end(global_step, plain_model, parts)
 
-        done = epoch + 1
-        epoch_record = {"kind": "epoch", "epoch": done, "step": global_step,
-                        "train_loss": loss_sum / max(len(train_loader), 1),
-                        "seconds": time.perf_counter() - started, "lr": scheduler.get_last_lr()[0],
-                        "data_wait_share": data_wait / max(time.perf_counter() - started, 1e-9)}
-        interval = config.eval_interval
-        if (
-            evaluate is not None
-            and interval > 0
-            and (done % interval == 0 or done == config.epochs)
-        ):
-            epoch_record.update(evaluate(plain_model))
-        result.epochs = done
-        result.history.append(epoch_record)
-        log.write(epoch_record, global_step)
-        value = epoch_record.get(config.best_metric)
-        improved = (
-            value is not None
-            and math.isfinite(value)
-            and _improved(config.best_metric, value, result.best_value)
-        )
-        if improved:
-            result.best_value, result.best_epoch = value, done
+        result.epochs = done = epoch + 1
+        seconds = time.perf_counter() - started
+        record = {"kind": "epoch", "epoch": done, "step": global_step,
+                  "train_loss": loss_sum / max(len(train_loader), 1), "seconds": seconds,
+                  "lr": scheduler.get_last_lr()[0],
+                  "data_wait_share": data_wait / max(seconds, 1e-9)}
+        if evaluate is not None and _wants_evaluation(config, done):
+            record.update(evaluate(plain_model))
+        improved = _record_best(result, record, config.best_metric)
+        log.write(record, global_step)
         if main:
-            meta = {
-                "epoch": done,
-                "metrics": {k: v for k, v in epoch_record.items() if isinstance(v, (int, float))},
-                "train_config": to_dict(config),
-            }
-            save_checkpoint(out_dir / "last.pt", plain_model, model_config, meta=meta)
-            atomic_save(
-                {
-                    "format": RESUME_FORMAT,
-                    "epoch": done,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": _rng_state(),
-                    "extra_parameters": [
-                        parameter.detach().cpu() for parameter in extra_parameters
-                    ],
-                    "best_value": result.best_value,
-                    "best_epoch": result.best_epoch,
-                    "history": result.history,
-                },
-                out_dir / "resume.pt",
-            )
-            if improved:
-                save_checkpoint(out_dir / "best.pt", plain_model, model_config, meta=meta)
+            _save_epoch(out_dir, plain_model, model_config, config, record, result, improved,
+                        optimizer, scheduler, scaler, extra_parameters)
         barrier()  # every process leaves the epoch only once its checkpoint is on disk
         if on_epoch_end is not None:
-            on_epoch_end(done, plain_model, epoch_record)
+            on_epoch_end(done, plain_model, record)
     result.parameter_checksum = float(
         sum(p.detach().double().sum() for p in plain_model.parameters())
     )

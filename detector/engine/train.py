@@ -1,4 +1,4 @@
-"""From a recipe to a trained checkpoint: data -> datasets -> model -> fit."""
+"""From a recipe to a trained checkpoint: data -> datasets -> model (`prepare_run`) -> `fit`."""
 
 from __future__ import annotations
 
@@ -13,10 +13,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .. import distributed
+from ..checkpoint import unwrap_model
 from ..config import ConfigError, ModelConfig, to_dict
 from ..data.dataset import CenterNetDataset, collate, worker_init_fn
 from ..data.sources import load_source
 from ..evaluate.run import make_evaluator
+from ..files import atomic_write_text
+from ..layout import EVAL_FOLDER, RECIPE_FILE
 from ..models import build_model
 from .config import TrainConfig, TrainRecipe
 from .fit import FitResult, completed_epochs, fit
@@ -66,24 +69,47 @@ def train_loader(dataset: Dataset, config: TrainConfig, collate_fn=collate) -> D
     )
 
 
-def train_from_recipe(
+@dataclasses.dataclass
+class Prepared:
+    """A training run ready for `fit`: what `prepare_run` builds from a recipe."""
+
+    model: nn.Module
+    """The model to train, on ``device``; wrapped in DistributedDataParallel under torchrun."""
+    model_config: ModelConfig
+    """The recipe's model section with the data's class count and names."""
+    train_loader: DataLoader
+    """The training batches (this process's share under torchrun)."""
+    evaluate: Callable[[nn.Module], dict[str, float]] | None
+    """Validation metrics of a model; None when the data has no val split."""
+    device: torch.device
+    """This process's device."""
+    start_epoch: int
+    """Epochs already done: those `fit` resumes from (0 for a fresh run)."""
+
+    @property
+    def plain_model(self) -> nn.Module:
+        """The model outside its DistributedDataParallel wrapper (what fit's callables get)."""
+        return unwrap_model(self.model)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train_loader)
+
+
+def prepare_run(
     recipe: TrainRecipe,
     out_dir: str | Path,
     *,
-    resume: bool = False,
     device: str | None = None,
-    options_for_model: Callable[[nn.Module, int, int], dict] | None = None,
+    resume: bool = False,
     initial_model: nn.Module | None = None,
-    **fit_options,
-) -> FitResult:
-    """Train the recipe's model on its data; checkpoints, logs and the resolved recipe go to
-    ``out_dir``. Under torchrun every process runs this and they train one model together.
-    ``fit_options`` (loss_fn, after_backward, after_step, on_epoch_end, extra_parameters)
-    pass through to `fit`. Options that need the built model or the schedule (sparsity
-    callbacks, distillation adapters) come from ``options_for_model(model, steps_per_epoch,
-    start_epoch)``, called once before training with the plain model. ``initial_model``
-    (e.g. a pruned model to fine-tune, of ``recipe.model``'s architecture) is trained instead of
-    a freshly built one; it is trained in place."""
+) -> Prepared:
+    """Everything `fit` needs to train the recipe's model on its data: the model (built, or
+    ``initial_model``, e.g. a pruned model to fine-tune, of ``recipe.model``'s architecture,
+    trained in place), the loader, the evaluation, the device. The resolved recipe is written to
+    ``out_dir/recipe.yaml``. Under torchrun every process calls this and joins the process group
+    here. Seeds torch with ``recipe.train.seed`` first, so the model's initial weights and
+    everything built after (distillation adapters, say) are a function of the recipe."""
     out_dir = Path(out_dir)
     device = distributed.setup(device)
     torch.manual_seed(recipe.train.seed)
@@ -101,7 +127,7 @@ def train_from_recipe(
     resolved = dataclasses.replace(recipe, model=model_config)
     if distributed.is_main_process():
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(resolved), sort_keys=False))
+        atomic_write_text(out_dir / RECIPE_FILE, yaml.safe_dump(to_dict(resolved), sort_keys=False))
 
     config = recipe.train
     if initial_model is not None:
@@ -113,6 +139,7 @@ def train_from_recipe(
             head_conv=model_config.head_conv,
             widths=model_config.widths,
             pretrained=config.pretrained,
+            head=model_config.head,
         )
     dataset = CenterNetDataset(
         train_source.records,
@@ -124,11 +151,12 @@ def train_from_recipe(
         seed=config.seed,
         min_overlap=config.min_overlap,
         radius_variant=config.radius,
+        head=model_config.head,
     )
     evaluate = None
     if val_source is not None:
         evaluate = make_evaluator(
-            val_source, model_config, recipe.evaluate, device, out_dir / "eval"
+            val_source, model_config, recipe.evaluate, device, out_dir / EVAL_FOLDER
         )
     logger.info(
         "training %s on %d images, %d classes",
@@ -139,10 +167,23 @@ def train_from_recipe(
     memory_format = torch.channels_last if config.channels_last else torch.preserve_format
     model = model.to(device, memory_format=memory_format)
     loader = train_loader(dataset, config)
-    if options_for_model is not None:
-        start_epoch = completed_epochs(out_dir) if resume else 0
-        fit_options = {**fit_options, **options_for_model(model, len(loader), start_epoch)}
+    start_epoch = completed_epochs(out_dir) if resume else 0
     model = distributed.wrap(model, device, config.sync_batchnorm)
-    return fit(model, model_config, config, loader, out_dir,
-               evaluate=evaluate, resume=resume, device=device, **fit_options)
+    return Prepared(model, model_config, loader, evaluate, device, start_epoch)
 
+
+def train_from_recipe(
+    recipe: TrainRecipe,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    device: str | None = None,
+    on_epoch_end: Callable[[int, nn.Module, dict], None] | None = None,
+) -> FitResult:
+    """Train the recipe's model on its data with the task loss: `prepare_run`, then `fit`;
+    checkpoints, logs and the resolved recipe go to ``out_dir``. Under torchrun every process
+    runs this and they train one model together. For another loss or callables, call
+    `prepare_run` and `fit` yourself (as `ctprune.train.train` does)."""
+    run = prepare_run(recipe, out_dir, device=device, resume=resume)
+    return fit(run.model, run.model_config, recipe.train, run.train_loader, out_dir,
+               evaluate=run.evaluate, on_epoch_end=on_epoch_end, resume=resume, device=run.device)

@@ -23,6 +23,7 @@ from ..files import atomic_write_json, atomic_write_text
 from ..heads import head_type
 from ..inference.decode import detections_to_image
 from ..inference.predictor import Predictor, detect
+from ..layout import EVAL_METRICS_FILE, EVAL_RESULTS_FILE, PER_CLASS_TABLE, PR_CURVES_FOLDER_NAME
 from .coco import coco_evaluate, detections_to_coco_results, ground_truth_to_coco
 from .config import EvaluateConfig
 from .curves import plot_pr_curves
@@ -152,19 +153,20 @@ def _score(
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         # Compact: a COCO val results file holds half a million detections.
-        atomic_write_text(out_dir / "results.json", json.dumps(results, allow_nan=False))
+        atomic_write_text(out_dir / EVAL_RESULTS_FILE, json.dumps(results, allow_nan=False))
         rows = ["| class | COCO AP | VOC AP50 |", "|---|---|---|"]
         for index, name in enumerate(source.class_names):
             coco_ap = metrics["per_class_ap"].get(name, math.nan)
             rows.append(f"| {name} | {coco_ap:.4f} | {voc['per_class_ap'][index]:.4f} |")
-        atomic_write_text(out_dir / "per_class_ap.md", "\n".join(rows) + "\n")
+        atomic_write_text(out_dir / PER_CLASS_TABLE, "\n".join(rows) + "\n")
         summary = {k: v for k, v in metrics.items() if k != "per_class_ap"}
         # Strict JSON: a class without ground truth has a NaN AP, written as null.
         atomic_write_json(
-            out_dir / "metrics.json", {**summary, "per_class_ap": metrics["per_class_ap"]}
+            out_dir / EVAL_METRICS_FILE, {**summary, "per_class_ap": metrics["per_class_ap"]}
         )
         if config.pr_curves:
-            plot_pr_curves(voc["precision_recall"], source.class_names, out_dir / "pr_curves")
+            curves = out_dir / PR_CURVES_FOLDER_NAME
+            plot_pr_curves(voc["precision_recall"], source.class_names, curves)
     return metrics
 
 

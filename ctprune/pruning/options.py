@@ -1,0 +1,74 @@
+"""The pruning knobs, in one place: `PruneOptions`.
+
+`prune()` takes its keyword defaults from here, a recipe's `prune` section extends it (lists make
+a sweep, see `ctprune.recipe.PruneConfig`), and `ctprune prune` builds its flags' defaults from
+it, so each default is written once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .criteria import check_criterion
+
+SCOPES = ("layer", "global")
+# Chosen from experiments/bench_prune.md: on CPU (oneDNN blocks channels by 16) widths that are
+# multiples of 16 turn MAC savings into real speed-ups; odd widths waste most of them.
+DEFAULT_ROUND_TO = 16
+
+
+@dataclass
+class PruneOptions:
+    """How to prune one model: what `prune(model, ratio, criterion, ...)` is given."""
+
+    criterion: str = "l1"
+    """One of ctprune.pruning.CRITERIA: l1, l2, bn_gamma, kmeans (merges similar channels),
+    random."""
+    ratio: float | None = 0.2
+    """Fraction of channels removed, in [0, 1): of every group in layer scope, of all prunable
+    channels together in global scope. None when `target_macs` is given."""
+    target_macs: float | None = None
+    """Instead of `ratio`: the fraction of the model's MACs to keep, in (0, 1] (the ratio is
+    bisected)."""
+    scope: str = "layer"
+    """"layer": every group loses the ratio; "global": groups ranked together on
+    mean-normalised scores."""
+    max_layer_ratio: float = 0.8
+    """The most any group may lose, in (0, 1)."""
+    round_to: int | None = DEFAULT_ROUND_TO
+    """Kept widths are multiples of this (None: whole channels)."""
+    ratio_overrides: dict = field(default_factory=dict)
+    """Module-name pattern (fnmatch) -> ratio for the groups it matches."""
+
+    def __post_init__(self) -> None:
+        check_options(self.criterion, self.ratio, self.target_macs, self.scope,
+                      self.max_layer_ratio, self.round_to)
+
+
+def check_options(criterion, ratio, target_macs, scope, max_layer_ratio, round_to) -> None:
+    """The checks every set of pruning options passes; errors start with the field's name."""
+    try:
+        check_criterion(criterion)
+    except ValueError as error:
+        raise ValueError(f"criterion: {error}") from None
+    if (ratio is None) == (target_macs is None):
+        raise ValueError("ratio: give exactly one of ratio and target_macs")
+    if ratio is not None and not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio: expected values in [0, 1), got {ratio!r}")
+    if target_macs is not None and not 0.0 < target_macs <= 1.0:
+        raise ValueError(f"target_macs: expected values in (0, 1], got {target_macs!r}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope: expected 'layer' or 'global', got {scope!r}")
+    if not 0.0 < max_layer_ratio < 1.0:
+        raise ValueError(f"max_layer_ratio: expected a number in (0, 1), got {max_layer_ratio!r}")
+    if ratio is not None and ratio > max_layer_ratio:
+        raise ValueError(
+            f"ratio: {ratio} exceeds max_layer_ratio {max_layer_ratio}, the most any layer may "
+            "lose; raise max_layer_ratio to prune harder"
+        )
+    if round_to is not None and round_to < 1:
+        raise ValueError(f"round_to: expected None or a positive integer, got {round_to!r}")
+
+
+DEFAULTS = PruneOptions()
+"""The defaults, for signatures and command-line flags."""

@@ -1,0 +1,28 @@
+"""The files a training run writes into its folder, named once: the training loop, the
+evaluation and `ctprune`'s run folders (`ctprune.layout`) all use these names.
+
+    OUT/recipe.yaml            the resolved recipe the run trained with
+    OUT/last.pt, OUT/best.pt   the model after the latest epoch / the best by train.best_metric
+    OUT/resume.pt              optimiser, schedule, scaler, RNG state and progress for --resume
+    OUT/metrics.jsonl          one JSON line per logged step and per epoch
+    OUT/eval/metrics.json      the latest evaluation's metrics (with results.json,
+                               per_class_ap.md and pr_curves/ beside it)
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+RECIPE_FILE = "recipe.yaml"
+LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best.pt"
+RESUME_FILE = "resume.pt"
+HISTORY_FILE = "metrics.jsonl"
+EVAL_FOLDER = "eval"
+EVAL_METRICS_FILE = "metrics.json"
+EVAL_RESULTS_FILE = "results.json"
+PER_CLASS_TABLE = "per_class_ap.md"
+PR_CURVES_FOLDER_NAME = "pr_curves"
+METRICS_FILE = PurePosixPath(EVAL_FOLDER, EVAL_METRICS_FILE)
+"""The evaluation metrics, relative to a run folder."""
+PR_CURVES_FOLDER = PurePosixPath(EVAL_FOLDER, PR_CURVES_FOLDER_NAME)
