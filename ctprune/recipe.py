@@ -3,7 +3,7 @@
 Sections, each validated strictly into the dataclasses the CLI uses (an unknown key or a wrong
 type raises with its dotted path, ``--set section.key=value`` overrides any key):
 
-    name:       the run's name; it writes under experiments/<name>/ unless --out says otherwise
+    name:       the run's name; it writes under ./runs/<name>/ unless --out says otherwise
     synthetic:  optional; generate the built-in benchmark there first (a no-op when present)
     model:      the architecture and input spec (detector.config.ModelConfig)
     data:       a mapping or the path of a data.yaml (detector.data.sources.DataConfig)
@@ -160,7 +160,7 @@ class Recipe:
     """A whole experiment: baseline -> prune -> fine-tune -> evaluate -> report."""
 
     name: str = "run"
-    """The run's name: experiments/<name>/ unless --out is given."""
+    """The run's name: runs/<name>/ under the current directory unless --out is given."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     synthetic: SyntheticConfig | None = None
