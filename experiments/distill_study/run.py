@@ -8,9 +8,12 @@ augmentation; both arms of a seed start from the same pruned weights, so their d
 paired.
 
     python experiments/distill_study/run.py --epochs 1 --full-val      # the committed figures
-    python experiments/distill_study/run.py --train-images 64 --epochs 1 --seeds 0 --out /tmp/t
+    python experiments/distill_study/run.py --train-images 64 --epochs 1 --seeds 0 --out runs/t
 
-Writes report.md and report.json beside this script (run folders go under --out, not committed).
+Run folders go under --out (default runs/distill_study/), the results and their tables
+(results.json) under --report (default runs/distill_study/report/); neither is committed.
+This folder's report.md discusses them, and its report.json holds them in `ctprune report`'s
+row layout.
 """
 
 from __future__ import annotations
@@ -37,8 +40,7 @@ from detector.engine.config import EvaluateConfig, TrainConfig, TrainRecipe
 from detector.engine.validate import evaluate_model
 
 ROOT = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
-BASELINE = ROOT / "experiments" / "quickstart" / "baseline" / "checkpoint.pt"
+BASELINE = ROOT / "runs" / "quickstart" / "baseline" / "checkpoint.pt"
 DATA = ROOT / "data" / "shapes" / "data.yaml"
 PRUNE = {"ratio": 0.5, "criterion": "l1", "scope": "global", "max_layer_ratio": 0.8}
 RECALIBRATE_BATCHES = 20
@@ -146,10 +148,10 @@ def main() -> None:
     parser.add_argument(
         "--val-images", type=int, default=None, help="first N val images (default: all)"
     )
-    parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "distill_study" / "run")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "distill_study")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--report", type=Path, default=HERE)
-    parser.add_argument("--table", action="store_true", help="print report.json's tables and exit")
+    parser.add_argument("--report", type=Path, default=ROOT / "runs" / "distill_study" / "report")
+    parser.add_argument("--table", action="store_true", help="print results.json's tables and exit")
     parser.add_argument(
         "--heatmap-weight", type=float, default=None, help="ablation: distill.heatmap_weight"
     )
@@ -158,7 +160,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.table:
-        print(markdown_table(json.loads((args.report / "report.json").read_text())), end="")
+        print(markdown_table(json.loads((args.report / "results.json").read_text())), end="")
         return
     torch.set_num_threads(args.threads)
     data = subset_data(args.out, args.train_images, args.val_images)
@@ -220,12 +222,12 @@ def main() -> None:
         }
     )
     args.report.mkdir(parents=True, exist_ok=True)
-    (args.report / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (args.report / "results.json").write_text(json.dumps(report, indent=2, default=str))
     print(json.dumps(report["summary"], indent=2))
 
 
 def markdown_table(report: dict) -> str:
-    """The per-seed table and the paired summary, as markdown (from report.json alone)."""
+    """The per-seed table and the paired summary, as markdown (from results.json alone)."""
     lines = [
         "| seed | AP plain | AP distill | AP diff | AP50 plain | AP50 distill | AP50 diff |",
         "|---|---|---|---|---|---|---|",

@@ -25,7 +25,6 @@ from detector.engine.config import load_train_recipe
 from detector.engine.train import train_from_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -35,7 +34,7 @@ def main() -> None:
     )
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "shapes_res18.yaml")
     parser.add_argument("--set", action="append", default=["train.epochs=3"])
-    parser.add_argument("--out", type=Path, default=HERE / "runs")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "precision_study")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -60,7 +59,7 @@ def main() -> None:
         ),
         "runs": runs,
     }
-    (HERE / "report.json").write_text(json.dumps(report, indent=2))
+    (args.out / "results.json").write_text(json.dumps(report, indent=2))
     epochs = len(runs["fp32"]["train_loss"])
     lines = ["| precision | " + " | ".join(f"train loss e{i + 1}" for i in range(epochs))
              + " | val loss | val AP | val AP50 | wall s |",
@@ -72,7 +71,7 @@ def main() -> None:
             + f" | {run['loss']:.3f} | {run['ap']:.3f} | {run['ap50']:.3f} | {run['seconds']:.0f} |"
         )
     print("\n".join(lines))
-    (HERE / "table.md").write_text("\n".join(lines) + "\n")
+    (args.out / "table.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

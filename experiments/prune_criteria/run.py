@@ -10,8 +10,9 @@ the same short fine-tune for every variant. `random` is the baseline every crite
     python experiments/prune_criteria/run.py CHECKPOINT [--ratio 0.5] [--finetune-epochs 1]
 
 The checkpoint must be trained on data/shapes (e.g. experiments/shapes_res18/run.py). Writes
-<name>.json and <name>_table.md beside this script (--name, default "report"); report.md
-discusses them. Without --finetune-epochs 0 the first row is the control: the unpruned
+<name>.json and <name>_table.md into --out (default runs/prune_criteria/; --name, default
+"results"); report.md beside this script discusses them, report.json holds them in `ctprune
+report`'s row layout. Without --finetune-epochs 0 the first row is the control: the unpruned
 baseline given the same fine-tune.
 """
 
@@ -39,7 +40,6 @@ from detector.engine.train import train_loader
 from detector.engine.validate import evaluate_model
 
 ROOT = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
 CRITERIA = ("random", "l1", "l2", "bn_gamma", "kmeans")
 SCOPES = ("layer", "global")
 RECALIBRATION_BATCHES = 20
@@ -60,6 +60,7 @@ def main() -> None:
     )
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "shapes")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "prune_criteria")
     parser.add_argument(
         "--ratio", type=float, default=None, help="channels removed (instead of --target-macs)"
     )
@@ -77,7 +78,7 @@ def main() -> None:
     parser.add_argument(
         "--scopes", nargs="*", default=list(SCOPES), help="scopes to compare (default: both)"
     )
-    parser.add_argument("--name", default="report", help="base name of the report files")
+    parser.add_argument("--name", default="results", help="base name of the result files")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -163,7 +164,8 @@ def main() -> None:
         "baseline": baseline,
         "rows": rows,
     }
-    (HERE / f"{args.name}.json").write_text(json.dumps(report, indent=2))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2))
     lines = [
         "| scope | criterion | ratio | GMACs | AP50 pruned | AP50 fine-tuned | AP fine-tuned "
         "| prune s | fine-tune s |",
@@ -178,7 +180,7 @@ def main() -> None:
             f"| {row['prune_s']:.1f} | {row['finetune_s']:.0f} |"
         )
     print("\n".join(lines))
-    (HERE / f"{args.name}_table.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{args.name}_table.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

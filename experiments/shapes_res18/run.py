@@ -4,9 +4,11 @@ Target (issue 4): COCO AP50 >= 0.80 on the val split within 8 minutes on 2 CPU c
 
     python experiments/shapes_res18/run.py            # resunet18; generates data/shapes if absent
     python experiments/shapes_res18/run.py --recipe recipes/shapes_res18.yaml   # the msra neck
-    python experiments/shapes_res18/run.py --set train.epochs=20 --out /tmp/long
+    python experiments/shapes_res18/run.py --set train.epochs=20 --out runs/long
 
-Writes <recipe name>.md and .json beside this script (the run folder itself is not committed).
+The run folder (--out, default runs/shapes_res18/<recipe name>/) gets <recipe name>.md and
+.json too; nothing is committed. This folder's report.md and report.json (`ctprune
+report`'s row layout) hold the committed figures.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from detector.engine.config import load_train_recipe
 from detector.engine.train import train_from_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
@@ -33,9 +34,11 @@ def main() -> None:
     )
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "shapes_resunet18.yaml")
     parser.add_argument("--set", action="append", default=[])
-    parser.add_argument("--out", type=Path, default=HERE / "run")
+    parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.out is None:
+        args.out = ROOT / "runs" / "shapes_res18" / args.recipe.stem
 
     torch.set_num_threads(args.threads)
     generate_shapes(ROOT / "data" / "shapes")  # a no-op when the frozen set is already there
@@ -77,7 +80,7 @@ def main() -> None:
         "best_epoch": result.best_epoch,
         "history": history,
     }
-    (HERE / f"{args.recipe.stem}.json").write_text(json.dumps(report, indent=2))
+    (args.out / f"{args.recipe.stem}.json").write_text(json.dumps(report, indent=2))
     command = ["python experiments/shapes_res18/run.py --recipe", report["recipe"]]
     command += [f"--set {override}" for override in args.set]
     lines = [
@@ -103,7 +106,7 @@ def main() -> None:
             + " | ".join("" if c is None else f"{c:.3f}" for c in cells)
             + " |"
         )
-    (HERE / f"{args.recipe.stem}.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{args.recipe.stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -9,12 +9,12 @@ the val split, and two masking proxies for pruning (gamma = beta = 0, evaluated 
 after `recalibrate_bn`): every channel with |gamma| < 1e-2, and a fixed share of the channels
 pruning removes exactly (each basic block's bn1, the neck BNs) ranked by |gamma|.
 
-    python experiments/slimming_study.py                           # train and measure
-    python experiments/slimming_study.py --reuse --prune-share 0   # re-measure the dead proxy
-    python experiments/slimming_study.py --epochs 1 --no-evaluate --out /tmp/pilot
+    python experiments/slimming_study/run.py                           # train and measure
+    python experiments/slimming_study/run.py --reuse --prune-share 0   # re-measure the dead proxy
+    python experiments/slimming_study/run.py --epochs 1 --no-evaluate --out runs/pilot
 
 Run folders, results.json and the tables (report.md) go to --out (default
-/tmp/slimming_study); experiments/slimming_study.md quotes them with the analysis.
+runs/slimming_study/); experiments/slimming_study/report.md quotes them with the analysis.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from detector.engine.fit import fit
 from detector.engine.train import train_loader
 from detector.engine.validate import evaluate_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WIDTHS = {"stem": 32, "stages": [32, 64, 128, 256], "neck": [64, 64, 64]}
 HEAD_CONV = 32
 INPUT_SIZE = (128, 128)
@@ -298,7 +298,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "shapes")
-    parser.add_argument("--out", type=Path, default=Path("/tmp/slimming_study"))
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "slimming_study")
     parser.add_argument("--report", type=Path, default=None,
                         help="where the tables go (default: --out/report.md)")
     parser.add_argument("--epochs", type=int, default=5)
@@ -319,7 +319,7 @@ def main() -> None:
                              "--prune-share is 0)")
     parser.add_argument("--workers", type=int, default=1)
     # One thread: on the shared 2-core machine, next to another busy process, two threads
-    # trained at 6 images/s and one thread at 77 (see slimming_study.md).
+    # trained at 6 images/s and one thread at 77 (see report.md).
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     args.report = args.report or args.out / "report.md"
