@@ -27,9 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ctprune.distill import DistillConfig
-from ctprune.pruning import prune
-from ctprune.recalibrate import recalibrate_bn
+from ctprune import DistillConfig, prune, recalibrate_bn
 from ctprune.train import train
 from detector import load_model, save_checkpoint
 from detector.config import to_dict

@@ -32,14 +32,8 @@ from pathlib import Path
 
 import torch
 
-from ctprune.recalibrate import recalibrate_bn
-from ctprune.slimming import (
-    SparsityConfig,
-    bn_gamma_statistics,
-    lr_sum,
-    scheduled_lr,
-    sparsity_callbacks,
-)
+from ctprune import SparsityConfig, bn_gamma_statistics, recalibrate_bn, sparsity_callbacks
+from ctprune.slimming import lr_sum, scheduled_lr
 from detector import build_model, load_model
 from detector.config import ModelConfig, input_preset
 from detector.data.dataset import CenterNetDataset

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ctprune.bench import deploy_torch
-from ctprune.pruning import prune
+from ctprune import prune
 from detector import build_model
 
 SIZE = 512

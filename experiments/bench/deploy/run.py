@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ctprune.bench import bench_models, deploy_torch, torch_threads
-from ctprune.pruning import prune
+from ctprune import prune
 from detector import InputSpec, build_model
 
 NUM_CLASSES = 80

@@ -25,9 +25,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import ctprune.pruning.api as prune_api
-from ctprune.pruning import prune
+from ctprune import prune, recalibrate_bn
 from ctprune.pruning.graph import meta_copy
-from ctprune.recalibrate import recalibrate_bn
 from detector import build_model, count_macs, input_preset
 from detector.data.dataset import CenterNetDataset, collate
 from detector.data.shapes import generate_shapes
