@@ -6,7 +6,9 @@ git checkout (an installed package or an unpacked archive)."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +82,51 @@ def test_no_tracked_file_holds_a_path_of_this_machine(repo_root):
                 continue
             found += [f"{name}:{number}: {needle}" for needle in needles if needle in line]
     assert not found, "absolute machine paths in tracked files:\n" + "\n".join(found)
+
+
+# What `ctprune report` writes per row; `precision` (fp32/bf16/int8) is part of the layout.
+STUDY_ROW_KEYS = {"run", "name", "stage", "precision", "params", "size_mib", "gmacs",
+                  "latency_ms", "ap", "ap50", "ap75", "aps", "apm", "apl", "ap_kept", "ap50_kept"}
+
+
+def test_every_study_holds_one_report_and_its_rows_in_the_report_layout():
+    """experiments/<study>/ has one report.md; an accuracy study's report.json has
+    ``ctprune report``'s rows, a baseline row per run; benchmarks (experiments/bench/<name>/)
+    have their report.md."""
+    experiments = HERE.parent / "experiments"
+    studies = [path for path in experiments.iterdir() if path.is_dir() and path.name != "bench"]
+    benchmarks = [path for path in (experiments / "bench").iterdir() if path.is_dir()]
+    assert studies and benchmarks
+    for folder in studies + benchmarks:
+        if folder.name == "__pycache__":
+            continue
+        assert (folder / "report.md").is_file(), folder
+        assert not [p.name for p in folder.glob("*.md") if p.name != "report.md"], folder
+    for folder in studies:
+        if folder.name == "__pycache__":
+            continue
+        rows = json.loads((folder / "report.json").read_text())["rows"]
+        assert rows, folder
+        for row in rows:
+            assert set(row) == STUDY_ROW_KEYS, (folder, row)
+        runs = {row["run"] for row in rows}
+        baselines = {row["run"] for row in rows if row["stage"] == "baseline"}
+        assert runs == baselines, f"{folder.name}: runs without a baseline row: {runs - baselines}"
+
+
+def test_references_to_experiment_files_exist(repo_root):
+    """Every experiments/... path the README, the guides, the recipes, the tests and the
+    studies themselves mention exists (docs/recipe_keys.md is generated from the code's
+    docstrings: its references are checked where they are written)."""
+    pattern = re.compile(r"experiments/[A-Za-z0-9_./-]+")
+    names = _git("ls-files", "README.md", "docs", "experiments", "recipes", "tests",
+                 cwd=repo_root).split()
+    missing = []
+    for name in names:
+        if name == "docs/recipe_keys.md" or not name.endswith((".md", ".py", ".yaml")):
+            continue
+        for reference in pattern.findall((repo_root / name).read_text()):
+            reference = reference.rstrip(".,:)`/")
+            if not (repo_root / reference).exists():
+                missing.append(f"{name}: {reference}")
+    assert not missing, "references to missing experiment files:\n" + "\n".join(missing)
