@@ -14,7 +14,9 @@ pruning removes exactly (each basic block's bn1, the neck BNs) ranked by |gamma|
     python experiments/slimming_study/run.py --epochs 1 --no-evaluate --out runs/pilot
 
 Run folders, results.json and the tables (report.md) go to --out (default
-runs/slimming_study/); experiments/slimming_study/report.md quotes them with the analysis.
+runs/slimming_study/); the rows (per arm its trained model and the masking proxies) are merged
+into report.json beside this script, and experiments/slimming_study/report.md quotes the
+tables with the analysis.
 """
 
 from __future__ import annotations
@@ -45,10 +47,63 @@ from detector.engine.train import train_loader
 from detector.engine.validate import evaluate_model
 
 ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
 WIDTHS = {"stem": 32, "stages": [32, 64, 128, 256], "neck": [64, 64, 64]}
 HEAD_CONV = 32
 INPUT_SIZE = (128, 128)
 THRESHOLD = 1e-2
+
+# `ctprune report`'s row layout (experiments/README.md): what the study measured, None elsewhere.
+ROW_KEYS = ("run", "name", "stage", "precision", "params", "size_mib", "gmacs", "latency_ms",
+            "ap", "ap50", "ap75", "aps", "apm", "apl", "ap_kept", "ap50_kept")
+
+
+def report_row(run: str, name: str, stage: str, baseline: dict | None = None, **measured) -> dict:
+    """One report row of a model evaluated in fp32; ``ap_kept`` / ``ap50_kept`` are fractions
+    of ``baseline``'s AP / AP50 (of the row's own for a baseline row)."""
+    row = dict.fromkeys(ROW_KEYS) | {"run": run, "name": name, "stage": stage, "precision": "fp32"}
+    row.update(measured)
+    reference = row if stage == "baseline" else baseline or {}
+    for metric in ("ap", "ap50"):
+        if row[metric] is not None and reference.get(metric):
+            row[f"{metric}_kept"] = row[metric] / reference[metric]
+    return row
+
+
+def update_report(path: Path, rows: list[dict], key: str, setup: dict) -> None:
+    """Merge one invocation into the study's report.json: its rows replace those of the same
+    run and name (others are kept, in order), its settings and raw results go to setup[key]."""
+    report = json.loads(path.read_text()) if path.exists() else {"rows": [], "setup": {}}
+    position = {(row["run"], row["name"]): index for index, row in enumerate(report["rows"])}
+    for row in rows:
+        index = position.get((row["run"], row["name"]))
+        if index is None:
+            report["rows"].append(row)
+        else:
+            report["rows"][index] = row
+    report["setup"][key] = setup
+    path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+
+
+def report_rows(results: list[dict]) -> list[dict]:
+    """Per arm (one run each): the trained model as its baseline, and the masking proxies as
+    prune rows (AP50 only; parameters and MACs unchanged by masking), before and after BN
+    recalibration."""
+    rows = []
+    for result in results:
+        baseline = {"ap": result.get("ap"), "ap50": result.get("ap50")}
+        rows.append(report_row(result["arm"], "baseline", "baseline", **baseline))
+        proxies = [("mask_dead", "dead_masked_ap50", "dead_masked_recalibrated_ap50")]
+        if "prune_share" in result:
+            proxies.append((f"mask_share{result['prune_share']:g}", "masked_ap50",
+                            "masked_recalibrated_ap50"))
+        for name, masked, recalibrated in proxies:
+            if result.get(masked) is None:
+                continue
+            for suffix, key in (("prune", masked), ("recalibrated", recalibrated)):
+                rows.append(report_row(result["arm"], f"{name}/{suffix}", "prune", baseline,
+                                       ap50=result[key]))
+    return rows
 # BatchNorms whose channels pruning removes exactly (no residual add after them): inside each
 # basic block, and in the deconv neck.
 EXACTLY_PRUNABLE = re.compile(r"backbone\.layer\d\.\d+\.bn1|neck\.\d+")
@@ -355,6 +410,7 @@ def main() -> None:
         result["proxy_run" if args.reuse else "run"] = run
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    update_report(HERE / "report.json", report_rows(results), "results", results)
     text = report(results, args, len(val_source.records))
     args.report.write_text(text)
     print(text)
