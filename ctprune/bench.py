@@ -122,19 +122,19 @@ def deploy_torch(
     deployed = fold_batchnorm(model) if fold_bn else copy.deepcopy(model).eval()
     if compile:
         # Only compiled: eager PyTorch copies the fused output's channel slices for the 1x1
-        # convs and ran slower than three separate heads (experiments/bench_deploy.md).
+        # convs and ran slower than three separate heads (experiments/bench/deploy/report.md).
         deployed = fuse_heads(deployed)
     deployed = deployed.to(device)
     if channels_last:
         deployed = deployed.to(memory_format=torch.channels_last)
     if compile and torch.device(device).type == "cuda":
         # CUDA graphs: the whole forward replays as one launch. A batch-1 detector on a large
-        # GPU is bound by kernel launches, not by its MACs (see experiments/bench_deploy.md).
+        # GPU is bound by kernel launches, not by its MACs (see experiments/bench/deploy/report.md).
         # A replay overwrites the previous call's outputs: clone what must outlive the next call.
         deployed = torch.compile(deployed, mode="reduce-overhead")
     elif compile:
         # Inductor's freezing (weights as constants, prepacked for oneDNN, ReLUs and adds fused
-        # into the convs) ran no faster here than plain compile (experiments/bench_deploy.md),
+        # into the convs) ran no faster here than plain compile (experiments/bench/deploy/report.md),
         # and it only takes effect when set globally while dynamo traces: not worth the state.
         deployed = torch.compile(deployed)
     return deployed

@@ -12,7 +12,9 @@ from .layout import REPORT_FILES, STAGES
 
 
 def _run_dir(name: str, out: Path | None) -> Path:
-    return out if out is not None else Path("experiments") / name
+    """The run folder: ``out`` when given, else ``runs/<name>/`` under the current directory
+    (ignored by git; ``experiments/`` holds only committed evidence)."""
+    return out if out is not None else Path("runs") / name
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -296,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", type=Path)
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a recipe value, e.g. --set train.epochs=10")
-    train.add_argument("--out", type=Path, help="run folder (default experiments/<recipe name>)")
+    train.add_argument("--out", type=Path, help="run folder (default ./runs/<recipe name>)")
     train.add_argument("--resume", action="store_true", help="continue the run in the run folder")
     train.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     train.set_defaults(run=_train)
@@ -307,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", type=Path)
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override a recipe value, e.g. --set prune.ratio=0.3")
-    run.add_argument("--out", type=Path, help="run folder (default experiments/<recipe name>)")
+    run.add_argument("--out", type=Path, help="run folder (default ./runs/<recipe name>)")
     run.add_argument(
         "--from",
         dest="from_stage",

@@ -4,7 +4,7 @@
 Sections, each validated strictly into the dataclasses the CLI uses (an unknown key or a wrong
 type raises with its dotted path, ``--set section.key=value`` overrides any key):
 
-    name:       the run's name; it writes under experiments/<name>/ unless --out says otherwise
+    name:       the run's name; it writes under ./runs/<name>/ unless --out says otherwise
     synthetic:  optional; the runner generates the built-in benchmark there before reading
                 data (a no-op when present; `prepare_data`), loading never does
     model:      the architecture and input spec (detector.config.ModelConfig)
@@ -125,10 +125,12 @@ class PruneConfig(PruneOptions):
 
 @dataclass
 class ReportConfig:
-    """What the report measures beside the stage artifacts."""
+    """What is measured beside the stage artifacts: once, as each stage finishes (stored in its
+    stage.json), and again only by `ctprune report --measure`."""
 
     latency: bool = True
-    """Measure CPU latency (paired medians, batch 1, at the model's input size)."""
+    """Measure CPU latency at batch 1 and the model's input size, each stage interleaved with
+    the baseline (paired medians)."""
     latency_repeats: int = 7
     """Paired forward passes per model."""
     threads: int | None = None
@@ -161,7 +163,7 @@ class Recipe:
     baseline; `ctprune train` on a recipe with `prune` trains its baseline too."""
 
     name: str = "run"
-    """The run's name: experiments/<name>/ unless --out is given."""
+    """The run's name: runs/<name>/ under the current directory unless --out is given."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The architecture and its input spec."""
     data: DataConfig | str = field(default_factory=DataConfig)

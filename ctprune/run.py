@@ -1,6 +1,6 @@
 """`ctprune run`: a recipe's stages in order, each in its own folder, never redoing finished work.
 
-Layout of a run (``experiments/<name>/`` unless --out says otherwise):
+Layout of a run (``runs/<name>/`` under the current directory unless --out says otherwise):
 
     manifest.json, recipe.yaml           what ran: recipe hash, versions, git revision, command
     baseline/                            the unpruned model (trained, imported or copied)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_prune import IMAGES, randomised
+from test_pruning_invariants import IMAGES, randomised
 from tiny import (
     TinyDetectionData,
     tiny_config,

@@ -1,13 +1,13 @@
-"""Hourglass-104: sizes, the two stacks, original checkpoints, pruning (tiny widths, 64 px)."""
+"""Hourglass-104: sizes, the two stacks, original checkpoints (tiny widths, 64 px). Pruning:
+test_pruning_invariants.py."""
 
 import pytest
 import torch
-from test_prune import EXAMPLE, IMAGES, groups_of, kill_some_channels, randomised
+from test_pruning_invariants import IMAGES
 from tiny import TINY_HEAD_CONV, TINY_WIDTHS, TinyDetectionData, tiny_config, tiny_model
 from torch import nn
 
-from ctprune.pruning import CRITERIA, prune
-from detector import count_macs, count_parameters, load_model, output_layers, save_checkpoint
+from detector import count_macs, count_parameters, load_model, output_layers
 from detector.inference.decode import decode_centernet
 from detector.inference.predictor import detect
 from detector.losses import centernet_loss
@@ -259,66 +259,3 @@ def test_imported_original_checkpoint_gives_the_original_outputs(tmp_path):
     config = checkpoint.model_config
     assert (config.arch, config.num_classes, config.head_conv) == (ARCH, 4, widths["dims"][0])
     assert config.input.color_order == "BGR" and config.input.pad == 127
-
-
-# --- pruning: every criterion, both scopes, at tiny widths ------------------------------------
-
-
-# The checks below take the architecture as an argument: test_hrnet.py and test_mobilenet.py
-# run them on their backbones.
-
-
-def check_pruning_keeps_outputs(arch: str, criterion: str, scope: str) -> None:
-    """Every stack's output shapes and output layers survive pruning; backward works."""
-    model = randomised(arch)
-    result = prune(model, 0.4, criterion, scope=scope, example_inputs=EXAMPLE, round_to=None)
-    assert result.stats.params_after < result.stats.params_before
-    before, after = all_outputs(model), all_outputs(result.model)
-    assert [{k: v.shape for k, v in o.items()} for o in after] == [
-        {k: v.shape for k, v in o.items()} for o in before
-    ]
-    for original, kept in zip(output_layers(model), output_layers(result.model), strict=True):
-        assert kept.out_channels == original.out_channels
-    result.model.train()
-    sum(v.sum() for output in result.model(IMAGES) for v in output.values()).backward()
-
-
-def check_l1_removes_exactly_dead_channels(arch: str, scope: str, tmp_path) -> None:
-    """Channels made exactly dead are the ones L1 removes, and the outputs stay equal (so every
-    coupled layer was cut at the same channels); in global scope the pruned model also saves
-    and loads to identical outputs; in layer scope a random control shows the check can fail."""
-    model = randomised(arch)
-    groups = groups_of(model)
-    # Additions (skips, merges, fusions) must couple their producers into one group.
-    assert any(len(group.producers) > 2 for group in groups)
-    ratio, dead_total = kill_some_channels(groups, scope)
-    result = prune(model, ratio, "l1", scope=scope, example_inputs=EXAMPLE, round_to=None)
-    assert sum(g["width"] - g["kept"] for g in result.stats.groups) == dead_total
-    expected = all_outputs(model)
-    for kept, original in zip(all_outputs(result.model), expected, strict=True):
-        for name, value in original.items():
-            torch.testing.assert_close(kept[name], value, rtol=0, atol=1e-5)
-    if scope == "global":  # save -> load of the pruned model gives identical outputs
-        path = save_checkpoint(tmp_path / "pruned.pt", result.model, tiny_config(arch))
-        loaded, _ = load_model(path)
-        for kept, again in zip(all_outputs(result.model), all_outputs(loaded), strict=True):
-            for name, value in kept.items():
-                torch.testing.assert_close(again[name], value, rtol=0, atol=0)
-    else:  # the same widths with other channels removed do change the outputs
-        control = prune(
-            model, ratio, "random", scope="layer", example_inputs=EXAMPLE, round_to=None
-        )
-        assert not torch.allclose(
-            all_outputs(control.model)[-1]["heatmap"], expected[-1]["heatmap"], atol=1e-3
-        )
-
-
-@pytest.mark.parametrize("scope", ["layer", "global"])
-@pytest.mark.parametrize("criterion", [c for c in CRITERIA if c != "l1"])  # l1: below
-def test_pruning_keeps_every_stacks_outputs(criterion, scope):
-    check_pruning_keeps_outputs(ARCH, criterion, scope)
-
-
-@pytest.mark.parametrize("scope", ["layer", "global"])
-def test_l1_removes_exactly_dead_channels_and_outputs_do_not_change(tmp_path, scope):
-    check_l1_removes_exactly_dead_channels(ARCH, scope, tmp_path)

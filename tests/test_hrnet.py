@@ -1,12 +1,11 @@
-"""HRNet-W18 / -W32 CenterNets: sizes, branches, local weights, pruning (tiny widths, 64 px)."""
+"""HRNet-W18 / -W32 CenterNets: sizes, branches, local weights (tiny widths, 64 px). Pruning:
+test_pruning_invariants.py."""
 
 import pytest
 import torch
-from test_hourglass import check_l1_removes_exactly_dead_channels, check_pruning_keeps_outputs
 from tiny import TINY_WIDTHS, tiny_model
 from torch import nn
 
-from ctprune.pruning import CRITERIA
 from detector import build_model, count_parameters
 from detector.models.hrnet import HighResolutionModule, HRNetTrunk
 
@@ -132,17 +131,3 @@ def test_pretrained_errors_name_the_file(tmp_path):
 def test_bad_widths_are_named(widths, message):
     with pytest.raises(ValueError, match=message):
         build_model("hrnet_w18", 3, widths=widths)
-
-
-# Pruning: hrnet_w18 and hrnet_w32 differ only in widths, and tiny models share theirs.
-
-
-@pytest.mark.parametrize("scope", ["layer", "global"])
-@pytest.mark.parametrize("criterion", [c for c in CRITERIA if c != "l1"])  # l1: below
-def test_pruning_keeps_outputs(criterion, scope):
-    check_pruning_keeps_outputs("hrnet_w18", criterion, scope)
-
-
-@pytest.mark.parametrize("scope", ["layer", "global"])
-def test_l1_removes_exactly_dead_channels_and_outputs_do_not_change(tmp_path, scope):
-    check_l1_removes_exactly_dead_channels("hrnet_w18", scope, tmp_path)

@@ -1,13 +1,12 @@
-"""MobileNetV3-Large CenterNet: sizes, torchvision weights from a local file, pruning."""
+"""MobileNetV3-Large CenterNet: sizes, torchvision weights from a local file. Pruning:
+test_pruning_invariants.py."""
 
 import pytest
 import torch
 import torchvision
-from test_hourglass import check_l1_removes_exactly_dead_channels, check_pruning_keeps_outputs
 from tiny import TINY_WIDTHS, tiny_model
 from torch import nn
 
-from ctprune.pruning import CRITERIA
 from detector import build_model, count_parameters
 
 pytestmark = pytest.mark.timeout(60)
@@ -85,14 +84,3 @@ def test_pretrained_errors_name_the_file(tmp_path):
 def test_bad_widths_are_named(widths, message):
     with pytest.raises(ValueError, match=message):
         build_model(ARCH, 3, widths=widths)
-
-
-@pytest.mark.parametrize("scope", ["layer", "global"])
-@pytest.mark.parametrize("criterion", [c for c in CRITERIA if c != "l1"])  # l1: below
-def test_pruning_keeps_outputs(criterion, scope):
-    check_pruning_keeps_outputs(ARCH, criterion, scope)
-
-
-@pytest.mark.parametrize("scope", ["layer", "global"])
-def test_l1_removes_exactly_dead_channels_and_outputs_do_not_change(tmp_path, scope):
-    check_l1_removes_exactly_dead_channels(ARCH, scope, tmp_path)

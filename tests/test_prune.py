@@ -1,23 +1,18 @@
-"""The pruning engine: invariants of `ctprune.pruning.prune` on tiny ResNet-18/50 CenterNets."""
+"""The pruning engine's API on tiny ResNet-18/50 CenterNets: rounding, global allocation and its
+cap, overrides, MAC targets, width prediction, training a pruned model, modes, determinism,
+statistics, bn_gamma's rules and argument errors. The invariants every architecture must keep
+(shapes, parameter band, dead channels, save -> load) are in test_pruning_invariants.py."""
 
 import math
 
 import pytest
 import torch
-from tiny import TinyDetectionData, tiny_config, tiny_model
+from test_pruning_invariants import EXAMPLE, IMAGES, groups_of, outputs_of, randomised
+from tiny import TinyDetectionData, tiny_model
 from torch import nn
 
-from ctprune.pruning import CRITERIA, prune, rounded_keep, widths_after_pruning
-from ctprune.pruning.graph import build_graph, collect_groups, resolve_ignored_layers
-from detector import (
-    count_macs,
-    layer_widths,
-    load_model,
-    output_layers,
-    read_checkpoint,
-    save_checkpoint,
-)
-from detector.checkpoint import build_from_config
+from ctprune.pruning import prune, rounded_keep, widths_after_pruning
+from detector import count_macs, layer_widths
 from detector.losses import centernet_loss
 
 # Graph building traces one forward pass; a hang there (as torch-pruning does on unregistered
@@ -25,125 +20,6 @@ from detector.losses import centernet_loss
 pytestmark = pytest.mark.timeout(60)
 
 ARCHS = ["res18", "res50", "resunet18"]
-EXAMPLE = torch.zeros(1, 3, 64, 64)
-IMAGES = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-
-
-def randomised(arch: str) -> nn.Module:
-    """A tiny model with non-trivial BatchNorms (distinct gammas, statistics) and biases, so
-    that removing or mixing up a live channel shows in the outputs. Every weighted layer's
-    filters (convs, transposed convs, deformable convs and their offset/mask convs) are drawn
-    with variance 1 / fan-in, so activations keep their scale through the network."""
-    model = tiny_model(arch)
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.weight.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-                module.bias.copy_(torch.rand(module.num_features, generator=generator) - 0.5)
-                module.running_mean.copy_(
-                    torch.rand(module.num_features, generator=generator) - 0.5
-                )
-                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-            elif isinstance(getattr(module, "weight", None), nn.Parameter):
-                fan_in = module.weight[0].numel()
-                module.weight.copy_(
-                    torch.randn(module.weight.shape, generator=generator) / math.sqrt(fan_in)
-                )
-                if module.bias is not None:
-                    module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
-    return model.eval()
-
-
-def outputs_of(model: nn.Module) -> dict:
-    model.eval()
-    with torch.no_grad():
-        return model(IMAGES)[0]
-
-
-def groups_of(model: nn.Module):
-    graph = build_graph(model, EXAMPLE)
-    return collect_groups(graph, model, resolve_ignored_layers(model, None, model))
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("scope", ["layer", "global"])
-@pytest.mark.parametrize("criterion", list(CRITERIA))
-def test_output_shapes_are_unchanged(arch, scope, criterion):
-    model = randomised(arch)
-    result = prune(model, 0.4, criterion, scope=scope, example_inputs=EXAMPLE, round_to=None)
-    pruned = result.model
-    assert result.stats.params_after < result.stats.params_before
-    assert result.stats.macs_after < result.stats.macs_before
-    before, after = outputs_of(model), outputs_of(pruned)
-    assert {k: v.shape for k, v in after.items()} == {k: v.shape for k, v in before.items()}
-    for original, kept in zip(output_layers(model), output_layers(pruned), strict=True):
-        assert kept.out_channels == original.out_channels
-    # Backward works in train mode.
-    pruned.train()
-    sum(value.sum() for value in pruned(IMAGES)[0].values()).backward()
-
-
-def zero_output_channels(module: nn.Module, index: torch.Tensor) -> None:
-    """Zero the filters (and biases) computing output channels ``index``. A transposed conv's
-    weight is in x out/groups x k x k: output channel c of group g is column c % (out/groups)
-    of the rows of group g (for DLA's depthwise upsampling: row c)."""
-    weight = module.weight
-    if isinstance(module, nn.ConvTranspose2d):
-        per_group_in = module.in_channels // module.groups
-        per_group_out = module.out_channels // module.groups
-        for channel in index.tolist():
-            group = channel // per_group_out
-            weight[group * per_group_in : (group + 1) * per_group_in, channel % per_group_out] = 0
-    else:
-        weight[index] = 0  # convs and deformable convs: out x in x k x k
-    if module.bias is not None:
-        module.bias[index] = 0
-
-
-def kill_channels(group, channels: list[int]) -> None:
-    """Make ``channels`` of the group exactly dead: zero filters and biases in every producer,
-    zero gamma and beta in every BatchNorm, so they are 0 after any ReLU."""
-    with torch.no_grad():
-        for layer in group.producers:
-            zero_output_channels(layer.module, layer.channels[channels])
-        for layer in group.norms:
-            layer.module.weight[layer.channels[channels]] = 0
-            layer.module.bias[layer.channels[channels]] = 0
-
-
-def kill_some_channels(groups, scope: str) -> tuple[float, int]:
-    """Make random channels of every group exactly dead: in "layer" scope as many as the layer
-    rule removes at ratio 0.25, in "global" scope 1-3 per group (global ranking must find them
-    wherever they are). Returns the ratio that removes exactly them, and their count."""
-    generator = torch.Generator().manual_seed(3)
-    dead_total = 0
-    for number, group in enumerate(groups):
-        if scope == "layer":
-            dead = group.width - rounded_keep(0.75 * group.width, group.width, None, 0.8)
-        else:
-            dead = min(number % 3 + 1, group.width // 2)
-        kill_channels(group, torch.randperm(group.width, generator=generator)[:dead].tolist())
-        dead_total += dead
-    ratio = 0.25 if scope == "layer" else dead_total / sum(group.width for group in groups)
-    return ratio, dead_total
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("scope", ["layer", "global"])
-def test_l1_removes_exactly_dead_channels_and_outputs_do_not_change(arch, scope):
-    model = randomised(arch)
-    groups = groups_of(model)
-    ratio, dead_total = kill_some_channels(groups, scope)
-    result = prune(model, ratio, "l1", scope=scope, example_inputs=EXAMPLE, round_to=None)
-    assert sum(g["width"] - g["kept"] for g in result.stats.groups) == dead_total
-    for name, value in outputs_of(model).items():
-        torch.testing.assert_close(outputs_of(result.model)[name], value, rtol=0, atol=1e-5)
-    # The same widths with other channels removed do change the outputs: the check can fail.
-    control = prune(model, ratio, "random", scope="layer", example_inputs=EXAMPLE, round_to=None)
-    assert not torch.allclose(
-        outputs_of(control.model)["heatmap"], outputs_of(model)["heatmap"], atol=1e-3
-    )
 
 
 def test_rounding_by_hand():
@@ -227,7 +103,7 @@ def test_target_macs_is_reached(arch, scope):
     assert 0 < stats.ratio <= 0.8
 
 
-@pytest.mark.parametrize("arch", [*ARCHS, "resdcn18"])  # DLA: in test_dla's dead-channel test
+@pytest.mark.parametrize("arch", [*ARCHS, "resdcn18"])  # DLA: in test_dla.py
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_predicted_widths_match_the_pruned_model(arch, scope):
     model = randomised(arch)
@@ -238,20 +114,6 @@ def test_predicted_widths_match_the_pruned_model(arch, scope):
         layer_widths(model), groups, [kept[group.name] for group in groups]
     )
     assert predicted == result.stats.widths_after == layer_widths(result.model)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_save_and_load_give_identical_outputs(tmp_path, arch):
-    config = tiny_config(arch)
-    model = build_from_config(config)
-    model.load_state_dict(randomised(arch).state_dict())
-    result = prune(model, 0.4, "l1", scope="global", example_inputs=EXAMPLE, round_to=None)
-    path = save_checkpoint(tmp_path / "pruned.pt", result.model, config)
-    assert torch.load(path, weights_only=True)["channel_plan"] == result.plan
-    assert read_checkpoint(path).channel_plan == result.plan
-    loaded, _ = load_model(path)
-    for name, value in outputs_of(result.model).items():
-        torch.testing.assert_close(outputs_of(loaded)[name], value, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

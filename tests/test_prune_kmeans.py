@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_prune import EXAMPLE, groups_of, outputs_of, randomised
+from test_pruning_invariants import EXAMPLE, groups_of, outputs_of, randomised
 from torch import nn
 
 import ctprune.pruning.api as api
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(60)
 # One group of each kind: a transposed conv read by a transposed conv (weight dim 0), a
 # residual stream (many producers and BatchNorms, read by convs and by the neck's first
 # transposed conv), a head's 3x3 conv (bias, no BatchNorm, read by the output conv).
-# The layer names below are msra_resnet's (resunet18 runs k-means in test_prune.py).
+# The layer names below are msra_resnet's (test_pruning_invariants.py runs k-means on others).
 ARCHS = ["res18", "res50"]
 PATTERNS = ["neck.3", "backbone.layer4.0.downsample.0", "heads.wh.0"]
 

@@ -19,7 +19,7 @@ for every input:
   between) the error is W[:, r] (a_r - a_k), linear in the filter difference; across
   BatchNorm + ReLU, as in every CenterNet block, it also depends on where the ReLU cuts, and
   a fine-tune is expected after merging (recalibrating BatchNorm statistics does not correct
-  it: experiments/bench_prune.md).
+  it: experiments/bench/prune/report.md).
 Layers with grouped or depthwise convolutions in the group are not folded (their channels do
 not mix), so their merged channels are simply removed.
 """

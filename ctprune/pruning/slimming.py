@@ -22,7 +22,7 @@ rates``: a channel the loss does not defend reaches 0 only when that budget exce
 |gamma| (1.0 for fresh BNs); `lr_sum` computes that sum for a `TrainConfig`. With Adam, whose
 steps are at most about ``lr`` each, a proximal strength of 1 or more shrinks every gamma faster
 than the loss can defend it, so useful values lie well below 1, and short schedules cannot be
-slimmed at all. See experiments/slimming_study.md for the figures behind the defaults.
+slimmed at all. See experiments/slimming_study/report.md for the figures behind the defaults.
 
 Every affine BatchNorm is regularised (in CenterNet ResNets: the trunk and the deconv neck; the
 heads have none). Gammas of BNs that feed a residual add are coupled across their block; that is
@@ -48,7 +48,7 @@ ModelCallback = Callable[[nn.Module], None]
 # The paper's strength for SGD (its CIFAR and ImageNet runs use 1e-4 or 1e-5).
 DEFAULT_L1_STRENGTH = 1e-4
 # A fraction of Adam's per-step movement (about lr). With the default full schedule (lr sum 43
-# on COCO) it gives a shrinkage budget of 4.3; experiments/slimming_study.md measured the budget
+# on COCO) it gives a shrinkage budget of 4.3; experiments/slimming_study/report.md measured the budget
 # rule and the AP cost of strengths near 1, but not this value on a full schedule.
 DEFAULT_PROXIMAL_STRENGTH = 0.1
 DEFAULT_STRENGTH = {"l1": DEFAULT_L1_STRENGTH, "proximal": DEFAULT_PROXIMAL_STRENGTH}
@@ -65,7 +65,7 @@ class SparsityConfig:
     strength: float | None = None
     """The L1 coefficient s; None takes the method's default (1e-4 for l1, the paper's;
     0.1 for proximal, for full-length schedules: see `lr_sum` and
-    experiments/slimming_study.md)."""
+    experiments/slimming_study/report.md)."""
     exclude: list[str] = field(default_factory=list)
     """Module-name patterns (fnmatch, e.g. "neck.*", "backbone.layer4.*") of BatchNorms to
     leave dense. Each must match at least one affine BatchNorm of the model."""

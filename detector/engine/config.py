@@ -99,7 +99,7 @@ class TrainRecipe:
     """A training run: what to build, on which data, how to train and evaluate it."""
 
     name: str = "run"
-    """Run name: outputs go to experiments/<name>/ unless --out says otherwise."""
+    """Run name: outputs go to runs/<name>/ unless --out says otherwise."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The architecture and its input spec."""
     data: DataConfig = field(default_factory=DataConfig)

@@ -8,9 +8,13 @@ augmentation; both arms of a seed start from the same pruned weights, so their d
 paired.
 
     python experiments/distill_study/run.py --epochs 1 --full-val      # the committed figures
-    python experiments/distill_study/run.py --train-images 64 --epochs 1 --seeds 0 --out /tmp/t
+    python experiments/distill_study/run.py --train-images 64 --epochs 1 --seeds 0 --out runs/t
 
-Writes report.md and report.json beside this script (run folders go under --out, not committed).
+Run folders go under --out (default runs/distill_study/), the results (results.json) under
+--report (default runs/distill_study/report/); neither is committed. The rows (run = the
+baseline's architecture: `baseline` = the teacher, the pruned start, `plain_seedN/finetune`,
+`distill_seedN/finetune`; an ablation's `distill_heatmapW_seedN/finetune`) and the results are
+merged into report.json beside this script; report.md discusses them.
 """
 
 from __future__ import annotations
@@ -24,9 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ctprune.distill import DistillConfig
-from ctprune.pruning import prune
-from ctprune.pruning.recalibrate import recalibrate_bn
+from ctprune import DistillConfig, prune, recalibrate_bn
 from ctprune.train import train
 from detector import load_model, save_checkpoint
 from detector.config import to_dict
@@ -39,10 +41,61 @@ from detector.evaluate.run import evaluate_model
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-BASELINE = ROOT / "experiments" / "quickstart" / "baseline" / "checkpoint.pt"
+BASELINE = ROOT / "runs" / "quickstart" / "baseline" / "checkpoint.pt"
 DATA = ROOT / "data" / "shapes" / "data.yaml"
 PRUNE = {"ratio": 0.5, "criterion": "l1", "scope": "global", "max_layer_ratio": 0.8}
 RECALIBRATE_BATCHES = 20
+PRUNED = f"{PRUNE['criterion']}_{PRUNE['scope']}{PRUNE['ratio']}"
+
+# `ctprune report`'s row layout (experiments/README.md): what the study measured, None elsewhere.
+ROW_KEYS = ("run", "name", "stage", "precision", "params", "size_mib", "gmacs", "latency_ms",
+            "ap", "ap50", "ap75", "aps", "apm", "apl", "ap_kept", "ap50_kept")
+
+
+def report_row(run: str, name: str, stage: str, baseline: dict | None = None, **measured) -> dict:
+    """One report row of a model evaluated in fp32; ``ap_kept`` / ``ap50_kept`` are fractions
+    of ``baseline``'s AP / AP50 (of the row's own for a baseline row)."""
+    row = dict.fromkeys(ROW_KEYS) | {"run": run, "name": name, "stage": stage, "precision": "fp32"}
+    row.update(measured)
+    reference = row if stage == "baseline" else baseline or {}
+    for metric in ("ap", "ap50"):
+        if row[metric] is not None and reference.get(metric):
+            row[f"{metric}_kept"] = row[metric] / reference[metric]
+    return row
+
+
+def update_report(path: Path, rows: list[dict], key: str, setup: dict) -> None:
+    """Merge one invocation into the study's report.json: its rows replace those of the same
+    run and name (others are kept, in order), its settings and raw results go to setup[key]."""
+    report = json.loads(path.read_text()) if path.exists() else {"rows": [], "setup": {}}
+    position = {(row["run"], row["name"]): index for index, row in enumerate(report["rows"])}
+    for row in rows:
+        index = position.get((row["run"], row["name"]))
+        if index is None:
+            report["rows"].append(row)
+        else:
+            report["rows"][index] = row
+    report["setup"][key] = setup
+    path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+
+
+def report_rows(run: str, results: dict, suffix: str = "") -> list[dict]:
+    """The teacher (the run's baseline), the pruned start, and per seed the plain and the
+    distilled fine-tune. An ablation (``suffix``) reuses the plain arm: its distilled
+    fine-tunes only."""
+    teacher = results["references"]["teacher"]
+    rows = []
+    if not suffix:
+        start = results["references"]["pruned_before_finetune"]
+        rows.append(report_row(run, "baseline", "baseline", ap=teacher["ap"],
+                               ap50=teacher["ap50"]))
+        rows.append(report_row(run, f"{PRUNED}/prune", "prune", teacher, ap=start["ap"],
+                               ap50=start["ap50"]))
+    for row in results["rows"]:
+        for arm in ("distill",) if suffix else ("plain", "distill"):
+            rows.append(report_row(run, f"{arm}{suffix}_seed{row['seed']}/finetune", "finetune",
+                                   teacher, ap=row[arm]["ap"], ap50=row[arm]["ap50"]))
+    return rows
 
 
 def finetune_config(epochs: int, seed: int) -> TrainConfig:
@@ -147,10 +200,10 @@ def main() -> None:
     parser.add_argument(
         "--val-images", type=int, default=None, help="first N val images (default: all)"
     )
-    parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "distill_study" / "run")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "distill_study")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--report", type=Path, default=HERE)
-    parser.add_argument("--table", action="store_true", help="print report.json's tables and exit")
+    parser.add_argument("--report", type=Path, default=ROOT / "runs" / "distill_study" / "report")
+    parser.add_argument("--table", action="store_true", help="print results.json's tables and exit")
     parser.add_argument(
         "--heatmap-weight", type=float, default=None, help="ablation: distill.heatmap_weight"
     )
@@ -159,7 +212,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.table:
-        print(markdown_table(json.loads((args.report / "report.json").read_text())), end="")
+        print(markdown_table(json.loads((args.report / "results.json").read_text())), end="")
         return
     torch.set_num_threads(args.threads)
     data = subset_data(args.out, args.train_images, args.val_images)
@@ -221,12 +274,16 @@ def main() -> None:
         }
     )
     args.report.mkdir(parents=True, exist_ok=True)
-    (args.report / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (args.report / "results.json").write_text(json.dumps(report, indent=2, default=str))
+    run = pruned_checkpoint.model_config.arch
+    suffix = "" if args.heatmap_weight is None else f"_heatmap{args.heatmap_weight:g}"
+    setup = json.loads(json.dumps(report, default=str))
+    update_report(HERE / "report.json", report_rows(run, report, suffix), run + suffix, setup)
     print(json.dumps(report["summary"], indent=2))
 
 
 def markdown_table(report: dict) -> str:
-    """The per-seed table and the paired summary, as markdown (from report.json alone)."""
+    """The per-seed table and the paired summary, as markdown (from results.json alone)."""
     lines = [
         "| seed | AP plain | AP distill | AP diff | AP50 plain | AP50 distill | AP50 diff |",
         "|---|---|---|---|---|---|---|",

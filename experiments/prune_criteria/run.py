@@ -10,9 +10,11 @@ the same short fine-tune for every variant. `random` is the baseline every crite
     python experiments/prune_criteria/run.py CHECKPOINT [--ratio 0.5] [--finetune-epochs 1]
 
 The checkpoint must be trained on data/shapes (e.g. experiments/shapes_res18/run.py). Writes
-<name>.json and <name>_table.md beside this script (--name, default "report"); report.md
-discusses them. Without --finetune-epochs 0 the first row is the control: the unpruned
-baseline given the same fine-tune.
+<name>.json and <name>_table.md into --out (default runs/prune_criteria/; --name, default
+"results") and merges the rows (baseline; per scope and criterion a prune and a fine-tune row;
+the control) into report.json beside this script; report.md discusses them. Without
+--finetune-epochs 0 the first row is the control: the unpruned baseline given the same
+fine-tune.
 """
 
 from __future__ import annotations
@@ -44,6 +46,62 @@ HERE = Path(__file__).resolve().parent
 CRITERIA = ("random", "l1", "l2", "bn_gamma", "kmeans")
 SCOPES = ("layer", "global")
 RECALIBRATION_BATCHES = 20
+RUN = "prune_criteria"
+
+# `ctprune report`'s row layout (experiments/README.md): what the study measured, None elsewhere.
+ROW_KEYS = ("run", "name", "stage", "precision", "params", "size_mib", "gmacs", "latency_ms",
+            "ap", "ap50", "ap75", "aps", "apm", "apl", "ap_kept", "ap50_kept")
+
+
+def report_row(run: str, name: str, stage: str, baseline: dict | None = None, **measured) -> dict:
+    """One report row of a model evaluated in fp32; ``ap_kept`` / ``ap50_kept`` are fractions
+    of ``baseline``'s AP / AP50 (of the row's own for a baseline row)."""
+    row = dict.fromkeys(ROW_KEYS) | {"run": run, "name": name, "stage": stage, "precision": "fp32"}
+    row.update(measured)
+    reference = row if stage == "baseline" else baseline or {}
+    for metric in ("ap", "ap50"):
+        if row[metric] is not None and reference.get(metric):
+            row[f"{metric}_kept"] = row[metric] / reference[metric]
+    return row
+
+
+def update_report(path: Path, rows: list[dict], key: str, setup: dict) -> None:
+    """Merge one invocation into the study's report.json: its rows replace those of the same
+    run and name (others are kept, in order), its settings and raw results go to setup[key]."""
+    report = json.loads(path.read_text()) if path.exists() else {"rows": [], "setup": {}}
+    position = {(row["run"], row["name"]): index for index, row in enumerate(report["rows"])}
+    for row in rows:
+        index = position.get((row["run"], row["name"]))
+        if index is None:
+            report["rows"].append(row)
+        else:
+            report["rows"][index] = row
+    report["setup"][key] = setup
+    path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+
+
+def report_rows(results: dict) -> list[dict]:
+    """The baseline's row, and per pruned variant a row after pruning (BN recalibrated) and
+    one after the fine-tune; the control is the unpruned model's fine-tune."""
+    baseline = results["baseline"]
+    rows = [report_row(RUN, "baseline", "baseline", gmacs=baseline["gmacs"], ap=baseline["ap"],
+                       ap50=baseline["ap50"])]
+    for row in results["rows"]:
+        size = {"params": row["params"], "gmacs": row["gmacs"]}
+        if row["criterion"].startswith("unpruned"):
+            branch = "control_unpruned"
+        else:
+            if results["ratio"] is None:
+                target = f"macs{results['target_macs']}"
+            else:
+                target = f"r{results['ratio']}"
+            branch = f"{row['scope']}_{row['criterion']}_{target}"
+            rows.append(report_row(RUN, f"{branch}/prune", "prune", baseline, **size,
+                                   ap=row["pruned_ap"], ap50=row["pruned_ap50"]))
+        if results["finetune_epochs"] > 0:
+            rows.append(report_row(RUN, f"{branch}/finetune", "finetune", baseline, **size,
+                                   ap=row["finetuned_ap"], ap50=row["finetuned_ap50"]))
+    return rows
 
 
 def finetune_config(epochs: int) -> TrainConfig:
@@ -61,6 +119,7 @@ def main() -> None:
     )
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "shapes")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "prune_criteria")
     parser.add_argument(
         "--ratio", type=float, default=None, help="channels removed (instead of --target-macs)"
     )
@@ -78,7 +137,7 @@ def main() -> None:
     parser.add_argument(
         "--scopes", nargs="*", default=list(SCOPES), help="scopes to compare (default: both)"
     )
-    parser.add_argument("--name", default="report", help="base name of the report files")
+    parser.add_argument("--name", default="results", help="base name of the result files")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -151,7 +210,7 @@ def main() -> None:
             rows.append(row)
 
     report = {
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": args.checkpoint.name,  # a file name: no machine paths in the report
         "ratio": args.ratio,
         "target_macs": args.target_macs,
         "finetune_epochs": args.finetune_epochs,
@@ -164,7 +223,9 @@ def main() -> None:
         "baseline": baseline,
         "rows": rows,
     }
-    (HERE / f"{args.name}.json").write_text(json.dumps(report, indent=2))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2))
+    update_report(HERE / "report.json", report_rows(report), args.name, report)
     lines = [
         "| scope | criterion | ratio | GMACs | AP50 pruned | AP50 fine-tuned | AP fine-tuned "
         "| prune s | fine-tune s |",
@@ -179,7 +240,7 @@ def main() -> None:
             f"| {row['prune_s']:.1f} | {row['finetune_s']:.0f} |"
         )
     print("\n".join(lines))
-    (HERE / f"{args.name}_table.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{args.name}_table.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@ Target (issue 4): COCO AP50 >= 0.80 on the val split within 8 minutes on 2 CPU c
 
     python experiments/shapes_res18/run.py            # resunet18; generates data/shapes if absent
     python experiments/shapes_res18/run.py --recipe recipes/shapes_res18.yaml   # the msra neck
-    python experiments/shapes_res18/run.py --set train.epochs=20 --out /tmp/long
+    python experiments/shapes_res18/run.py --set train.epochs=20 --out runs/long
 
-Writes <recipe name>.md and .json beside this script (the run folder itself is not committed).
+The run folder (--out, default runs/shapes_res18/<recipe name>/) gets <recipe name>.md and
+.json too; the run's `baseline` row (final val AP, AP50; run = the recipe's file name) and
+its settings and history are merged into report.json beside this script.
 """
 
 from __future__ import annotations
@@ -26,6 +28,43 @@ from detector.engine.train import train_from_recipe
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
+# `ctprune report`'s row layout (experiments/README.md): what the study measured, None elsewhere.
+ROW_KEYS = ("run", "name", "stage", "precision", "params", "size_mib", "gmacs", "latency_ms",
+            "ap", "ap50", "ap75", "aps", "apm", "apl", "ap_kept", "ap50_kept")
+
+
+def report_row(run: str, name: str, stage: str, baseline: dict | None = None, **measured) -> dict:
+    """One report row of a model evaluated in fp32; ``ap_kept`` / ``ap50_kept`` are fractions
+    of ``baseline``'s AP / AP50 (of the row's own for a baseline row)."""
+    row = dict.fromkeys(ROW_KEYS) | {"run": run, "name": name, "stage": stage, "precision": "fp32"}
+    row.update(measured)
+    reference = row if stage == "baseline" else baseline or {}
+    for metric in ("ap", "ap50"):
+        if row[metric] is not None and reference.get(metric):
+            row[f"{metric}_kept"] = row[metric] / reference[metric]
+    return row
+
+
+def update_report(path: Path, rows: list[dict], key: str, setup: dict) -> None:
+    """Merge one invocation into the study's report.json: its rows replace those of the same
+    run and name (others are kept, in order), its settings and raw results go to setup[key]."""
+    report = json.loads(path.read_text()) if path.exists() else {"rows": [], "setup": {}}
+    position = {(row["run"], row["name"]): index for index, row in enumerate(report["rows"])}
+    for row in rows:
+        index = position.get((row["run"], row["name"]))
+        if index is None:
+            report["rows"].append(row)
+        else:
+            report["rows"][index] = row
+    report["setup"][key] = setup
+    path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+
+
+def report_rows(run: str, results: dict) -> list[dict]:
+    """The trained model's row: its final val AP and AP50."""
+    return [report_row(run, "baseline", "baseline", ap=results["final_ap"],
+                       ap50=results["final_ap50"])]
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(
@@ -33,9 +72,11 @@ def main() -> None:
     )
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "shapes_resunet18.yaml")
     parser.add_argument("--set", action="append", default=[])
-    parser.add_argument("--out", type=Path, default=HERE / "run")
+    parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.out is None:
+        args.out = ROOT / "runs" / "shapes_res18" / args.recipe.stem
 
     torch.set_num_threads(args.threads)
     generate_shapes(ROOT / "data" / "shapes")  # a no-op when the frozen set is already there
@@ -77,7 +118,9 @@ def main() -> None:
         "best_epoch": result.best_epoch,
         "history": history,
     }
-    (HERE / f"{args.recipe.stem}.json").write_text(json.dumps(report, indent=2))
+    (args.out / f"{args.recipe.stem}.json").write_text(json.dumps(report, indent=2))
+    rows = report_rows(args.recipe.stem, report)
+    update_report(HERE / "report.json", rows, args.recipe.stem, report)
     command = ["python experiments/shapes_res18/run.py --recipe", report["recipe"]]
     command += [f"--set {override}" for override in args.set]
     lines = [
@@ -103,7 +146,7 @@ def main() -> None:
             + " | ".join("" if c is None else f"{c:.3f}" for c in cells)
             + " |"
         )
-    (HERE / f"{args.recipe.stem}.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{args.recipe.stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -8,9 +8,9 @@ unpruned model and its pruned variants run in one process, interleaved round by 
 (`ctprune.bench.bench_models`), once on ctprune's default torch path and once in onnxruntime;
 speed-ups are medians of per-round ratios against the unpruned model on the same path.
 
-    nice -n -10 python experiments/bench_deploy.py --part speed --archs res18,res50 \
-        --out /tmp/speed.json
-    OMP_WAIT_POLICY=PASSIVE nice -n -10 python experiments/bench_deploy.py --part layers \
+    nice -n -10 python experiments/bench/deploy/run.py --part speed --archs res18,res50 \
+        --out runs/bench/deploy_speed.json
+    OMP_WAIT_POLICY=PASSIVE nice -n -10 python experiments/bench/deploy/run.py --part layers \
         --archs res18,res50
 
 Prints markdown tables (wall-clock and process-CPU-time speed-ups); --out keeps the raw rows as
@@ -19,7 +19,7 @@ OpenMP threads, as a deployment runs them, and onnxruntime's pool without spinni
 faster on the 2-vCPU VM measured (``--onnxruntime-spinning`` for its default). On a shared
 machine, OMP_WAIT_POLICY=PASSIVE keeps idle threads from burning CPU time, so CPU time per
 forward measures the work, but each parallel region then pays a thread wake-up, which costs
-pruned models more; see experiments/bench_deploy.md.
+pruned models more; see experiments/bench/deploy/report.md.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from ctprune import prune
 from ctprune.bench import bench_models, deploy_torch, torch_threads
-from ctprune.pruning import prune
 from detector import InputSpec, build_model
 
 NUM_CLASSES = 80

@@ -1,7 +1,7 @@
 """Every backbone in `detector.models.ARCHITECTURES` at 512 px, before and after L1 pruning.
 
-    nice -n 15 python experiments/bench_backbones.py                 # every architecture
-    nice -n 15 python experiments/bench_backbones.py --arch dla34 --arch res18
+    nice -n 15 python experiments/bench/backbones/run.py                 # every architecture
+    nice -n 15 python experiments/bench/backbones/run.py --arch dla34 --arch res18
 
 For each architecture (80 classes, full width, random weights, the architecture's own
 head_conv): parameters, fp32 state-dict MiB (`detector.state_dict_mib`), GMACs at 512 x 512
@@ -17,8 +17,8 @@ processes put on the shared machine. Rounds are few (``--rounds``, default 3, af
 warm-up round) because the big models take seconds per forward on a 2-core machine: treat the
 latencies as +-20 %, the MACs and sizes as exact.
 
-Writes the Markdown report (``--report``, default experiments/bench_backbones.md) and the raw
-rows as JSON beside it (``--json``, default /tmp/bench_backbones.json). An architecture that
+Writes the Markdown report (``--report``, default experiments/bench/backbones/report.md) and the raw
+rows as JSON (``--json``, default runs/bench/backbones.json). An architecture that
 fails to build or run is reported as missing, with its error, and the others still run.
 """
 
@@ -39,7 +39,7 @@ from ctprune.pruning.graph import meta_copy
 from detector import ARCHITECTURES, build_model, count_macs, count_parameters, state_dict_mib
 from detector.files import atomic_write_text
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 SIZE = (512, 512)
 NUM_CLASSES = 80
 RATIOS = (0.2, 0.5)
@@ -120,7 +120,7 @@ def bench(arch: str, rounds: int) -> list[dict]:
 
 
 def markdown(rows: list[dict], missing: dict[str, str], args: argparse.Namespace) -> str:
-    command = "nice -n 15 python experiments/bench_backbones.py" + "".join(
+    command = "nice -n 15 python experiments/bench/backbones/run.py" + "".join(
         f" --arch {arch}" for arch in args.arch or []
     )
     lines = [
@@ -177,8 +177,8 @@ def main() -> None:
         help="torch intra-op threads (default 1: on the loaded 2-core VM two OpenMP threads "
         "spin against other processes and one res18 forward varied 6-19 s)",
     )
-    parser.add_argument("--report", type=Path, default=ROOT / "experiments" / "bench_backbones.md")
-    parser.add_argument("--json", type=Path, default=Path("/tmp/bench_backbones.json"))
+    parser.add_argument("--report", type=Path, default=Path(__file__).with_name("report.md"))
+    parser.add_argument("--json", type=Path, default=ROOT / "runs" / "bench" / "backbones.json")
     args = parser.parse_args()
     unknown = sorted(set(args.arch or []) - set(ARCHITECTURES))
     if unknown:

@@ -1,6 +1,6 @@
 """Time `coco_evaluate` with the faster-coco-eval and pycocotools backends on one synthetic set.
 
-    python experiments/bench_coco_eval.py            # writes experiments/bench_coco_eval.md
+    python experiments/bench/coco_eval/run.py   # writes report.md beside it
 
 The workload: 500 images, 80 classes with COCO's gapped category ids, 2 to 12 ground-truth boxes
 per image (sizes log-uniform from 6 to 300 pixels, a few crowd boxes), and exactly 100
@@ -34,7 +34,7 @@ COCO_CATEGORY_IDS = [
     81, 82, 84, 85, 86, 87, 88, 89, 90,
 ]  # fmt: skip
 IMAGE_SIZE = 640  # pixels, square
-REPORT = Path(__file__).with_suffix(".md")
+REPORT = Path(__file__).with_name("report.md")
 
 
 def make_dataset(images: int, detections_per_image: int, seed: int) -> tuple[dict, dict]:
@@ -124,7 +124,7 @@ def main() -> None:
         "",
         "Command (from the repository root):",
         "",
-        "    python experiments/bench_coco_eval.py"
+        "    python experiments/bench/coco_eval/run.py"
         + ("" if args.images == 500 else f" --images {args.images}")
         + ("" if args.detections == 100 else f" --detections {args.detections}")
         + ("" if args.rounds == 3 else f" --rounds {args.rounds}"),

@@ -2,9 +2,9 @@
 and at half width (as pruning by 0.5 leaves them), in the three memory layouts PyTorch offers on
 CPU: channels-last (NHWC, ctprune's default), contiguous (NCHW) and oneDNN's blocked layout
 (`torch.utils.mkldnn`). Half width quarters the MACs; the ratio full / half shows how much of
-that a layout turns into time. Results: experiments/bench_deploy.md, section 0.
+that a layout turns into time. Results: experiments/bench/deploy/report.md, section 0.
 
-    OMP_WAIT_POLICY=PASSIVE python experiments/bench_conv_shapes.py
+    OMP_WAIT_POLICY=PASSIVE python experiments/bench/deploy/conv_shapes.py
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 default torch path (BN folded, channels-last, 2 threads, 512 px): which layers miss their ideal
 speed-up.
 
-    OMP_WAIT_POLICY=PASSIVE python experiments/bench_deploy_layers.py [--arch res50]
+    OMP_WAIT_POLICY=PASSIVE python experiments/bench/deploy/layers.py [--arch res50]
 
 "ideal" is a layer's unpruned time divided by its MAC ratio (in x out channels); "excess" is how
-far the pruned layer's time is above it. Results: experiments/bench_deploy.md, section 5.
+far the pruned layer's time is above it. Results: experiments/bench/deploy/report.md, section 5.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import time
 import torch
 from torch import nn
 
+from ctprune import prune
 from ctprune.bench import deploy_torch
-from ctprune.pruning import prune
 from detector import build_model
 
 SIZE = 512

@@ -1,11 +1,11 @@
 """Benchmark of `ctprune.pruning.prune` on full-size CenterNets, on CPU.
 
-    python experiments/bench_prune.py --part structure   # sizes, MACs, time to prune (~3 min)
-    python experiments/bench_prune.py --part latency     # paired CPU latency at 512 px (~6 min)
-    python experiments/bench_prune.py --part merge       # k-means drift, trained model (~4 min)
+    python experiments/bench/prune/run.py --part structure   # sizes, MACs, time to prune (~3 min)
+    python experiments/bench/prune/run.py --part latency     # paired CPU latency at 512 px (~6 min)
+    python experiments/bench/prune/run.py --part merge       # k-means drift, trained model (~4 min)
 
-Each part prints Markdown tables (pasted into experiments/bench_prune.md) and writes its raw
-figures as JSON beside the output (``--out``, default /tmp/bench_prune). Models are built with
+Each part prints Markdown tables (pasted into experiments/bench/prune/report.md) and writes its raw
+figures as JSON beside the output (``--out``, default runs/bench/prune). Models are built with
 random weights (80 classes, full width): sizes, MACs and per-layer latency do not depend on the
 values, but the channels global scope keeps do (see the notes in the report). The merge part
 trains a narrow ResNet-18 on the synthetic shapes benchmark (`data/shapes`, generated if
@@ -25,16 +25,15 @@ import torch
 from torch.utils.data import DataLoader
 
 import ctprune.pruning.api as prune_api
-from ctprune.pruning import prune
+from ctprune import prune, recalibrate_bn
 from ctprune.pruning.graph import meta_copy
-from ctprune.pruning.recalibrate import recalibrate_bn
 from detector import build_model, count_macs, input_preset
 from detector.data.dataset import CenterNetDataset, collate
 from detector.data.shapes import generate_shapes
 from detector.data.sources import load_data_yaml, load_source
 from detector.losses import centernet_loss
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 ARCHS = ("res18", "res50", "res101")
 RATIOS = (0.2, 0.5)
 SCOPES = ("layer", "global")
@@ -324,7 +323,7 @@ def main() -> None:
     parser.add_argument("--part", choices=("structure", "latency", "merge"), required=True)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=400, help="training steps of the merge part")
-    parser.add_argument("--out", type=Path, default=Path("/tmp/bench_prune"))
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "prune")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Time ctprune's target encoding per image, optionally against the original CenterNet's.
 
-    python experiments/bench_targets.py                      # ctprune only
-    python experiments/bench_targets.py --original /tmp/centernet_orig
+    python experiments/bench/targets/run.py                      # ctprune only
+    python experiments/bench/targets/run.py --original ../centernet_orig
 
 The workload is the original's COCO setting: 80 classes, a 128x128 output map, 10 objects per
 image (synthetic boxes in a 640x480 image, some crossing its border), each starting from

@@ -4,8 +4,8 @@ One step = forward, loss, backward, Adam update, for a res18 CenterNet (80 class
 inputs and targets. Variants run interleaved in one process (round-robin, after warm-up) and
 are compared as ratios of per-round medians, so the shared machine's noise cancels.
 
-    python experiments/bench_train_step.py                       # ctprune variants only
-    python experiments/bench_train_step.py --original /path/to/CenterNet   # + the original
+    python experiments/bench/train_step/run.py                       # ctprune variants only
+    python experiments/bench/train_step/run.py --original /path/to/CenterNet   # + the original
 
 ``--original`` takes a checkout of github xingyizhou/CenterNet (never committed here): its
 msra_resnet model and its FocalLoss / RegL1Loss are timed as the original trains them (fp32,

@@ -9,12 +9,14 @@ the val split, and two masking proxies for pruning (gamma = beta = 0, evaluated 
 after `recalibrate_bn`): every channel with |gamma| < 1e-2, and a fixed share of the channels
 pruning removes exactly (each basic block's bn1, the neck BNs) ranked by |gamma|.
 
-    python experiments/slimming_study.py                           # train and measure
-    python experiments/slimming_study.py --reuse --prune-share 0   # re-measure the dead proxy
-    python experiments/slimming_study.py --epochs 1 --no-evaluate --out /tmp/pilot
+    python experiments/slimming_study/run.py                           # train and measure
+    python experiments/slimming_study/run.py --reuse --prune-share 0   # re-measure the dead proxy
+    python experiments/slimming_study/run.py --epochs 1 --no-evaluate --out runs/pilot
 
 Run folders, results.json and the tables (report.md) go to --out (default
-/tmp/slimming_study); experiments/slimming_study.md quotes them with the analysis.
+runs/slimming_study/); the rows (per arm its trained model and the masking proxies) are merged
+into report.json beside this script, and experiments/slimming_study/report.md quotes the
+tables with the analysis.
 """
 
 from __future__ import annotations
@@ -32,14 +34,8 @@ from pathlib import Path
 
 import torch
 
-from ctprune.pruning.recalibrate import recalibrate_bn
-from ctprune.pruning.slimming import (
-    SparsityConfig,
-    bn_gamma_statistics,
-    lr_sum,
-    scheduled_lr,
-    sparsity_callbacks,
-)
+from ctprune import SparsityConfig, bn_gamma_statistics, recalibrate_bn, sparsity_callbacks
+from ctprune.pruning.slimming import lr_sum, scheduled_lr
 from detector import build_model, load_model
 from detector.config import ModelConfig, input_preset
 from detector.data.dataset import CenterNetDataset
@@ -51,11 +47,64 @@ from detector.engine.train import train_loader
 from detector.evaluate.config import EvaluateConfig
 from detector.evaluate.run import evaluate_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
 WIDTHS = {"stem": 32, "stages": [32, 64, 128, 256], "neck": [64, 64, 64]}
 HEAD_CONV = 32
 INPUT_SIZE = (128, 128)
 THRESHOLD = 1e-2
+
+# `ctprune report`'s row layout (experiments/README.md): what the study measured, None elsewhere.
+ROW_KEYS = ("run", "name", "stage", "precision", "params", "size_mib", "gmacs", "latency_ms",
+            "ap", "ap50", "ap75", "aps", "apm", "apl", "ap_kept", "ap50_kept")
+
+
+def report_row(run: str, name: str, stage: str, baseline: dict | None = None, **measured) -> dict:
+    """One report row of a model evaluated in fp32; ``ap_kept`` / ``ap50_kept`` are fractions
+    of ``baseline``'s AP / AP50 (of the row's own for a baseline row)."""
+    row = dict.fromkeys(ROW_KEYS) | {"run": run, "name": name, "stage": stage, "precision": "fp32"}
+    row.update(measured)
+    reference = row if stage == "baseline" else baseline or {}
+    for metric in ("ap", "ap50"):
+        if row[metric] is not None and reference.get(metric):
+            row[f"{metric}_kept"] = row[metric] / reference[metric]
+    return row
+
+
+def update_report(path: Path, rows: list[dict], key: str, setup: dict) -> None:
+    """Merge one invocation into the study's report.json: its rows replace those of the same
+    run and name (others are kept, in order), its settings and raw results go to setup[key]."""
+    report = json.loads(path.read_text()) if path.exists() else {"rows": [], "setup": {}}
+    position = {(row["run"], row["name"]): index for index, row in enumerate(report["rows"])}
+    for row in rows:
+        index = position.get((row["run"], row["name"]))
+        if index is None:
+            report["rows"].append(row)
+        else:
+            report["rows"][index] = row
+    report["setup"][key] = setup
+    path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+
+
+def report_rows(results: list[dict]) -> list[dict]:
+    """Per arm (one run each): the trained model as its baseline, and the masking proxies as
+    prune rows (AP50 only; parameters and MACs unchanged by masking), before and after BN
+    recalibration."""
+    rows = []
+    for result in results:
+        baseline = {"ap": result.get("ap"), "ap50": result.get("ap50")}
+        rows.append(report_row(result["arm"], "baseline", "baseline", **baseline))
+        proxies = [("mask_dead", "dead_masked_ap50", "dead_masked_recalibrated_ap50")]
+        if "prune_share" in result:
+            proxies.append((f"mask_share{result['prune_share']:g}", "masked_ap50",
+                            "masked_recalibrated_ap50"))
+        for name, masked, recalibrated in proxies:
+            if result.get(masked) is None:
+                continue
+            for suffix, key in (("prune", masked), ("recalibrated", recalibrated)):
+                rows.append(report_row(result["arm"], f"{name}/{suffix}", "prune", baseline,
+                                       ap50=result[key]))
+    return rows
 # BatchNorms whose channels pruning removes exactly (no residual add after them): inside each
 # basic block, and in the deconv neck.
 EXACTLY_PRUNABLE = re.compile(r"backbone\.layer\d\.\d+\.bn1|neck\.\d+")
@@ -299,7 +348,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "shapes")
-    parser.add_argument("--out", type=Path, default=Path("/tmp/slimming_study"))
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "slimming_study")
     parser.add_argument("--report", type=Path, default=None,
                         help="where the tables go (default: --out/report.md)")
     parser.add_argument("--epochs", type=int, default=5)
@@ -320,7 +369,7 @@ def main() -> None:
                              "--prune-share is 0)")
     parser.add_argument("--workers", type=int, default=1)
     # One thread: on the shared 2-core machine, next to another busy process, two threads
-    # trained at 6 images/s and one thread at 77 (see slimming_study.md).
+    # trained at 6 images/s and one thread at 77 (see report.md).
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     args.report = args.report or args.out / "report.md"
@@ -362,6 +411,7 @@ def main() -> None:
         result["proxy_run" if args.reuse else "run"] = run
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    update_report(HERE / "report.json", report_rows(results), "results", results)
     text = report(results, args, len(val_source.records))
     args.report.write_text(text)
     print(text)

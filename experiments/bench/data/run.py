@@ -2,8 +2,8 @@
 original CenterNet's (github xingyizhou/CenterNet, ``src/lib/datasets/sample/ctdet.py`` and
 ``src/lib/utils/image.py``).
 
-    python experiments/bench_data.py                       # ctprune only, vs recorded figures
-    python experiments/bench_data.py --original /tmp/centernet_orig   # both, interleaved
+    python experiments/bench/data/run.py                       # ctprune only, vs recorded figures
+    python experiments/bench/data/run.py --original ../centernet_orig   # both, interleaved
 
 The images are synthetic 640x480 JPEGs (smooth random texture plus noise, written to a
 temporary folder) with 8 random boxes each, about COCO's average. Stages, per item:
