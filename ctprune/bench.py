@@ -134,8 +134,9 @@ def deploy_torch(
         deployed = torch.compile(deployed, mode="reduce-overhead")
     elif compile:
         # Inductor's freezing (weights as constants, prepacked for oneDNN, ReLUs and adds fused
-        # into the convs) ran no faster here than plain compile (experiments/bench/deploy/report.md),
-        # and it only takes effect when set globally while dynamo traces: not worth the state.
+        # into the convs) ran no faster here than plain compile
+        # (experiments/bench/deploy/report.md), and it only takes effect when set globally while
+        # dynamo traces: not worth the state.
         deployed = torch.compile(deployed)
     return deployed
 

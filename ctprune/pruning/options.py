@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from .criteria import check_criterion
 
 SCOPES = ("layer", "global")
-# Chosen from experiments/bench/prune/report.md: on CPU (oneDNN blocks channels by 16) widths that are
-# multiples of 16 turn MAC savings into real speed-ups; odd widths waste most of them.
+# Chosen from experiments/bench/prune/report.md: on CPU (oneDNN blocks channels by 16) widths
+# that are multiples of 16 turn MAC savings into real speed-ups; odd widths waste most of them.
 DEFAULT_ROUND_TO = 16
 
 

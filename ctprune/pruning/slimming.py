@@ -48,8 +48,8 @@ ModelCallback = Callable[[nn.Module], None]
 # The paper's strength for SGD (its CIFAR and ImageNet runs use 1e-4 or 1e-5).
 DEFAULT_L1_STRENGTH = 1e-4
 # A fraction of Adam's per-step movement (about lr). With the default full schedule (lr sum 43
-# on COCO) it gives a shrinkage budget of 4.3; experiments/slimming_study/report.md measured the budget
-# rule and the AP cost of strengths near 1, but not this value on a full schedule.
+# on COCO) it gives a shrinkage budget of 4.3; experiments/slimming_study/report.md measured the
+# budget rule and the AP cost of strengths near 1, but not this value on a full schedule.
 DEFAULT_PROXIMAL_STRENGTH = 0.1
 DEFAULT_STRENGTH = {"l1": DEFAULT_L1_STRENGTH, "proximal": DEFAULT_PROXIMAL_STRENGTH}
 
