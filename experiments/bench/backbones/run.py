@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from ctprune.bench import interleaved_times, torch_runner
 from ctprune.pruning import DEFAULT_ROUND_TO, prune
 from ctprune.pruning.graph import meta_copy
 from detector import ARCHITECTURES, build_model, count_macs, count_parameters, state_dict_mib
@@ -75,19 +76,16 @@ def describe(model: torch.nn.Module) -> dict:
 
 def interleaved_latency(models: list[torch.nn.Module], rounds: int) -> list[dict]:
     """Median forward time of each model and, for models 1..n, the median over rounds of
-    time(model 0) / time(model i). Round r runs the models in the order rotated by r."""
+    time(model 0) / time(model i), from `ctprune.bench`'s interleaved timer (the order of the
+    models alternates between rounds, after one warm-up call each)."""
     images = torch.randn(1, 3, *SIZE)
-    times: list[list[float]] = [[] for _ in models]
-    with torch.inference_mode():
-        for model in models:  # warm-up: allocator, oneDNN primitive caches
-            model(images)
-        for round_index in range(rounds):
-            count = len(models)
-            for offset in range(count):
-                index = (round_index + offset) % count
-                started = time.perf_counter()
-                models[index](images)
-                times[index].append(time.perf_counter() - started)
+    names = [f"model{index}" for index in range(len(models))]
+    runners = {
+        name: torch_runner(model, channels_last=False)
+        for name, model in zip(names, models, strict=True)
+    }
+    by_name = interleaved_times(runners, images, rounds, warmup=1)
+    times = [by_name[name] for name in names]
     results = []
     for model_times in times:
         speedups = [base / own for base, own in zip(times[0], model_times, strict=True)]

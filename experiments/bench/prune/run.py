@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 import ctprune.pruning.api as prune_api
 from ctprune import prune, recalibrate_bn
+from ctprune.bench import interleaved_times, torch_runner
 from ctprune.pruning.graph import meta_copy
 from detector import build_model, count_macs, input_preset
 from detector.data.dataset import CenterNetDataset, collate
@@ -107,20 +108,14 @@ def kmeans_timing() -> list[dict]:
 
 
 def paired_latency(before: torch.nn.Module, after: torch.nn.Module, pairs: int) -> dict:
-    """Interleaved forwards (before, after, then after, before, ...): the per-pair ratio
-    cancels most of the load other processes put on the shared machine."""
+    """Interleaved forwards (before, after, then after, before, ...) through `ctprune.bench`'s
+    timer: the per-pair ratio cancels most of the load other processes put on the machine."""
     images = torch.randn(1, 3, *SIZE)
-    times = {"before": [], "after": []}
-    with torch.inference_mode():
-        for _ in range(WARM_UP):
-            before(images), after(images)
-        for pair in range(pairs):
-            order = ("before", "after") if pair % 2 == 0 else ("after", "before")
-            for name in order:
-                model = before if name == "before" else after
-                started = time.perf_counter()
-                model(images)
-                times[name].append(time.perf_counter() - started)
+    runners = {
+        "before": torch_runner(before, channels_last=False),
+        "after": torch_runner(after, channels_last=False),
+    }
+    times = interleaved_times(runners, images, pairs, warmup=WARM_UP)
     ratios = [b / a for b, a in zip(times["before"], times["after"], strict=True)]
     return dict(
         ms_before=1000 * statistics.median(times["before"]),
