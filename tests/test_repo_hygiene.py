@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from ctprune.report import ROW_KEYS
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -85,8 +87,7 @@ def test_no_tracked_file_holds_a_path_of_this_machine(repo_root):
 
 
 # What `ctprune report` writes per row; `precision` (fp32/bf16/int8) is part of the layout.
-STUDY_ROW_KEYS = {"run", "name", "stage", "precision", "params", "size_mib", "gmacs",
-                  "latency_ms", "ap", "ap50", "ap75", "aps", "apm", "apl", "ap_kept", "ap50_kept"}
+STUDY_ROW_KEYS = set(ROW_KEYS)
 
 
 def test_every_study_holds_one_report_and_its_rows_in_the_report_layout():

@@ -447,3 +447,23 @@ def test_point_labels_do_not_overlap_each_other_or_the_markers():
         assert not any(box.overlaps(other) for other in boxes[index + 1:])
         for x, y in axes.transData.transform(points):
             assert not box.contains(x, y)
+
+
+def test_study_rows_share_the_report_layout_and_merge_by_run_and_name(tmp_path):
+    from ctprune.report import ROW_KEYS, study_row, update_study_report
+
+    baseline = study_row("study", "baseline", "baseline", ap=0.5, ap50=0.8)
+    pruned = study_row("study", "l1/prune", "prune", baseline, ap=0.25, ap50=None, gmacs=1.0)
+    assert list(baseline) == list(ROW_KEYS) and list(pruned) == list(ROW_KEYS)
+    assert baseline["ap_kept"] == 1.0 and baseline["precision"] == "fp32"
+    assert pruned["ap_kept"] == 0.5 and pruned["ap50_kept"] is None
+    with pytest.raises(ValueError, match="unknown keys \\['mAP'\\]"):
+        study_row("study", "x", "prune", mAP=0.3)
+
+    path = tmp_path / "report.json"
+    update_study_report(path, [baseline, pruned], "first", {"seed": 0})
+    better = study_row("study", "l1/prune", "prune", baseline, ap=0.4)
+    update_study_report(path, [better], "second", {"seed": 1})
+    report = json.loads(path.read_text())
+    assert [row["ap"] for row in report["rows"]] == [0.5, 0.4]
+    assert report["setup"] == {"first": {"seed": 0}, "second": {"seed": 1}}

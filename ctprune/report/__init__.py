@@ -4,13 +4,15 @@ in the run folder (`ctprune.layout`), so it can be rebuilt without rerunning any
 One module per concern: `artifacts` reads the run folders, `measure` measures stage models
 (through `ctprune.bench`'s timer; `ctprune run` stores each stage's figures as it finishes),
 `tables` makes the rows and the markdown, `plots` the PNGs, `html` the self-contained page,
-and `build` ties them together in `build_report`.
+and `build` ties them together in `build_report`; `study` writes the same rows for results a
+study measured itself (experiments/).
 """
 
 from .artifacts import read_history, read_run
 from .build import build_report
 from .measure import paired_latency, stage_figures
 from .plots import pareto_front
+from .study import study_row, update_study_report
 from .tables import ROW_KEYS
 
 __all__ = [
@@ -21,4 +23,6 @@ __all__ = [
     "read_history",
     "read_run",
     "stage_figures",
+    "study_row",
+    "update_study_report",
 ]

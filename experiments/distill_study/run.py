@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ctprune import DistillConfig, prune, recalibrate_bn
+from ctprune.report import study_row, update_study_report
 from ctprune.train import train
 from detector import load_model, save_checkpoint
 from detector.config import to_dict
@@ -47,36 +48,6 @@ PRUNE = {"ratio": 0.5, "criterion": "l1", "scope": "global", "max_layer_ratio": 
 RECALIBRATE_BATCHES = 20
 PRUNED = f"{PRUNE['criterion']}_{PRUNE['scope']}{PRUNE['ratio']}"
 
-# `ctprune report`'s row layout (experiments/README.md): what the study measured, None elsewhere.
-ROW_KEYS = ("run", "name", "stage", "precision", "params", "size_mib", "gmacs", "latency_ms",
-            "ap", "ap50", "ap75", "aps", "apm", "apl", "ap_kept", "ap50_kept")
-
-
-def report_row(run: str, name: str, stage: str, baseline: dict | None = None, **measured) -> dict:
-    """One report row of a model evaluated in fp32; ``ap_kept`` / ``ap50_kept`` are fractions
-    of ``baseline``'s AP / AP50 (of the row's own for a baseline row)."""
-    row = dict.fromkeys(ROW_KEYS) | {"run": run, "name": name, "stage": stage, "precision": "fp32"}
-    row.update(measured)
-    reference = row if stage == "baseline" else baseline or {}
-    for metric in ("ap", "ap50"):
-        if row[metric] is not None and reference.get(metric):
-            row[f"{metric}_kept"] = row[metric] / reference[metric]
-    return row
-
-
-def update_report(path: Path, rows: list[dict], key: str, setup: dict) -> None:
-    """Merge one invocation into the study's report.json: its rows replace those of the same
-    run and name (others are kept, in order), its settings and raw results go to setup[key]."""
-    report = json.loads(path.read_text()) if path.exists() else {"rows": [], "setup": {}}
-    position = {(row["run"], row["name"]): index for index, row in enumerate(report["rows"])}
-    for row in rows:
-        index = position.get((row["run"], row["name"]))
-        if index is None:
-            report["rows"].append(row)
-        else:
-            report["rows"][index] = row
-    report["setup"][key] = setup
-    path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
 
 
 def report_rows(run: str, results: dict, suffix: str = "") -> list[dict]:
@@ -87,14 +58,14 @@ def report_rows(run: str, results: dict, suffix: str = "") -> list[dict]:
     rows = []
     if not suffix:
         start = results["references"]["pruned_before_finetune"]
-        rows.append(report_row(run, "baseline", "baseline", ap=teacher["ap"],
-                               ap50=teacher["ap50"]))
-        rows.append(report_row(run, f"{PRUNED}/prune", "prune", teacher, ap=start["ap"],
-                               ap50=start["ap50"]))
+        rows.append(study_row(run, "baseline", "baseline", ap=teacher["ap"],
+                              ap50=teacher["ap50"]))
+        rows.append(study_row(run, f"{PRUNED}/prune", "prune", teacher, ap=start["ap"],
+                              ap50=start["ap50"]))
     for row in results["rows"]:
         for arm in ("distill",) if suffix else ("plain", "distill"):
-            rows.append(report_row(run, f"{arm}{suffix}_seed{row['seed']}/finetune", "finetune",
-                                   teacher, ap=row[arm]["ap"], ap50=row[arm]["ap50"]))
+            rows.append(study_row(run, f"{arm}{suffix}_seed{row['seed']}/finetune", "finetune",
+                                  teacher, ap=row[arm]["ap"], ap50=row[arm]["ap50"]))
     return rows
 
 
@@ -278,7 +249,7 @@ def main() -> None:
     run = pruned_checkpoint.model_config.arch
     suffix = "" if args.heatmap_weight is None else f"_heatmap{args.heatmap_weight:g}"
     setup = json.loads(json.dumps(report, default=str))
-    update_report(HERE / "report.json", report_rows(run, report, suffix), run + suffix, setup)
+    update_study_report(HERE / "report.json", report_rows(run, report, suffix), run + suffix, setup)
     print(json.dumps(report["summary"], indent=2))
 
 

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ctprune import prune, recalibrate_bn
+from ctprune.report import study_row, update_study_report
 from detector import count_macs, load_model
 from detector.data.dataset import CenterNetDataset, collate
 from detector.data.shapes import generate_shapes
@@ -48,44 +49,14 @@ SCOPES = ("layer", "global")
 RECALIBRATION_BATCHES = 20
 RUN = "prune_criteria"
 
-# `ctprune report`'s row layout (experiments/README.md): what the study measured, None elsewhere.
-ROW_KEYS = ("run", "name", "stage", "precision", "params", "size_mib", "gmacs", "latency_ms",
-            "ap", "ap50", "ap75", "aps", "apm", "apl", "ap_kept", "ap50_kept")
-
-
-def report_row(run: str, name: str, stage: str, baseline: dict | None = None, **measured) -> dict:
-    """One report row of a model evaluated in fp32; ``ap_kept`` / ``ap50_kept`` are fractions
-    of ``baseline``'s AP / AP50 (of the row's own for a baseline row)."""
-    row = dict.fromkeys(ROW_KEYS) | {"run": run, "name": name, "stage": stage, "precision": "fp32"}
-    row.update(measured)
-    reference = row if stage == "baseline" else baseline or {}
-    for metric in ("ap", "ap50"):
-        if row[metric] is not None and reference.get(metric):
-            row[f"{metric}_kept"] = row[metric] / reference[metric]
-    return row
-
-
-def update_report(path: Path, rows: list[dict], key: str, setup: dict) -> None:
-    """Merge one invocation into the study's report.json: its rows replace those of the same
-    run and name (others are kept, in order), its settings and raw results go to setup[key]."""
-    report = json.loads(path.read_text()) if path.exists() else {"rows": [], "setup": {}}
-    position = {(row["run"], row["name"]): index for index, row in enumerate(report["rows"])}
-    for row in rows:
-        index = position.get((row["run"], row["name"]))
-        if index is None:
-            report["rows"].append(row)
-        else:
-            report["rows"][index] = row
-    report["setup"][key] = setup
-    path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
 
 
 def report_rows(results: dict) -> list[dict]:
     """The baseline's row, and per pruned variant a row after pruning (BN recalibrated) and
     one after the fine-tune; the control is the unpruned model's fine-tune."""
     baseline = results["baseline"]
-    rows = [report_row(RUN, "baseline", "baseline", gmacs=baseline["gmacs"], ap=baseline["ap"],
-                       ap50=baseline["ap50"])]
+    rows = [study_row(RUN, "baseline", "baseline", gmacs=baseline["gmacs"], ap=baseline["ap"],
+                      ap50=baseline["ap50"])]
     for row in results["rows"]:
         size = {"params": row["params"], "gmacs": row["gmacs"]}
         if row["criterion"].startswith("unpruned"):
@@ -96,11 +67,11 @@ def report_rows(results: dict) -> list[dict]:
             else:
                 target = f"r{results['ratio']}"
             branch = f"{row['scope']}_{row['criterion']}_{target}"
-            rows.append(report_row(RUN, f"{branch}/prune", "prune", baseline, **size,
-                                   ap=row["pruned_ap"], ap50=row["pruned_ap50"]))
+            rows.append(study_row(RUN, f"{branch}/prune", "prune", baseline, **size,
+                                  ap=row["pruned_ap"], ap50=row["pruned_ap50"]))
         if results["finetune_epochs"] > 0:
-            rows.append(report_row(RUN, f"{branch}/finetune", "finetune", baseline, **size,
-                                   ap=row["finetuned_ap"], ap50=row["finetuned_ap50"]))
+            rows.append(study_row(RUN, f"{branch}/finetune", "finetune", baseline, **size,
+                                  ap=row["finetuned_ap"], ap50=row["finetuned_ap50"]))
     return rows
 
 
@@ -225,7 +196,7 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2))
-    update_report(HERE / "report.json", report_rows(report), args.name, report)
+    update_study_report(HERE / "report.json", report_rows(report), args.name, report)
     lines = [
         "| scope | criterion | ratio | GMACs | AP50 pruned | AP50 fine-tuned | AP fine-tuned "
         "| prune s | fine-tune s |",

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ctprune.report import study_row, update_study_report
 from detector.data.shapes import generate_shapes
 from detector.engine.config import load_train_recipe
 from detector.engine.train import train_from_recipe
@@ -28,42 +29,12 @@ from detector.engine.train import train_from_recipe
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
-# `ctprune report`'s row layout (experiments/README.md): what the study measured, None elsewhere.
-ROW_KEYS = ("run", "name", "stage", "precision", "params", "size_mib", "gmacs", "latency_ms",
-            "ap", "ap50", "ap75", "aps", "apm", "apl", "ap_kept", "ap50_kept")
-
-
-def report_row(run: str, name: str, stage: str, baseline: dict | None = None, **measured) -> dict:
-    """One report row of a model evaluated in fp32; ``ap_kept`` / ``ap50_kept`` are fractions
-    of ``baseline``'s AP / AP50 (of the row's own for a baseline row)."""
-    row = dict.fromkeys(ROW_KEYS) | {"run": run, "name": name, "stage": stage, "precision": "fp32"}
-    row.update(measured)
-    reference = row if stage == "baseline" else baseline or {}
-    for metric in ("ap", "ap50"):
-        if row[metric] is not None and reference.get(metric):
-            row[f"{metric}_kept"] = row[metric] / reference[metric]
-    return row
-
-
-def update_report(path: Path, rows: list[dict], key: str, setup: dict) -> None:
-    """Merge one invocation into the study's report.json: its rows replace those of the same
-    run and name (others are kept, in order), its settings and raw results go to setup[key]."""
-    report = json.loads(path.read_text()) if path.exists() else {"rows": [], "setup": {}}
-    position = {(row["run"], row["name"]): index for index, row in enumerate(report["rows"])}
-    for row in rows:
-        index = position.get((row["run"], row["name"]))
-        if index is None:
-            report["rows"].append(row)
-        else:
-            report["rows"][index] = row
-    report["setup"][key] = setup
-    path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
 
 
 def report_rows(run: str, results: dict) -> list[dict]:
     """The trained model's row: its final val AP and AP50."""
-    return [report_row(run, "baseline", "baseline", ap=results["final_ap"],
-                       ap50=results["final_ap50"])]
+    return [study_row(run, "baseline", "baseline", ap=results["final_ap"],
+                      ap50=results["final_ap50"])]
 
 
 def main() -> None:
@@ -120,7 +91,7 @@ def main() -> None:
     }
     (args.out / f"{args.recipe.stem}.json").write_text(json.dumps(report, indent=2))
     rows = report_rows(args.recipe.stem, report)
-    update_report(HERE / "report.json", rows, args.recipe.stem, report)
+    update_study_report(HERE / "report.json", rows, args.recipe.stem, report)
     command = ["python experiments/shapes_res18/run.py --recipe", report["recipe"]]
     command += [f"--set {override}" for override in args.set]
     lines = [

@@ -36,6 +36,7 @@ import torch
 
 from ctprune import SparsityConfig, bn_gamma_statistics, recalibrate_bn, sparsity_callbacks
 from ctprune.pruning.slimming import lr_sum, scheduled_lr
+from ctprune.report import study_row, update_study_report
 from detector import build_model, load_model
 from detector.config import ModelConfig, input_preset
 from detector.data.dataset import CenterNetDataset
@@ -54,36 +55,6 @@ HEAD_CONV = 32
 INPUT_SIZE = (128, 128)
 THRESHOLD = 1e-2
 
-# `ctprune report`'s row layout (experiments/README.md): what the study measured, None elsewhere.
-ROW_KEYS = ("run", "name", "stage", "precision", "params", "size_mib", "gmacs", "latency_ms",
-            "ap", "ap50", "ap75", "aps", "apm", "apl", "ap_kept", "ap50_kept")
-
-
-def report_row(run: str, name: str, stage: str, baseline: dict | None = None, **measured) -> dict:
-    """One report row of a model evaluated in fp32; ``ap_kept`` / ``ap50_kept`` are fractions
-    of ``baseline``'s AP / AP50 (of the row's own for a baseline row)."""
-    row = dict.fromkeys(ROW_KEYS) | {"run": run, "name": name, "stage": stage, "precision": "fp32"}
-    row.update(measured)
-    reference = row if stage == "baseline" else baseline or {}
-    for metric in ("ap", "ap50"):
-        if row[metric] is not None and reference.get(metric):
-            row[f"{metric}_kept"] = row[metric] / reference[metric]
-    return row
-
-
-def update_report(path: Path, rows: list[dict], key: str, setup: dict) -> None:
-    """Merge one invocation into the study's report.json: its rows replace those of the same
-    run and name (others are kept, in order), its settings and raw results go to setup[key]."""
-    report = json.loads(path.read_text()) if path.exists() else {"rows": [], "setup": {}}
-    position = {(row["run"], row["name"]): index for index, row in enumerate(report["rows"])}
-    for row in rows:
-        index = position.get((row["run"], row["name"]))
-        if index is None:
-            report["rows"].append(row)
-        else:
-            report["rows"][index] = row
-    report["setup"][key] = setup
-    path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
 
 
 def report_rows(results: list[dict]) -> list[dict]:
@@ -93,7 +64,7 @@ def report_rows(results: list[dict]) -> list[dict]:
     rows = []
     for result in results:
         baseline = {"ap": result.get("ap"), "ap50": result.get("ap50")}
-        rows.append(report_row(result["arm"], "baseline", "baseline", **baseline))
+        rows.append(study_row(result["arm"], "baseline", "baseline", **baseline))
         proxies = [("mask_dead", "dead_masked_ap50", "dead_masked_recalibrated_ap50")]
         if "prune_share" in result:
             proxies.append((f"mask_share{result['prune_share']:g}", "masked_ap50",
@@ -102,8 +73,8 @@ def report_rows(results: list[dict]) -> list[dict]:
             if result.get(masked) is None:
                 continue
             for suffix, key in (("prune", masked), ("recalibrated", recalibrated)):
-                rows.append(report_row(result["arm"], f"{name}/{suffix}", "prune", baseline,
-                                       ap50=result[key]))
+                rows.append(study_row(result["arm"], f"{name}/{suffix}", "prune", baseline,
+                                      ap50=result[key]))
     return rows
 # BatchNorms whose channels pruning removes exactly (no residual add after them): inside each
 # basic block, and in the deconv neck.
@@ -411,7 +382,7 @@ def main() -> None:
         result["proxy_run" if args.reuse else "run"] = run
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    update_report(HERE / "report.json", report_rows(results), "results", results)
+    update_study_report(HERE / "report.json", report_rows(results), "results", results)
     text = report(results, args, len(val_source.records))
     args.report.write_text(text)
     print(text)

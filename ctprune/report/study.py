@@ -1,0 +1,46 @@
+"""Rows of a study (`experiments/<study>/report.json`) in the report's row layout (`ROW_KEYS`),
+for results measured outside `ctprune run`: a study's script evaluates its models itself and
+records what it measured here, so every committed result reads the same way."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from detector.files import atomic_write_json
+
+from .tables import DEFAULT_PRECISION, ROW_KEYS, kept_fraction
+
+
+def study_row(run: str, name: str, stage: str, baseline: dict | None = None, **measured) -> dict:
+    """One row of a model evaluated in fp32: ``measured`` fills the keys of `ROW_KEYS` the study
+    measured (None elsewhere); ``ap_kept`` / ``ap50_kept`` are fractions of ``baseline``'s AP /
+    AP50 (of the row's own for a baseline row)."""
+    unknown = sorted(set(measured) - set(ROW_KEYS))
+    if unknown:
+        raise ValueError(f"study_row: unknown keys {unknown}; a row has {ROW_KEYS}")
+    row = dict.fromkeys(ROW_KEYS) | {
+        "run": run, "name": name, "stage": stage, "precision": DEFAULT_PRECISION
+    }
+    row.update(measured)
+    reference = row if stage == "baseline" else baseline or {}
+    for metric in ("ap", "ap50"):
+        row[f"{metric}_kept"] = kept_fraction(row[metric], reference.get(metric))
+    return row
+
+
+def update_study_report(path: str | Path, rows: list[dict], key: str, setup: dict) -> None:
+    """Merge one invocation of a study into its report.json (``{"rows": [...], "setup":
+    {...}}``): its rows replace those of the same run and name (the others are kept, in
+    order), its settings and raw results go to ``setup[key]``."""
+    path = Path(path)
+    report = json.loads(path.read_text()) if path.exists() else {"rows": [], "setup": {}}
+    position = {(row["run"], row["name"]): index for index, row in enumerate(report["rows"])}
+    for row in rows:
+        index = position.get((row["run"], row["name"]))
+        if index is None:
+            report["rows"].append(row)
+        else:
+            report["rows"][index] = row
+    report["setup"][key] = setup
+    atomic_write_json(path, report)
