@@ -48,7 +48,7 @@ def _run(args: argparse.Namespace) -> None:
     report = run_recipe(recipe, out_dir, command=sys.argv, device=args.device,
                         rerun_from=args.from_stage, only=args.only)
     if report is not None:
-        print((out_dir / "report.md").read_text())
+        print((out_dir / REPORT_FILES["markdown"]).read_text())
 
 
 def _report(args: argparse.Namespace) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ctprune import DistillConfig, prune, recalibrate_bn
+from ctprune.layout import CHECKPOINT_FILE, HISTORY_FILE
 from ctprune.report import study_row, update_study_report
 from ctprune.train import train
 from detector import load_model, save_checkpoint
@@ -39,10 +40,11 @@ from detector.data.transforms import AugmentConfig
 from detector.engine.config import TrainConfig, TrainRecipe
 from detector.evaluate.config import EvaluateConfig
 from detector.evaluate.run import evaluate_model
+from detector.layout import LAST_CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-BASELINE = ROOT / "runs" / "quickstart" / "baseline" / "checkpoint.pt"
+BASELINE = ROOT / "runs" / "quickstart" / "baseline" / CHECKPOINT_FILE
 DATA = ROOT / "data" / "shapes" / "data.yaml"
 PRUNE = {"ratio": 0.5, "criterion": "l1", "scope": "global", "max_layer_ratio": 0.8}
 RECALIBRATE_BATCHES = 20
@@ -107,7 +109,7 @@ def subset_data(out: Path, train_images: int | None, val_images: int | None):
 
 
 def pruned_model(out: Path, data) -> Path:
-    path = out / "pruned" / "checkpoint.pt"
+    path = out / "pruned" / CHECKPOINT_FILE
     if path.is_file():
         return path
     model, checkpoint = load_model(BASELINE)
@@ -153,7 +155,7 @@ def scores(checkpoint: Path, data, prefix: str = "") -> dict:
 
 
 def final_metrics(run: Path) -> dict:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run / HISTORY_FILE).read_text().splitlines()]
     final = [r for r in records if r["kind"] == "epoch"][-1]
     keys = ("ap", "ap50", "train_loss", "seconds")
     return {key: final[key] for key in keys if key in final}
@@ -200,7 +202,7 @@ def main() -> None:
         row = {"seed": seed}
         for arm in ("plain", "distill"):
             run = args.out / f"seed{seed}_{arm if arm == 'plain' else distill_folder}"
-            if not (run / "metrics.jsonl").is_file() or "ap" not in final_metrics(run):
+            if not (run / HISTORY_FILE).is_file() or "ap" not in final_metrics(run):
                 recipe = TrainRecipe(
                     name=run.name,
                     model=checkpoint.model_config,
@@ -219,7 +221,7 @@ def main() -> None:
                 )
             row[arm] = final_metrics(run)
             if args.full_val:
-                row[arm].update(scores(run / "last.pt", load_data_yaml(DATA), "full_val_"))
+                row[arm].update(scores(run / LAST_CHECKPOINT, load_data_yaml(DATA), "full_val_"))
             print(seed, arm, row[arm], flush=True)
         rows.append(row)
     _, pruned_checkpoint = load_model(pruned)

@@ -47,6 +47,7 @@ from detector.engine.fit import fit
 from detector.engine.train import train_loader
 from detector.evaluate.config import EvaluateConfig
 from detector.evaluate.run import evaluate_model
+from detector.layout import LAST_CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -174,7 +175,7 @@ def run_arm(name, optimizer, sparsity, args, model_config, train_source, val_sou
                                seed=config.seed)
     loader = train_loader(dataset, config)
     if previous is not None:
-        model, _ = load_model(Path(args.out) / name / "last.pt")
+        model, _ = load_model(Path(args.out) / name / LAST_CHECKPOINT)
         model = model.to(memory_format=torch.channels_last)
         result = dict(previous)
     else:
