@@ -449,6 +449,24 @@ def test_point_labels_do_not_overlap_each_other_or_the_markers():
             assert not box.contains(x, y)
 
 
+def test_a_label_is_nearer_to_its_own_point_than_to_a_close_neighbour():
+    # The quickstart's case: the baseline (added first) just below the unpruned control.
+    figure = new_figure(6, 4)
+    axes = figure.add_subplot()
+    points = [(0.876, 0.841), (0.876, 0.853)]
+    axes.scatter(*zip(*points, strict=True))
+    axes.set_xlim(0.4, 0.9)
+    axes.set_ylim(0, 1)
+    labels = place_labels(figure, axes, points, ["baseline", "control"], [])
+    renderer = figure.canvas.get_renderer()
+    centres = axes.transData.transform(points)
+    for label, own in zip(labels, centres, strict=True):
+        box = label.get_window_extent(renderer)
+        centre = ((box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2)
+        distances = [math.dist(centre, point) for point in centres]
+        assert min(distances) == math.dist(centre, own)
+
+
 def test_study_rows_share_the_report_layout_and_merge_by_run_and_name(tmp_path):
     from ctprune.report import ROW_KEYS, study_row, update_study_report
 

@@ -68,6 +68,14 @@ def _overlap(box, other) -> float:
     return max(width, 0) * max(height, 0)
 
 
+def _nearer_to_another(box, own, others) -> bool:
+    """Whether the centre of label ``box`` is nearer to one of ``others`` (marker centres, in
+    pixels) than to its own point ``own``: a reader would give the label to that marker."""
+    centre_x, centre_y = (box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2
+    own_distance = math.hypot(centre_x - own[0], centre_y - own[1])
+    return any(math.hypot(centre_x - x, centre_y - y) < own_distance for x, y in others)
+
+
 def _alignment(step: int, negative: str, positive: str) -> str:
     return {-1: negative, 0: "center", 1: positive}[step]
 
@@ -76,19 +84,23 @@ def place_labels(figure, axes, points: list[tuple[float, float]], labels: list[s
                  obstacles: list) -> list:
     """Annotate each point (data coordinates) with its label at the nearest place, of the
     candidate offsets, that overlaps no marker, no label already placed, none of
-    ``obstacles`` (display boxes) and stays inside the axes; where every candidate collides,
-    the one with the least overlap. Labels set off from their point get a thin leader line.
+    ``obstacles`` (display boxes), stays inside the axes and is nearer to its own point than
+    to any other (so it cannot be read as another point's); where every candidate fails, the
+    one with the least overlap. Labels set off from their point get a thin leader line.
     Call after the layout is final: positions are computed in display pixels."""
     from matplotlib.transforms import Bbox
 
     renderer = figure.canvas.get_renderer()
     inside = axes.get_window_extent(renderer)
+    centres = [tuple(centre) for centre in axes.transData.transform(points)] if points else []
     markers = [Bbox.from_extents(x - MARKER_HALF_PIXELS, y - MARKER_HALF_PIXELS,
                                  x + MARKER_HALF_PIXELS, y + MARKER_HALF_PIXELS)
-               for x, y in axes.transData.transform(points)] if points else []
+               for x, y in centres]
     taken = [*markers, *obstacles]
     annotations = []
-    for point, text in zip(points, labels, strict=True):
+    for index, (point, text) in enumerate(zip(points, labels, strict=True)):
+        own = centres[index]
+        others = [centre for centre in centres if centre != own]
         best = None
         for radius in LABEL_RADII:
             for step_x, step_y in LABEL_DIRECTIONS:
@@ -98,16 +110,18 @@ def place_labels(figure, axes, points: list[tuple[float, float]], labels: list[s
                     ha=_alignment(step_x, "right", "left"), va=_alignment(step_y, "top", "bottom"))
                 box = label.get_window_extent(renderer)
                 outside = box.width * box.height - _overlap(box, inside)
-                cost = sum(_overlap(box, other) for other in taken) + outside
+                # Overlap first, then ambiguity: an unambiguous label may sit further out.
+                cost = (sum(_overlap(box, other) for other in taken) + outside,
+                        _nearer_to_another(box, own, others))
                 if best is None or cost < best[0]:
                     if best is not None:
                         best[1].remove()
                     best = (cost, label, box, radius)
                 else:
                     label.remove()
-                if best[0] == 0:
+                if best[0] == (0, False):
                     break
-            if best[0] == 0:
+            if best[0] == (0, False):
                 break
         _, label, box, radius = best
         taken.append(box)
