@@ -95,8 +95,19 @@ def _versions() -> dict:
     return versions
 
 
+def _portable(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it, so that a manifest
+    copied out of ``runs/`` (into a study's folder, say) holds no path of this machine."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return path
+
+
 def write_manifest(recipe: Recipe, out_dir: Path, command: list[str] | None) -> None:
-    """Record what runs in ``out_dir``; refuse a folder that holds another recipe's run."""
+    """Record what runs in ``out_dir``; refuse a folder that holds another recipe's run. The
+    recipe file and the command are written relative to the working directory, the program
+    by its name."""
     path = out_dir / MANIFEST_FILE
     recipe_dict = {k: v for k, v in to_dict(recipe).items() if k != "source"}
     digest = stage_fingerprint(recipe_dict)
@@ -116,9 +127,12 @@ def write_manifest(recipe: Recipe, out_dir: Path, command: list[str] | None) -> 
             "choose another --out"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
+    if command:
+        command = [Path(command[0]).name, *command[1:]]
     atomic_write_json(path, {
-        "recipe_name": recipe.name, "recipe_sha256": digest, "recipe_file": recipe.source,
-        "command": command, "git_revision": _git_revision(), "versions": _versions(),
+        "recipe_name": recipe.name, "recipe_sha256": digest,
+        "recipe_file": _portable(recipe.source), "command": command,
+        "git_revision": _git_revision(), "versions": _versions(),
         "seed": recipe.train.seed, "created": created, "updated": now,
     }, default=str)
     atomic_write_text(out_dir / RECIPE_FILE, yaml.safe_dump(recipe_dict, sort_keys=False))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ctprune.recipe import branches, load_recipe
-from ctprune.run import RunError, run_recipe
+from ctprune.run import RunError, run_recipe, write_manifest
 from detector.config import ConfigError
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
@@ -84,6 +84,18 @@ def test_a_changed_finetune_reruns_only_the_finetunes(smoke_run):
     run_recipe(recipe, tmp_path / "changed", log=log.append)
     ran = sorted(line.split()[1] for line in log if line.startswith("[run]"))
     assert ran == ["control_random_r0.5/finetune", "control_unpruned/finetune", "l1_r0.5/finetune"]
+
+
+def test_the_manifest_names_the_recipe_and_command_without_machine_paths(
+    smoke_run, tmp_path, monkeypatch
+):
+    _, recipe, _, _ = smoke_run
+    monkeypatch.chdir(Path(recipe.source).parent.parent)  # the folder that holds recipes/
+    program = str(tmp_path / "venv" / "bin" / "ctprune")
+    write_manifest(recipe, tmp_path / "fresh", [program, "run", "recipes/smoke.yaml"])
+    manifest = json.loads((tmp_path / "fresh" / "manifest.json").read_text())
+    assert manifest["recipe_file"] == "recipes/smoke.yaml"
+    assert manifest["command"] == ["ctprune", "run", "recipes/smoke.yaml"]
 
 
 def test_a_folder_of_another_recipe_is_refused(smoke_run, tmp_path):
