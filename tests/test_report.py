@@ -205,8 +205,9 @@ def test_html_embeds_every_image_and_refers_to_no_file(report_a, run_a):
 
 def test_default_out_dir_is_the_run_folder(run_a, tmp_path):
     run = shutil.copytree(run_a, tmp_path / "run_a")
-    build_report([run], latency=False)
+    report = build_report([run], latency=False)
     assert (run / "report.json").is_file() and (run / "report.html").is_file()
+    assert report["runs"][0]["path"] == "."  # relative to the report: no machine path
 
 
 def test_two_runs_in_one_report(run_a, run_b, run_without_baseline, tmp_path):

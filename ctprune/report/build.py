@@ -3,6 +3,7 @@ when asked), make the rows, and write report.json, report.md, the plots and repo
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from detector.files import atomic_write_json, atomic_write_text
@@ -34,13 +35,15 @@ def the_one_value(values: list) -> object:
     return values[0] if values and all(value == values[0] for value in values) else None
 
 
-def run_summary(run: RunArtifacts, figures: list[dict], measured: bool) -> dict:
-    """What the report says about one run: its manifest's identity, whether its figures were
-    measured now, and the latency settings its stages share (None where they differ)."""
+def run_summary(run: RunArtifacts, figures: list[dict], measured: bool, out_dir: Path) -> dict:
+    """What the report says about one run: where it is (relative to the report's folder, so a
+    report moved together with its runs, or committed, holds no path of this machine), its
+    manifest's identity, whether its figures were measured now, and the latency settings its
+    stages share (None where they differ)."""
     timed = [stage for stage in figures if stage.get("latency_ms") is not None]
     return {
         "name": run.name,
-        "path": str(run.folder.resolve()),
+        "path": Path(os.path.relpath(run.folder.resolve(), out_dir.resolve())).as_posix(),
         **{key: run.manifest.get(key) for key in ("recipe_name", "recipe_sha256", "created")},
         "measured": measured,
         "timed": bool(timed),
@@ -116,7 +119,7 @@ def build_report(
         figures, measured = run_figures(
             run, measure=measure, latency=latency, repeats=latency_repeats, threads=threads)
         run_pairs = latency_pairs(run, figures)
-        summaries.append(run_summary(run, figures, measured))
+        summaries.append(run_summary(run, figures, measured, out_dir))
         rows += run_rows(run, figures, run_pairs)
         pairs += run_pairs
         speedups += run_speedups(run, figures, run_pairs)
