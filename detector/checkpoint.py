@@ -134,8 +134,8 @@ def _describe_foreign_file(head: bytes) -> str:
     """What a file that is not a torch.save file probably is, from its first bytes."""
     if not head:
         return "the file is empty"
-    if head[:1] == b"\x08" and b"onnx" in head.lower():
-        return "it looks like an ONNX model (export a checkpoint, not an ONNX file)"
+    if head[:1] == b"\x08":  # protobuf field 1 (ir_version), as every ONNX file starts
+        return "it looks like an ONNX model (a protobuf file); give the .pt checkpoint instead"
     try:
         head.decode("utf-8")
     except UnicodeDecodeError:
@@ -179,7 +179,7 @@ def _check_fields(data: dict, path: Path) -> None:
     """Each top-level field's type, naming the file and the field; widths and weights are
     checked against the model when it is built (`model_from_checkpoint`)."""
     version = data["format"]
-    if isinstance(version, bool) or version not in SUPPORTED_FORMATS:
+    if type(version) is not int or version not in SUPPORTED_FORMATS:  # not bool, not 1.0
         newer = (
             "; it is newer than this ctprune: upgrade ctprune"
             if isinstance(version, int) and not isinstance(version, bool)
