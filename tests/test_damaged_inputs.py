@@ -26,7 +26,7 @@ from detector.checkpoint import (
 )
 from detector.data.coco import load_coco
 from detector.data.dataset import read_image
-from detector.data.images import ImageError, read_image_file
+from detector.data.images import ImageError, check_image_files, read_image_file
 from detector.data.records import DataError, DetectionSource, ImageRecord
 from detector.data.sources import DataWarning, check_split_classes
 from detector.data.voc import load_voc
@@ -233,6 +233,19 @@ def test_truncated_jpeg_is_refused_with_its_record(tmp_path, pixels):
         read_image(_record(cut))
     with pytest.raises(ImageError, match=r"cut.jpg: a truncated JPEG"):
         read_bgr(cut)
+
+
+def test_damaged_images_are_found_before_work_starts(tmp_path, pixels):
+    whole, cut, empty = tmp_path / "whole.jpg", tmp_path / "cut.jpg", tmp_path / "empty.png"
+    cv2.imwrite(str(whole), pixels)
+    cut.write_bytes(whole.read_bytes()[:200])
+    empty.write_bytes(b"")
+    check_image_files([_record(whole)])
+    with pytest.raises(ImageError, match=r"2 image files are damaged: image 2 \(.*cut.jpg: "
+                       r"truncated JPEG\), image 3 \(.*empty.png: empty\)"):
+        check_image_files([_record(whole, 1), _record(cut, 2), _record(empty, 3)])
+    with pytest.raises(FileNotFoundError, match=r"1 image files do not exist: image 4 .*no.jpg"):
+        check_image_files([_record(cut, 2), _record(tmp_path / "no.jpg", 4)])
 
 
 def test_bytes_after_the_jpeg_end_are_allowed(tmp_path, pixels):

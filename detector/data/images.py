@@ -9,12 +9,13 @@ flags. So the file's bytes are checked here and the pixels converted explicitly.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from .records import DataError
+from .records import DataError, ImageRecord
 
 JPEG_START = b"\xff\xd8"
 JPEG_START_OF_SCAN = b"\xff\xda"
@@ -23,6 +24,8 @@ JPEG_END = b"\xff\xd9"
 # EXIF orientation applied as cv2.IMREAD_COLOR does.
 READ_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH
 UINT16_TO_UINT8 = 65535 / 255
+SHOWN = 5
+"""Files named one by one in `check_image_files`' errors; the rest are counted."""
 
 
 class ImageError(DataError):
@@ -88,3 +91,33 @@ def read_image_file(path: str | Path) -> np.ndarray:
     if image is None:
         raise ImageError(f"{path}: cannot be read as an image (damaged, or not an image file)")
     return to_bgr8(image, path)
+
+
+def check_image_files(records: Iterable[ImageRecord]) -> None:
+    """Refuse empty files and truncated JPEGs among ``records``' images, all named at once,
+    without decoding them: for checks before a run starts (it reads every file once, ~0.01 ms
+    per cached 512 px JPEG; decoding is left to training, where `read_image_file` checks again).
+
+    Raises:
+        FileNotFoundError: images are missing.
+        ImageError: images are empty or truncated (the message names up to 5, with their ids).
+    """
+    missing, damaged = [], []
+    for record in records:
+        try:
+            data = record.path.read_bytes()
+        except FileNotFoundError:
+            missing.append(f"image {record.image_id} ({record.path})")
+            continue
+        if not data or is_truncated_jpeg(data):
+            reason = "empty" if not data else "truncated JPEG"
+            damaged.append(f"image {record.image_id} ({record.path}: {reason})")
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} image files do not exist: {', '.join(missing[:SHOWN])}"
+        )
+    if damaged:
+        raise ImageError(
+            f"{len(damaged)} image files are damaged: {', '.join(damaged[:SHOWN])}; replace or "
+            "remove them"
+        )
