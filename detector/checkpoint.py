@@ -164,9 +164,10 @@ def load_tensors_only(path: Path, map_location: str | torch.device = "cpu") -> o
         ) from None
     except Exception as error:
         if head.startswith(ZIP_MAGIC):
+            cause = str(error).splitlines()[0].split(". ")[0]  # torch's advice follows
             raise CheckpointError(
                 f"{path}: a damaged or truncated PyTorch checkpoint (the file is cut short or "
-                f"corrupt: {str(error).splitlines()[0]}); use an intact copy"
+                f"corrupt: {cause}); use an intact copy"
             ) from None
         raise CheckpointError(f"{path}: not a PyTorch checkpoint file ({error})") from None
 

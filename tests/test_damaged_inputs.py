@@ -276,6 +276,13 @@ def test_grey_and_alpha_images_become_3_channel_bgr(tmp_path, pixels):
     np.testing.assert_array_equal(read_image_file(alpha), pixels)
 
 
+def test_float_images_are_refused_by_name(tmp_path, pixels):
+    path = tmp_path / "float.tiff"
+    assert cv2.imwrite(str(path), pixels.astype(np.float32) / 255)
+    with pytest.raises(ImageError, match=r"float.tiff: pixels of type float32; expected 8- or "):
+        read_image_file(path)
+
+
 def test_unreadable_and_missing_images_are_named_with_their_record(tmp_path):
     text = tmp_path / "notes.jpg"
     text.write_text("not an image")
@@ -299,6 +306,14 @@ def test_two_coco_categories_of_one_name_are_refused(tmp_path):
     path = _write_coco(tmp_path, [{"id": 1, "name": "cat"}, {"id": 4, "name": "dog"},
                                   {"id": 9, "name": "cat"}])
     with pytest.raises(DataError, match=r"categories 1 and 9 are both named 'cat'") as error:
+        load_coco(path, tmp_path / "images")
+    assert str(path) in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["", "  ", 7, None])
+def test_coco_category_without_a_usable_name_is_refused(tmp_path, name):
+    path = _write_coco(tmp_path, [{"id": 1, "name": "cat"}, {"id": 2, "name": name}])
+    with pytest.raises(DataError, match=r"category 2: 'name' must be a non-empty string") as error:
         load_coco(path, tmp_path / "images")
     assert str(path) in str(error.value)
 
