@@ -87,22 +87,48 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(f"per-class table, results json and P-R curves in {out_dir}")
 
 
+def output_stems(images: list[Path]) -> list[str]:
+    """A distinct output name stem per input image: its file stem, or, for images whose stems
+    clash (``a/img.jpg`` and ``b/img.jpg``), its path below the images' common folder joined
+    with "_" (``a_img``); a counter settles what still clashes (the same file given twice).
+    Compared case-insensitively, as on macOS and Windows file systems."""
+    stems = [Path(image).stem for image in images]
+    lowered = [stem.lower() for stem in stems]
+    clashing = {stem for stem in lowered if lowered.count(stem) > 1}
+    if clashing:
+        absolute = [Path(image).resolve() for image in images]
+        common = Path(os.path.commonpath([path.parent for path in absolute]))
+        stems = [
+            "_".join(path.relative_to(common).with_suffix("").parts)
+            if stem.lower() in clashing
+            else stem
+            for stem, path in zip(stems, absolute, strict=True)
+        ]
+    unique, seen = [], set()
+    for stem in stems:
+        candidate, count = stem, 1
+        while candidate.lower() in seen:
+            count += 1
+            candidate = f"{stem}_{count}"
+        seen.add(candidate.lower())
+        unique.append(candidate)
+    return unique
+
+
 def _detect(args: argparse.Namespace) -> None:
     from detector.inference.predictor import Predictor
     from detector.visualize import draw_detections, heatmap_overlay
 
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, flip=args.flip)
     args.out.mkdir(parents=True, exist_ok=True)
-    for path in args.images:
+    for path, stem in zip(args.images, output_stems(args.images), strict=True):
         [result] = predictor.predict([path], score_threshold=args.threshold)
         drawn = draw_detections(path, result)
-        target = args.out / f"{Path(path).stem}_detections.png"
+        target = args.out / f"{stem}_detections.png"
         write_image(target, drawn)
         print(f"{path}: {len(result.scores)} detections -> {target}")
         if args.show_heatmap:
-            write_image(
-                args.out / f"{Path(path).stem}_heatmap.png", heatmap_overlay(predictor, path)
-            )
+            write_image(args.out / f"{stem}_heatmap.png", heatmap_overlay(predictor, path))
 
 
 def _show_data(args: argparse.Namespace) -> None:

@@ -8,6 +8,10 @@ leaves the previous file intact.
 
 Format history:
     1: the first format.
+
+Reading checks every field before anything is built (`read_checkpoint`), and loading refuses
+weights that are NaN or infinite (`model_from_checkpoint`): every error names the file and the
+field at fault.
 """
 
 from __future__ import annotations
@@ -25,6 +29,13 @@ from .files import atomic_replace
 from .models import build_model
 
 FORMAT_VERSION = 1
+SUPPORTED_FORMATS = (1,)
+"""The format versions this ctprune reads."""
+CHECKPOINT_KEYS = ("format", "model_config", "channel_plan", "state_dict", "meta")
+ZIP_MAGIC = b"PK\x03\x04"
+"""The first bytes of a torch.save file (a zip archive) since PyTorch 1.6."""
+PICKLE_MAGIC = b"\x80"
+"""The first byte of a pickle (protocol 2+): torch.save's legacy, pre-zip format."""
 
 
 class CheckpointError(ValueError):
@@ -119,10 +130,29 @@ def _looks_like_original_centernet(data: dict) -> bool:
     )
 
 
+def _describe_foreign_file(head: bytes) -> str:
+    """What a file that is not a torch.save file probably is, from its first bytes."""
+    if not head:
+        return "the file is empty"
+    if head[:1] == b"\x08":  # protobuf field 1 (ir_version), as every ONNX file starts
+        return "it looks like an ONNX model (a protobuf file); give the .pt checkpoint instead"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"it starts with the bytes {head[:8]!r}, not a zip archive"
+    return "it is a text file"
+
+
 def load_tensors_only(path: Path, map_location: str | torch.device = "cpu") -> object:
     """``torch.load(path, weights_only=True)`` with errors that name the file and the cause."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    with open(path, "rb") as file:
+        head = file.read(64)
+    if not head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint file ({_describe_foreign_file(head)})"
+        )
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
@@ -133,7 +163,100 @@ def load_tensors_only(path: Path, map_location: str | torch.device = "cpu") -> o
             "model with detector.save_checkpoint."
         ) from None
     except Exception as error:
+        if head.startswith(ZIP_MAGIC):
+            cause = str(error).splitlines()[0].split(". ")[0]  # torch's advice follows
+            raise CheckpointError(
+                f"{path}: a damaged or truncated PyTorch checkpoint (the file is cut short or "
+                f"corrupt: {cause}); use an intact copy"
+            ) from None
         raise CheckpointError(f"{path}: not a PyTorch checkpoint file ({error})") from None
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_fields(data: dict, path: Path) -> None:
+    """Each top-level field's type, naming the file and the field; widths and weights are
+    checked against the model when it is built (`model_from_checkpoint`)."""
+    version = data["format"]
+    if type(version) is not int or version not in SUPPORTED_FORMATS:  # not bool, not 1.0
+        newer = (
+            "; it is newer than this ctprune: upgrade ctprune"
+            if isinstance(version, int) and not isinstance(version, bool)
+            and version > FORMAT_VERSION
+            else ""
+        )
+        raise CheckpointError(
+            f"{path}: format: {version!r} is not a checkpoint format this ctprune reads "
+            f"(supported: {list(SUPPORTED_FORMATS)}){newer}"
+        )
+    missing = [key for key in ("model_config", "state_dict") if key not in data]
+    if missing:
+        raise CheckpointError(
+            f"{path}: checkpoint lacks {missing} (expected keys {list(CHECKPOINT_KEYS)})"
+        )
+    unknown = [key for key in data if key not in CHECKPOINT_KEYS]
+    if unknown:
+        raise CheckpointError(
+            f"{path}: unknown checkpoint keys {unknown} (expected {list(CHECKPOINT_KEYS)})"
+        )
+    state_dict = data["state_dict"]
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(
+            f"{path}: state_dict: expected a mapping of parameter name -> tensor, got "
+            f"{type(state_dict).__name__}"
+        )
+    for name, tensor in state_dict.items():
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(
+                f"{path}: state_dict[{name!r}]: expected a tensor, got "
+                f"{type(tensor).__name__} {_short(tensor)}"
+            )
+    plan = data.get("channel_plan")
+    if plan is not None:
+        if not isinstance(plan, dict):
+            raise CheckpointError(
+                f"{path}: channel_plan: expected null or a mapping of module path -> list of "
+                f"widths, got {type(plan).__name__} {_short(plan)}"
+            )
+        for name, widths in plan.items():
+            if not isinstance(name, str) or not (
+                isinstance(widths, (list, tuple)) and widths
+                and all(_is_positive_int(width) for width in widths)
+            ):
+                raise CheckpointError(
+                    f"{path}: channel_plan[{name!r}]: expected a list of positive integer "
+                    f"widths, got {_short(widths)}"
+                )
+    meta = data.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: meta: expected a mapping, got {type(meta).__name__}")
+    if not isinstance(data["model_config"], dict):
+        raise CheckpointError(
+            f"{path}: model_config: expected a mapping of ModelConfig keys, got "
+            f"{type(data['model_config']).__name__} {_short(data['model_config'])}"
+        )
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_model_config(config: ModelConfig, path: Path) -> None:
+    """What a loadable model needs beyond the field types `from_dict` checks."""
+    if not _is_positive_int(config.num_classes):
+        raise CheckpointError(
+            f"{path}: model_config.num_classes: expected a positive integer, got "
+            f"{config.num_classes!r}"
+        )
+    names = config.class_names
+    if names is not None and len(names) != config.num_classes:
+        raise CheckpointError(
+            f"{path}: model_config.class_names: {len(names)} names for "
+            f"{config.num_classes} classes (num_classes); expected one name per class"
+        )
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
@@ -150,19 +273,70 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path}: not a ctprune checkpoint (expected a dict with keys format, model_config, "
             "channel_plan, state_dict, meta)"
         )
-    if not isinstance(data["format"], int) or data["format"] > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: checkpoint format {data['format']!r} is newer than this ctprune reads "
-            f"(format {FORMAT_VERSION}); upgrade ctprune"
-        )
-    missing = [k for k in ("model_config", "state_dict") if k not in data]
-    if missing:
-        raise CheckpointError(f"{path}: checkpoint lacks {missing}")
+    _check_fields(data, path)
     try:
         config = from_dict(ModelConfig, data["model_config"], "model_config")
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: invalid model_config: {error}") from None
+    _check_model_config(config, path)
     return Checkpoint(config, data.get("channel_plan"), data["state_dict"], data.get("meta") or {})
+
+
+def check_checkpoint_matches(
+    path: str | Path,
+    num_classes: int,
+    class_names: list[str] | None = None,
+    arch: str | None = None,
+) -> Checkpoint:
+    """Read the checkpoint at ``path`` and check it fits data of ``num_classes`` classes (named
+    ``class_names``, in heatmap-channel order, when given) and, when given, architecture
+    ``arch``; for checks before work starts (a baseline or teacher for a recipe's data).
+
+    Returns:
+        the checkpoint, read (the model is not built).
+
+    Raises:
+        CheckpointError: the file is not a usable checkpoint, or its classes or architecture
+            differ (the message names the checkpoint, its classes and the expected ones).
+    """
+    path = Path(path)
+    checkpoint = read_checkpoint(path)
+    config = checkpoint.model_config
+    if arch is not None and arch != config.arch:
+        raise CheckpointError(f"{path}: a checkpoint of arch {config.arch!r}, expected {arch!r}")
+    theirs = config.class_names
+    if num_classes != config.num_classes or (
+        class_names is not None and theirs is not None and list(class_names) != list(theirs)
+    ):
+        raise CheckpointError(
+            f"{path}: a checkpoint for {config.num_classes} classes "
+            f"({_names(theirs)}), but the data has {num_classes} classes "
+            f"({_names(class_names)}); use a checkpoint trained on this data's classes"
+        )
+    return checkpoint
+
+
+def _names(names: list[str] | None, limit: int = 8) -> str:
+    if names is None:
+        return "names not recorded"
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _check_finite(state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse NaN or infinite weights: a model holding them predicts garbage (or NaN) for
+    every image. No layer here stores non-finite values on purpose (BatchNorm running
+    variances are positive)."""
+    bad = [
+        name
+        for name, tensor in state_dict.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if bad:
+        raise CheckpointError(
+            f"{source}: {len(bad)} tensors hold NaN or infinite values, e.g. {bad[:3]}; the "
+            "run that wrote them diverged: use an earlier checkpoint"
+        )
 
 
 def _check_state_dict(model: nn.Module, state_dict: dict, source: str) -> None:
@@ -188,6 +362,7 @@ def model_from_checkpoint(checkpoint: Checkpoint, source: str = "checkpoint") ->
     except ValueError as error:
         raise CheckpointError(f"{source}: {error}") from None
     _check_state_dict(model, checkpoint.state_dict, source)
+    _check_finite(checkpoint.state_dict, source)
     model.load_state_dict(checkpoint.state_dict)
     return model
 

@@ -4,6 +4,7 @@ behind. Every file ctprune writes into a run folder goes through `atomic_replace
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -19,11 +20,45 @@ the umask. Stated rather than inherited because temporary-file helpers create pr
 files and the rename would keep that mode."""
 
 
+class DiskFullError(OSError):
+    """The disk (or the user's quota) filled up while a file was written; the message names
+    the file, how much had been written and how much space is left."""
+
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]" prefix
+        return str(self.strerror)
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _mib(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB"
+
+
+def disk_full_error(path: Path, written: int, error: OSError) -> DiskFullError:
+    """The error to raise when writing ``path`` failed with ENOSPC or EDQUOT after
+    ``written`` bytes."""
+    free = _free_bytes(path.parent)
+    cause = "the disk quota is used up" if error.errno == errno.EDQUOT else "the disk is full"
+    left = "unknown" if free is None else _mib(free)
+    return DiskFullError(
+        error.errno,
+        f"{path}: cannot write the file: {cause} (needs more than the {_mib(written)} written "
+        f"so far; {left} free in {path.parent}); the previous file, if any, is intact. Free "
+        "some space or write elsewhere.",
+    )
+
+
 def atomic_replace(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """Call ``write(file)`` on a temporary file opened for binary writing in ``path``'s folder,
     fsync it, give it `FILE_MODE`, rename it over ``path`` and fsync the folder (so the rename
     itself survives a power cut). On any failure the temporary file is removed and ``path`` is
-    left as it was."""
+    left as it was. A full disk or quota raises `DiskFullError` naming the file and the
+    space left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
@@ -34,6 +69,12 @@ def atomic_replace(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
             os.fsync(file.fileno())
         os.chmod(temporary, FILE_MODE)
         os.replace(temporary, path)
+    except OSError as error:
+        written = temporary.stat().st_size if temporary.exists() else 0
+        temporary.unlink(missing_ok=True)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(error, DiskFullError):
+            raise disk_full_error(path, written, error) from None
+        raise
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise

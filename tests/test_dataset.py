@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from detector.config import input_preset
 from detector.data.dataset import CenterNetDataset, collate, worker_init_fn
+from detector.data.images import ImageError
 from detector.data.records import ImageRecord
 from detector.data.transforms import AugmentConfig
 from detector.inference.decode import ctdet_decode, detections_to_image
@@ -146,7 +147,7 @@ def test_missing_unreadable_and_mismatched_images_raise_clear_errors(records, tm
     garbage = tmp_path / "garbage.jpg"
     garbage.write_bytes(b"not a jpeg")
     unreadable = ImageRecord(43, garbage, 128, 96, BOXES, LABELS, np.zeros(3, bool))
-    with pytest.raises(FileNotFoundError, match=r"image 43: .*garbage\.jpg cannot be read"):
+    with pytest.raises(ImageError, match=r"image 43: .*garbage\.jpg: cannot be read as an image"):
         CenterNetDataset([unreadable], NUM_CLASSES, SPEC, train=False)[0]
     wrong_size = ImageRecord(44, records[0].path, 100, 96, BOXES, LABELS, np.zeros(3, bool))
     with pytest.raises(ValueError, match=r"image 44: .* is 128x96 .* record says 100x96"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from numbers import Real
@@ -21,7 +22,7 @@ from torch import nn
 from detector import count_macs, count_parameters, layer_widths, output_layers, state_dict_mib
 from detector.channel_plan import ChannelPlan, apply_channel_plan
 
-from .allocate import allocate_global, allocate_layer, match_overrides
+from .allocate import allocate_global, allocate_layer, match_overrides, min_keep
 from .criteria import (
     SELECTORS,
     Selection,
@@ -49,6 +50,15 @@ from .options import DEFAULTS, SCOPES, PruneOptions
 DEFAULT_EXAMPLE_SIZE = (128, 128)
 # target_macs bisection stops when the ratio interval is this narrow.
 RATIO_RESOLUTION = 1e-4
+# `prune` warns when it removes less than this fraction of the channels asked for.
+SHORTFALL_FRACTION = 0.5
+# Groups named one by one in that warning; the rest are counted.
+SHORTFALL_GROUPS_NAMED = 8
+
+
+class PruneShortfallWarning(UserWarning):
+    """`prune` removed less than half of the channels asked for; the message names the groups
+    it kept whole and why (round_to, max_layer_ratio, global ranking)."""
 
 
 @dataclass
@@ -209,6 +219,59 @@ def _macs_of_widths(
     return count_macs(apply_channel_plan(meta_copy(model), plan), input_size)
 
 
+def _kept_whole_reason(
+    group: ChannelGroup, scope: str, round_to: int | None, max_layer_ratio: float
+) -> str:
+    """Why a group asked to lose channels kept them all (the rules of `allocate`)."""
+    width = group.width
+    if min_keep(width, max_layer_ratio) >= width:
+        return f"max_layer_ratio={max_layer_ratio} allows removing none of {width}"
+    if round_to and width <= round_to:
+        return f"{width} channels, at or under round_to={round_to}"
+    if round_to:
+        return f"{width} channels, rounded to a multiple of round_to={round_to}"
+    if scope == "global":
+        return f"{width} channels, all ranked above the global cut"
+    return f"{width} channels, the ratio rounds to none"
+
+
+def warn_on_shortfall(
+    groups: list[ChannelGroup],
+    keeps: list[int],
+    requested: list[float],
+    scope: str,
+    round_to: int | None,
+    max_layer_ratio: float,
+) -> None:
+    """`PruneShortfallWarning` when the groups lose less than `SHORTFALL_FRACTION` of the
+    channels ``requested`` (per group: the ratio asked of it), naming the groups kept whole."""
+    asked = sum(ratio * group.width for ratio, group in zip(requested, groups, strict=True))
+    removed = sum(group.width - keep for group, keep in zip(groups, keeps, strict=True))
+    if asked <= 0 or removed >= SHORTFALL_FRACTION * asked:
+        return
+    whole = [
+        f"{group.name} ({_kept_whole_reason(group, scope, round_to, max_layer_ratio)})"
+        for group, keep, ratio in zip(groups, keeps, requested, strict=True)
+        if keep == group.width and ratio > 0
+    ]
+    named = "; ".join(whole[:SHORTFALL_GROUPS_NAMED])
+    more = len(whole) - SHORTFALL_GROUPS_NAMED
+    more = f"; ... {more} more" if more > 0 else ""
+    total = sum(group.width for group in groups)
+    hint = (
+        " Lower round_to (None prunes whole channels) for a model this narrow."
+        if round_to and any(group.width <= 2 * round_to for group in groups)
+        else ""
+    )
+    warnings.warn(
+        f"prune removed {removed} of the {asked:.0f} channels asked for ({scope} scope, of "
+        f"{total} prunable channels in {len(groups)} groups; output layers are never pruned): "
+        f"{len(whole)} groups kept whole: {named}{more}.{hint}",
+        PruneShortfallWarning,
+        stacklevel=3,
+    )
+
+
 def _bisect_ratio(target_macs: float, high: float, macs_of) -> float:
     """The smallest ratio in [0, high] whose MACs fraction is at most ``target_macs``
     (MACs fall monotonically with the ratio in both scopes)."""
@@ -282,6 +345,11 @@ def prune(
     Raises:
         ValueError: bad arguments, unknown criterion, nothing prunable, bn_gamma on a model
             without BatchNorm or with untrained (all equal) gammas, unreachable target_macs.
+
+    Warns:
+        PruneShortfallWarning: less than half of the channels asked for were removed (e.g.
+            every group of a narrow model at or under ``round_to``); it names the groups kept
+            whole and why.
     """
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -356,6 +424,9 @@ def prune(
             ratio = _bisect_ratio(target_macs, max_layer_ratio, macs_fraction)
             clock = lap("target_macs", clock)
         keeps = allocate(ratio)
+        if target_macs is None:  # a target_macs that cannot be met raises in _bisect_ratio
+            requested = [overrides.get(index, ratio) for index in range(len(groups))]
+            warn_on_shortfall(groups, keeps, requested, scope, round_to, max_layer_ratio)
 
         select = SELECTORS.get(criterion, keep_highest)
         selections: list[Selection] = [

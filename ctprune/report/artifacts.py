@@ -76,11 +76,16 @@ class RunArtifacts:
 def read_json(path: Path, what: str) -> dict:
     """A JSON object from ``path``; errors name the file and what it should have held."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as error:
         raise ValueError(f"{path}: cannot read the {what} ({error.strerror})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: the {what} is not a UTF-8 text (JSON) file") from None
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: the {what} is not valid JSON ({error})") from None
+        raise ValueError(
+            f"{path}: the {what} is not valid JSON ({error}); a truncated file? Rerun the "
+            "stage that wrote it"
+        ) from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: the {what} must be a JSON object, got {type(data).__name__}")
     return data

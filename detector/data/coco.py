@@ -82,6 +82,23 @@ def _check_categories(dataset: dict, annotation_file: Path) -> list[dict]:
         if category_id in seen:
             raise DataError(f"{annotation_file}: category id {category_id} appears twice")
         seen.add(category_id)
+    id_of_name: dict[str, int] = {}
+    for category in dataset["categories"]:
+        name = category["name"]
+        if not isinstance(name, str) or not name.strip():
+            raise DataError(
+                f"{annotation_file}: category {category['id']}: 'name' must be a non-empty "
+                f"string, got {name!r}"
+            )
+        # Two ids of one name would train as two classes that evaluation and users cannot
+        # tell apart.
+        if name in id_of_name:
+            raise DataError(
+                f"{annotation_file}: categories {id_of_name[name]} and {category['id']} are both "
+                f"named {name!r}; give each category its own name (or merge their annotations "
+                "into one id)"
+            )
+        id_of_name[name] = category["id"]
     return sorted(dataset["categories"], key=lambda category: category["id"])
 
 

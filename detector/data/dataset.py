@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from detector.config import InputSpec
+from detector.data.images import ImageError, read_image_file
 from detector.data.transforms import AugmentConfig, test_transform, train_transform
 from detector.geometry import transform_boxes
 from detector.heads import head_type
@@ -31,12 +31,16 @@ if TYPE_CHECKING:
 
 
 def read_image(record: ImageRecord) -> np.ndarray:
-    """The record's image as (H, W, 3) uint8 BGR; a clear error if it is missing, unreadable or
-    not the size the record says."""
-    image = cv2.imread(str(record.path), cv2.IMREAD_COLOR)
-    if image is None:
-        reason = "does not exist" if not record.path.exists() else "cannot be read as an image"
-        raise FileNotFoundError(f"image {record.image_id}: file {record.path} {reason}")
+    """The record's image as (H, W, 3) uint8 BGR (`read_image_file`); errors name the image
+    id and the file: missing, truncated, unreadable, or not the size the record says."""
+    try:
+        image = read_image_file(record.path)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"image {record.image_id}: file {record.path} does not exist"
+        ) from None
+    except ImageError as error:
+        raise ImageError(f"image {record.image_id}: {error}") from None
     if image.shape[:2] != (record.height, record.width):
         raise ValueError(
             f"image {record.image_id}: file {record.path} is {image.shape[1]}x{image.shape[0]} "

@@ -38,6 +38,7 @@ import cv2
 import numpy as np
 
 from ..files import atomic_write_text
+from .images import read_image_file
 
 # --- Frozen difficulty constants ---------------------------------------------------------------
 # Changing any of these changes the benchmark. Bump BENCHMARK_VERSION with it: the version is
@@ -741,9 +742,7 @@ def draw_montage(
     montage = np.zeros((rows * side, columns * side, 3), dtype=np.uint8)
     for position, entry in enumerate(entries):
         image_path = dataset_dir / "images" / split / entry["file_name"]
-        image = cv2.imread(str(image_path), cv2.IMREAD_COLOR)
-        if image is None:
-            raise FileNotFoundError(f"draw_montage: cannot read image {image_path}")
+        image = read_image_file(image_path)
         image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
         top, left = (position // columns) * side + 1, (position % columns) * side + 1
         montage[top : top + image.shape[0], left : left + image.shape[1]] = image[:, :, ::-1]

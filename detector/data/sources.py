@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,6 +209,77 @@ def load_source(config: DataConfig, split: str) -> DetectionSource:
     if not source.records:
         raise DataError(f"data.{split}: {annotation_path} holds no images")
     return source
+
+
+class DataWarning(UserWarning):
+    """Data that can be used but probably not as meant (e.g. a class with boxes in one split
+    only); the message names the classes and the files."""
+
+
+def boxes_per_class(source: DetectionSource) -> list[int]:
+    """How many boxes each class has in ``source``, by class index."""
+    counts = [0] * source.num_classes
+    for record in source.records:
+        for label in record.labels:
+            counts[int(label)] += 1
+    return counts
+
+
+def check_split_classes(train: DetectionSource, val: DetectionSource) -> None:
+    """Check the splits share one class list, and warn about classes with boxes in one split.
+
+    Classes with training boxes but none in val: their AP is not measured (`DataWarning`).
+    Classes with val boxes but no training boxes: the model never learns them, so their AP is
+    0 and pulls the mean down (`DataWarning`, worded as such). A warning rather than an error:
+    a small or freshly split dataset can lack a class in one split on purpose (a smoke test, a
+    held-out class), and the run is still meaningful; the warning says which.
+
+    Raises:
+        DataError: the splits' class names or category ids differ (class indices would mean
+            different classes in training and evaluation).
+    """
+    if train.class_names != val.class_names or train.category_ids != val.category_ids:
+        raise DataError(
+            f"the train split ({train.annotation_file}) and the val split "
+            f"({val.annotation_file}) have different classes: {_id_names(train)} vs "
+            f"{_id_names(val)} (category id, name); both splits "
+            "need the same categories in the same order"
+        )
+    train_counts, val_counts = boxes_per_class(train), boxes_per_class(val)
+    names = train.class_names
+    pairs = list(zip(names, train_counts, val_counts, strict=True))
+    train_only = [name for name, in_train, in_val in pairs if in_train and not in_val]
+    val_only = [name for name, in_train, in_val in pairs if in_val and not in_train]
+    if val_only:
+        warnings.warn(
+            f"classes with boxes in the val split ({val.annotation_file}) but none in the train "
+            f"split ({train.annotation_file}): {val_only}; the model cannot learn them, so "
+            "their AP is 0 and lowers the mean AP",
+            DataWarning,
+            stacklevel=2,
+        )
+    if train_only:
+        warnings.warn(
+            f"classes with boxes in the train split ({train.annotation_file}) but none in the "
+            f"val split ({val.annotation_file}): {train_only}; their AP is not measured",
+            DataWarning,
+            stacklevel=2,
+        )
+
+
+def _id_names(source: DetectionSource) -> list[tuple[int, str]]:
+    return list(zip(source.category_ids, source.class_names, strict=True))
+
+
+def load_splits(config: DataConfig) -> tuple[DetectionSource, DetectionSource | None]:
+    """The train split and the val split (None when ``config.val`` is not set), loaded with
+    `load_source` and checked together by `check_split_classes`."""
+    train = load_source(config, "train")
+    if config.val is None:
+        return train, None
+    val = load_source(config, "val")
+    check_split_classes(train, val)
+    return train, val
 
 
 def to_category_id(source: DetectionSource, label: int) -> int:

@@ -8,6 +8,7 @@ annotation tools write). Each xml holds `<filename>`, `<size>` and `<object>` en
 
 from __future__ import annotations
 
+import difflib
 import math
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterable
@@ -30,6 +31,10 @@ VOC_CLASS_NAMES = (
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
     "train", "tvmonitor",
 )  # fmt: skip
+
+# How close (difflib ratio) a name must be to a VOC class to be taken for a typo of it:
+# "persn" vs "person" is 0.91, "Person" 0.83, "cat" vs "car" 0.67 (two real classes).
+TYPO_CUTOFF = 0.8
 
 # Tried in this order when an xml's <filename> is missing or names no existing file.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -193,14 +198,37 @@ def default_class_names(names_found: Iterable[str]) -> list[str]:
     return sorted(names_found)
 
 
+def class_names_found(annotations: Iterable[VocAnnotation]) -> list[str]:
+    """`default_class_names` of the objects in ``annotations``, difficult ones included (so
+    `use_difficult` never changes the class list), after refusing likely typos.
+
+    Raises:
+        DataError: a name that is not a VOC class but close to one (e.g. "persn", "Person")
+            among files that otherwise use VOC's names: it would silently become a class of
+            its own. The message names the xml file, the object and the known classes.
+    """
+    first_seen: dict[str, tuple[Path, int]] = {}
+    for annotation in annotations:
+        for position, voc_object in enumerate(annotation.objects):
+            first_seen.setdefault(voc_object.name, (annotation.xml_file, position))
+    others = [name for name in first_seen if name not in VOC_CLASS_NAMES]
+    if others and len(others) < len(first_seen):
+        for name in others:
+            close = difflib.get_close_matches(name, VOC_CLASS_NAMES, n=1, cutoff=TYPO_CUTOFF)
+            if close:
+                xml_file, position = first_seen[name]
+                raise DataError(
+                    f"{xml_file}: object {position} is a {name!r}, not one of the VOC classes "
+                    f"(did you mean {close[0]!r}?). Known classes: {list(VOC_CLASS_NAMES)}. If "
+                    f"{name!r} is a class of its own, list every class in data.class_names"
+                )
+    return default_class_names(first_seen)
+
+
 def read_voc_class_names(xml_files: Iterable[str | Path]) -> list[str]:
-    """Class names of a set of xml files by `default_class_names`, difficult objects included
-    (so `use_difficult` never changes the class list). Give it the files of every split, so
-    train and val get the same indices."""
-    names = set()
-    for xml_file in xml_files:
-        names.update(voc_object.name for voc_object in parse_voc_xml(xml_file).objects)
-    return default_class_names(names)
+    """Class names of a set of xml files (`class_names_found`). Give it the files of every
+    split, so train and val get the same indices."""
+    return class_names_found(parse_voc_xml(xml_file) for xml_file in xml_files)
 
 
 def _image_path(annotation: VocAnnotation, image_dir: Path) -> tuple[Path, bool]:
@@ -270,9 +298,7 @@ def load_voc(
 
     annotations = [parse_voc_xml(xml_file) for xml_file in xml_files]
     if class_names is None:
-        class_names = default_class_names(
-            voc_object.name for annotation in annotations for voc_object in annotation.objects
-        )
+        class_names = class_names_found(annotations)
     class_names = list(class_names)
     label_of_name = {name: label for label, name in enumerate(class_names)}
 

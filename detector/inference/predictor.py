@@ -10,13 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
 
 from ..checkpoint import load_model
 from ..config import ModelConfig
+from ..data.images import read_image_file
 from ..data.transforms import test_transform
 from ..heads import head_type
 from .decode import detections_to_image
@@ -67,12 +67,10 @@ class Detections:
 
 def read_bgr(image: np.ndarray | str | Path) -> np.ndarray:
     """An (H, W, 3) uint8 BGR array from a path or an array (arrays are taken as BGR, as cv2
-    reads them; convert RGB arrays first)."""
+    reads them; convert RGB arrays first). Files are read by `read_image_file`: a truncated
+    or unreadable file raises naming it; 16-bit, grey and 4-channel images are converted."""
     if isinstance(image, (str, Path)):
-        array = cv2.imread(str(image), cv2.IMREAD_COLOR)
-        if array is None:
-            raise FileNotFoundError(f"{image}: missing or not a readable image")
-        return array
+        return read_image_file(image)
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 image, got {array.dtype} {array.shape}")
