@@ -84,7 +84,7 @@ def default_notes(recipe: Recipe, overrides: list[str] = ()) -> list[str]:
         model = recipe.model
         size = "x".join(str(side) for side in model.input.input_size)
         notes.append(f"recipe has no `model` section: using model.arch={model.arch}, "
-                     f"input {size}, head_conv {model.head_conv} (the defaults)")
+                     f"input {size} (the defaults)")
     if "train" not in given and recipe.baseline.checkpoint is None \
             and recipe.baseline.original is None:
         train = recipe.train
