@@ -237,8 +237,8 @@ def _prune(args: argparse.Namespace) -> None:
 
     from .pruning import prune_with
 
-    _check_output_file(args.checkpoint, args.out, args.overwrite)
     options = prune_options(args)
+    _check_output_file(args.checkpoint, args.out, args.overwrite)
     model, checkpoint = load_model(args.checkpoint)
     size = tuple(args.input_size or checkpoint.model_config.input.input_size)
     result = prune_with(model, options, example_inputs=torch.zeros(1, 3, *size))
