@@ -9,6 +9,7 @@ import os
 import shlex
 import shutil
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from detector.layout import (
@@ -80,8 +81,11 @@ def _train(args: argparse.Namespace) -> None:
     out_dir = args.out_dir = _run_dir(recipe.name, args.out)
     _print_notes(default_notes(recipe, args.set))
     preflight(recipe, out_dir, args.device)
-    with run_lock(out_dir, ["ctprune", *args.argv]):
-        _claim_training_folder(out_dir, args.resume, args.overwrite)
+    # Under torchrun every process runs this command; the first one owns the folder.
+    first_process = os.environ.get("RANK", "0") == "0"
+    with run_lock(out_dir, ["ctprune", *args.argv]) if first_process else nullcontext():
+        if first_process:
+            _claim_training_folder(out_dir, args.resume, args.overwrite)
         recipe = prepare_data(recipe)
         result = train(recipe.train_recipe(), out_dir, sparsity=recipe.sparsity,
                        resume=args.resume, device=args.device)

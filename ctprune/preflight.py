@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -218,7 +219,7 @@ def _check_output(recipe: Recipe, out_dir: Path, problems: list[str], notes: lis
     if not folder.is_dir():
         problems.append(f"--out {out_dir}: {folder} is not a folder")
         return
-    probe = folder / ".ctprune_write_probe"
+    probe = folder / f".ctprune_write_probe_{os.getpid()}"  # one per process under torchrun
     try:
         probe.write_bytes(b"")
         probe.unlink()

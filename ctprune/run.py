@@ -117,7 +117,7 @@ def write_manifest(recipe: Recipe, out_dir: Path, command: list[str] | None) -> 
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     created = now
     if path.is_file():
-        previous = json.loads(path.read_text())
+        previous = _read_json(path, f"remove {path} if {out_dir} holds nothing you need")
         if previous.get("recipe_name") != recipe.name:
             raise RunError(
                 f"{out_dir}: holds a run of recipe {previous.get('recipe_name')!r}, "
@@ -153,7 +153,9 @@ class Stage:
 
     def info(self) -> dict | None:
         path = self.folder / STAGE_FILE
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        return _read_json(path, f"remove {self.folder} to run the stage again")
 
     def is_done(self) -> bool:
         info = self.info()
@@ -462,6 +464,18 @@ class Runner:
         if self.only in (None, "report"):
             return self.report()
         return None
+
+
+def _read_json(path: Path, remedy: str) -> dict:
+    """A run's bookkeeping file (manifest.json, stage.json); a damaged one is named with what
+    to do instead of a bare JSON error."""
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise RunError(f"{path}: not valid JSON ({error}); {remedy}") from None
+    if not isinstance(data, dict):
+        raise RunError(f"{path}: expected a JSON object, got {type(data).__name__}; {remedy}")
+    return data
 
 
 def _aside_folder(folder: Path) -> Path:

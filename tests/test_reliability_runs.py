@@ -439,3 +439,18 @@ def test_sections_left_to_the_defaults_are_printed(smoke, tmp_path, capsys):
         "recipe has no `evaluate` section: evaluating with the defaults"]
     code, out, _ = _main(capsys, "check", path, "--device", "cpu")
     assert "note: recipe has no `model` section" in out
+
+
+# --- damaged bookkeeping files of a run ----------------------------------------------------------
+def test_a_truncated_stage_or_manifest_file_is_named(smoke, tmp_path):
+    from ctprune.run import RunError, write_manifest
+
+    stage_folder = tmp_path / "run" / "baseline"
+    stage_folder.mkdir(parents=True)
+    (stage_folder / "stage.json").write_text('{"complete": tr')
+    with pytest.raises(RunError, match=r"baseline/stage.json: not valid JSON .*remove .*baseline "
+                                       "to run the stage again"):
+        Stage(stage_folder, "baseline", "baseline", "x").is_done()
+    (tmp_path / "run" / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(RunError, match="manifest.json: expected a JSON object, got list"):
+        write_manifest(load_recipe(smoke), tmp_path / "run", None)
