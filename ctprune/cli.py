@@ -144,7 +144,9 @@ def _interrupted(args: argparse.Namespace) -> str:
     if args.command == "train":
         last = out_dir / LAST_CHECKPOINT
         if not (out_dir / RESUME_FILE).is_file() or not last.is_file():
-            restart = [*(arg for arg in command if arg != "--resume"), "--overwrite"]
+            restart = [arg for arg in command if arg != "--resume"]
+            if any((out_dir / name).exists() for name in TRAINING_OUTPUTS):
+                restart.append("--overwrite")  # the partial epoch's log would be refused
             return (f"no epoch finished, so nothing was kept in {out_dir}. Start again with: "
                     + shlex.join(["ctprune", *restart]))
         from detector.engine.fit import completed_epochs

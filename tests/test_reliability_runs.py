@@ -454,3 +454,28 @@ def test_a_truncated_stage_or_manifest_file_is_named(smoke, tmp_path):
     (tmp_path / "run" / "manifest.json").write_text("[1, 2]")
     with pytest.raises(RunError, match="manifest.json: expected a JSON object, got list"):
         write_manifest(load_recipe(smoke), tmp_path / "run", None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("CTPRUNE_SLOW_TESTS"),
+                    reason="a child process and a real SIGINT, ~10 s; set CTPRUNE_SLOW_TESTS=1")
+def test_a_real_sigint_during_train_exits_130_without_a_traceback(smoke, tmp_path):
+    import signal
+    import time
+
+    from tiny import child_environment
+
+    command = [sys.executable, "-m", "ctprune", "train", "recipes/smoke.yaml", "--out", "t",
+               "--set", "train.epochs=50"]
+    child = subprocess.Popen(command, cwd=tmp_path, env=child_environment(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "t" / "resume.pt").is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "interrupted: kept t/last.pt (epoch " in err
+    assert ("Resume with: ctprune train recipes/smoke.yaml --out t --set train.epochs=50 "
+            "--resume") in err
+    assert not (tmp_path / "t" / LOCK_FILE).exists()
