@@ -271,6 +271,19 @@ def test_ctrl_c_during_train_keeps_the_last_epoch_and_prints_the_resume_command(
     assert "trained 2 epochs" in out
 
 
+def test_ctrl_c_before_the_first_epoch_says_nothing_was_kept(smoke, tmp_path, capsys,
+                                                              monkeypatch):
+    def interrupted_in_epoch_1(model, model_config, config, loader, out_dir, **kwargs):
+        (Path(out_dir) / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("ctprune.train.fit", interrupted_in_epoch_1)
+    code, _, err = _main(capsys, "train", "recipes/smoke.yaml", "--out", "t")
+    assert code == 130 and "Traceback" not in err
+    assert "no epoch finished, so nothing was kept in t." in err
+    assert "Start again with: ctprune train recipes/smoke.yaml --out t --overwrite" in err
+
+
 def test_ctrl_c_during_run_says_what_was_kept(smoke, tmp_path, capsys, monkeypatch):
     _interrupt_after_epoch(monkeypatch, "ctprune.run", 1)
     code, _, err = _main(capsys, "run", "recipes/smoke.yaml", "--out", "r", *FAST)
