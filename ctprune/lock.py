@@ -102,8 +102,11 @@ def run_lock(folder: str | Path, command: list[str] | None = None) -> Iterator[P
     if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
         yield folder / LOCK_FILE
         return
+    created = not folder.exists()
     path = acquire(folder, command)
     try:
         yield path
     finally:
         release(path)
+        if created and not any(folder.iterdir()):
+            folder.rmdir()  # refused before anything was written: leave no empty folder

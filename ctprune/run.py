@@ -14,7 +14,10 @@ is skipped when its ``stage.json`` is complete and records the same fingerprint 
 configuration and its input's fingerprint; with ``finetune.distill``, also the distillation
 settings and each teacher's identity, so changing them reruns the fine-tunes only); a stage
 that was interrupted resumes from its ``resume.pt``; a stage whose configuration changed starts
-again from scratch. A failure leaves the folders of the finished stages untouched. A fine-tune
+again from scratch, its previous folder kept aside (``.<folder>.old``) until the new one
+completes and put back if it fails. A failure leaves the folders of the finished stages
+untouched. Before any work `ctprune.preflight.preflight` checks every stage's inputs, and
+``RUN/.lock`` (`ctprune.lock`) keeps a second run out while this one writes. A fine-tune
 whose `distill` names no teacher checkpoint learns from ``baseline/checkpoint.pt``.
 """
 

@@ -350,7 +350,7 @@ def test_resume_names_the_missing_or_damaged_file(tmp_path, capsys, smoke):
 
 
 # --- case 8: the recipe name as a folder ---------------------------------------------------------
-@pytest.mark.parametrize("name", ["../../x", "/tmp/x", "", "a/b", ".hidden", "a\\b", ".."])
+@pytest.mark.parametrize("name", ["../../x", "/abs/x", "", "a/b", ".hidden", "a\\b", ".."])
 def test_a_name_that_is_not_one_folder_is_refused(name):
     with pytest.raises(ConfigError, match="name: .* cannot be a run folder's name"):
         run_folder_name(name)
