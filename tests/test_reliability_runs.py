@@ -192,6 +192,18 @@ def test_a_teacher_with_the_wrong_class_count_is_named_before_any_work(smoke, tm
         preflight(recipe, tmp_path / "run", "cpu")
 
 
+def test_a_teacher_seeing_other_pixels_is_named_before_any_work(smoke, tmp_path):
+    import dataclasses
+
+    config = tiny_config(num_classes=6)
+    config = dataclasses.replace(config, input=dataclasses.replace(config.input, std=(1, 1, 1)))
+    teacher = tmp_path / "teacher.pt"
+    save_checkpoint(teacher, tiny_model(num_classes=6), config)
+    recipe = load_recipe(smoke, [f"finetune.distill.teachers=[{{checkpoint: {teacher}}}]"])
+    with pytest.raises(PreflightError, match=r"teachers\[0\].*input std is \[1.0, 1.0, 1.0\]"):
+        preflight(recipe, tmp_path / "run", "cpu")
+
+
 def test_a_baseline_checkpoint_for_other_data_is_named(smoke, tmp_path):
     baseline = tmp_path / "baseline.pt"
     save_checkpoint(baseline, tiny_model(num_classes=3), tiny_config(num_classes=3))
