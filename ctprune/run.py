@@ -204,6 +204,7 @@ class Runner:
     def _run_stage(self, stage: Stage, work: Callable[[Stage, bool], dict]) -> dict | None:
         """Run ``stage`` unless it is done; None when it comes after the `--only` stage."""
         self.order += 1
+        _recover_aside(stage)
         if stage.is_done() and not self._forced(stage.kind):
             self.log(f"[skip] {stage.name}: done, unchanged")
             return stage.info()
@@ -485,6 +486,18 @@ def _aside_folder(folder: Path) -> Path:
     """Where a stage folder's previous results wait while the stage runs again: beside it,
     hidden (``.finetune.old``)."""
     return folder.with_name(f".{folder.name}.old")
+
+
+def _recover_aside(stage: Stage) -> None:
+    """Put back results a killed rerun left aside when nothing replaced them, or when they are
+    what is asked for again (the settings went back to theirs)."""
+    aside = _aside_folder(stage.folder)
+    if not aside.is_dir():
+        return
+    if stage.folder.exists() and not dataclasses.replace(stage, folder=aside).is_done():
+        return  # the replacement's progress: it resumes, the aside waits for it to complete
+    shutil.rmtree(stage.folder, ignore_errors=True)
+    aside.rename(stage.folder)
 
 
 def _file_digest(path: Path) -> str:

@@ -184,6 +184,22 @@ def test_a_completed_rerun_removes_the_previous_stage(tmp_path, monkeypatch):
     assert not _aside_folder(stage.folder).exists()
 
 
+def test_results_a_killed_rerun_left_aside_are_recovered(tmp_path):
+    runner = _bare_runner(tmp_path, [])
+    folder = tmp_path / "l1" / "finetune"
+    # killed right after the old results were moved aside: nothing replaced them
+    _finished_stage(_aside_folder(folder), "old")
+    old = Stage(folder, "l1/finetune", "finetune", "old")
+    assert runner._run_stage(old, None)["fingerprint"] == "old"  # skipped: done, unchanged
+    assert (folder / "checkpoint.pt").read_text() == "old weights"
+    # killed during the replacement, then the old settings asked for again
+    folder.rename(_aside_folder(folder))
+    folder.mkdir()
+    (folder / "stage.json").write_text(json.dumps({"complete": False, "fingerprint": "new"}))
+    assert runner._run_stage(old, None)["fingerprint"] == "old"
+    assert not _aside_folder(folder).exists()
+
+
 def test_a_teacher_with_the_wrong_class_count_is_named_before_any_work(smoke, tmp_path):
     teacher = tmp_path / "teacher.pt"
     save_checkpoint(teacher, tiny_model(num_classes=3), tiny_config(num_classes=3))
