@@ -520,3 +520,17 @@ def test_a_real_sigint_during_train_exits_130_without_a_traceback(smoke, tmp_pat
     assert ("Resume with: ctprune train recipes/smoke.yaml --out t --set train.epochs=50 "
             "--resume") in err
     assert not (tmp_path / "t" / LOCK_FILE).exists()
+
+
+def test_the_metrics_log_never_mixes_runs_or_repeats_steps(tmp_path):
+    _fit(tmp_path, epochs=1)
+    log = tmp_path / "metrics.jsonl"
+    # a kill during epoch 2: its steps were logged, then a line was cut
+    log.write_text(log.read_text() + '{"kind": "train", "epoch": 2, "step": 3}\n{"kind": "tr')
+    _fit(tmp_path, epochs=2, resume=True)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    steps = [record["step"] for record in records if record["kind"] == "train"]
+    assert steps == sorted(set(steps)) == [1, 2, 3, 4]
+    assert [record["epoch"] for record in records if record["kind"] == "epoch"] == [1, 2]
+    _fit(tmp_path, epochs=1)  # a fresh run in the same folder starts a fresh log
+    assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1, 1, 1]

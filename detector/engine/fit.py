@@ -32,6 +32,7 @@ from tqdm import tqdm
 from ..checkpoint import atomic_save, load_model, save_checkpoint, unwrap_model
 from ..config import ModelConfig, to_dict
 from ..distributed import average_gradients, barrier, is_main_process
+from ..files import atomic_write_text
 from ..heads import head_type
 from ..layout import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT, RESUME_FILE
 from .config import TrainConfig
@@ -160,6 +161,22 @@ class MetricsLog:
                 self.writer = SummaryWriter(str(out_dir / "tensorboard"))
             except ImportError:
                 pass
+
+    def start(self, epochs_done: int) -> None:
+        """Keep only the records of the epochs a run starts after: none for a fresh run (an
+        old run's lines never mix in), those up to the resumed epoch for a resume (steps
+        logged after the last saved epoch, and a line cut by a kill, are dropped)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("epoch", epochs_done + 1) <= epochs_done:
+                kept.append(line + "\n")
+        atomic_write_text(self.path, "".join(kept))
 
     def write(self, record: dict, step: int) -> None:
         if not self.enabled:
@@ -367,6 +384,7 @@ def fit(
         result = _resume(out_dir, model_config, plain_model, extra_parameters, optimizer,
                          scheduler, scaler)
     log = MetricsLog(out_dir, enabled=main)
+    log.start(result.epochs)
     global_step = result.epochs * len(train_loader)
     first_loss = None  # this process's first loss: the scale `_exploded` compares with
 
