@@ -80,7 +80,7 @@ def _train(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe, args.set)
     out_dir = args.out_dir = _run_dir(recipe.name, args.out)
     _print_notes(default_notes(recipe, args.set))
-    preflight(recipe, out_dir, args.device)
+    preflight(recipe, out_dir, args.device, baseline_only=True)
     # Under torchrun every process runs this command; the first one owns the folder.
     first_process = os.environ.get("RANK", "0") == "0"
     with run_lock(out_dir, ["ctprune", *args.argv]) if first_process else nullcontext():

@@ -261,10 +261,14 @@ def _estimated_bytes(recipe: Recipe) -> int | None:
     return int(model_bytes * CHECKPOINT_COPIES_PER_TRAINING * stages)
 
 
-def preflight(recipe: Recipe, out_dir: str | Path, device: str | None) -> list[str]:
+def preflight(recipe: Recipe, out_dir: str | Path, device: str | None, *,
+              baseline_only: bool = False) -> list[str]:
     """Check everything about ``recipe`` that can be checked before work, for every stage it
-    will run into ``out_dir`` on ``device``; return notes on what was checked ("ok" lines).
+    will run into ``out_dir`` on ``device`` (only its baseline training with
+    ``baseline_only``, as `ctprune train`); return notes on what was checked ("ok" lines).
     Raises a `PreflightError` listing every problem found (not only the first)."""
+    if baseline_only:
+        recipe = dataclasses.replace(recipe, prune=None)
     problems: list[str] = []
     notes: list[str] = []
     try:
