@@ -4,27 +4,91 @@ library so every command is also a Python call."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shlex
+import shutil
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
-from .layout import REPORT_FILES, STAGES
+from detector.layout import (
+    BEST_CHECKPOINT,
+    EVAL_FOLDER,
+    HISTORY_FILE,
+    LAST_CHECKPOINT,
+    RECIPE_FILE,
+    RESUME_FILE,
+)
+
+from .layout import MANIFEST_FILE, REPORT_FILES, STAGE_FILE, STAGES
 
 
 def _run_dir(name: str, out: Path | None) -> Path:
     """The run folder: ``out`` when given, else ``runs/<name>/`` under the current directory
-    (ignored by git; ``experiments/`` holds only committed evidence)."""
-    return out if out is not None else Path("runs") / name
+    (ignored by git; ``experiments/`` holds only committed evidence). A name that is not one
+    plain folder name (``../x``, an absolute path, empty) is refused."""
+    from .preflight import run_folder_name
+
+    return out if out is not None else Path("runs") / run_folder_name(name)
+
+
+def _print_notes(lines: list[str], prefix: str = "") -> None:
+    for line in lines:
+        print(f"{prefix}{line}")
+
+
+TRAINING_OUTPUTS = (LAST_CHECKPOINT, BEST_CHECKPOINT, RESUME_FILE, HISTORY_FILE)
+"""The files that mark a folder as holding a training run (finished or partial)."""
+TRAINING_FILES = (*TRAINING_OUTPUTS, RECIPE_FILE, EVAL_FOLDER, "tensorboard",
+                  "unlabelled_images.json")
+"""Everything a training run writes into its folder: what --overwrite removes."""
+
+
+def _claim_training_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to train into a folder holding another run unless --resume (continue it) or
+    --overwrite (remove its files first, so metrics.jsonl never mixes two runs)."""
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite: give one (continue the run, or replace it)")
+    if (out_dir / MANIFEST_FILE).is_file():
+        raise ValueError(
+            f"{out_dir}: holds a `ctprune run` ({MANIFEST_FILE}); train into another --out"
+        )
+    found = [name for name in TRAINING_OUTPUTS if (out_dir / name).exists()]
+    if not found or resume:
+        return
+    if not overwrite:
+        raise ValueError(
+            f"{out_dir}: holds a training run ({', '.join(found)}); add --resume to continue "
+            "it, --overwrite to replace it, or choose another --out"
+        )
+    for name in TRAINING_FILES:
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    print(f"--overwrite: removed the previous run's files from {out_dir}")
 
 
 def _train(args: argparse.Namespace) -> None:
+    from .lock import run_lock
+    from .preflight import default_notes, preflight
     from .recipe import load_recipe, prepare_data
     from .train import train
 
-    recipe = prepare_data(load_recipe(args.recipe, args.set))
-    out_dir = _run_dir(recipe.name, args.out)
-    result = train(recipe.train_recipe(), out_dir, sparsity=recipe.sparsity, resume=args.resume,
-                   device=args.device)
+    recipe = load_recipe(args.recipe, args.set)
+    out_dir = args.out_dir = _run_dir(recipe.name, args.out)
+    _print_notes(default_notes(recipe, args.set))
+    preflight(recipe, out_dir, args.device, baseline_only=True)
+    # Under torchrun every process runs this command; the first one owns the folder.
+    first_process = os.environ.get("RANK", "0") == "0"
+    with run_lock(out_dir, ["ctprune", *args.argv]) if first_process else nullcontext():
+        if first_process:
+            _claim_training_folder(out_dir, args.resume, args.overwrite)
+        recipe = prepare_data(recipe)
+        result = train(recipe.train_recipe(), out_dir, sparsity=recipe.sparsity,
+                       resume=args.resume, device=args.device)
     last = result.history[-1] if result.history else {}
     metrics = {
         k: round(v, 4)
@@ -35,20 +99,69 @@ def _train(args: argparse.Namespace) -> None:
     if result.best_epoch is not None:
         print(
             f"best {recipe.train.best_metric} {result.best_value:.4f} at epoch "
-            f"{result.best_epoch}: {out_dir / 'best.pt'}"
+            f"{result.best_epoch}: {out_dir / BEST_CHECKPOINT}"
         )
 
 
 def _run(args: argparse.Namespace) -> None:
+    from .preflight import default_notes
     from .recipe import load_recipe
     from .run import run_recipe
 
     recipe = load_recipe(args.recipe, args.set)
-    out_dir = _run_dir(recipe.name, args.out)
-    report = run_recipe(recipe, out_dir, command=sys.argv, device=args.device,
+    out_dir = args.out_dir = _run_dir(recipe.name, args.out)
+    _print_notes(default_notes(recipe, args.set))
+    report = run_recipe(recipe, out_dir, command=["ctprune", *args.argv], device=args.device,
                         rerun_from=args.from_stage, only=args.only)
     if report is not None:
         print((out_dir / REPORT_FILES["markdown"]).read_text())
+
+
+def _check(args: argparse.Namespace) -> None:
+    from .preflight import default_notes, preflight
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    out_dir = _run_dir(recipe.name, args.out)
+    _print_notes(default_notes(recipe, args.set), "note: ")
+    _print_notes(preflight(recipe, out_dir, args.device), "ok: ")
+    print(f"{args.recipe}: ready to run into {out_dir}")
+
+
+def _complete(stage_file: Path) -> bool:
+    try:
+        return json.loads(stage_file.read_text()).get("complete") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """What Ctrl-C kept, and the command that resumes."""
+    out_dir = getattr(args, "out_dir", None)
+    command = [arg for arg in args.argv if arg != "--overwrite"]
+    if out_dir is None:
+        return "nothing was started. Run again with: " + shlex.join(["ctprune", *command])
+    if args.command == "train":
+        last = out_dir / LAST_CHECKPOINT
+        if not (out_dir / RESUME_FILE).is_file() or not last.is_file():
+            restart = [arg for arg in command if arg != "--resume"]
+            if any((out_dir / name).exists() for name in TRAINING_OUTPUTS):
+                restart.append("--overwrite")  # the partial epoch's log would be refused
+            return (f"no epoch finished, so nothing was kept in {out_dir}. Start again with: "
+                    + shlex.join(["ctprune", *restart]))
+        from detector.engine.fit import completed_epochs
+
+        resume = command if "--resume" in command else [*command, "--resume"]
+        return (f"kept {last} (epoch {completed_epochs(out_dir)}) and its resume state. "
+                "Resume with: " + shlex.join(["ctprune", *resume]))
+    finished = sorted(
+        path.parent.relative_to(out_dir).as_posix() for path in out_dir.rglob(STAGE_FILE)
+        if not any(part.startswith(".") for part in path.relative_to(out_dir).parts)
+        and _complete(path)
+    )
+    kept = ", ".join(finished) if finished else "none"
+    return (f"finished stages kept in {out_dir}: {kept}; the interrupted stage resumes from its "
+            "last finished epoch. Resume with: " + shlex.join(["ctprune", *command]))
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -138,6 +251,17 @@ def _show_data(args: argparse.Namespace) -> None:
     print(f"wrote {len(written)} images with ground-truth boxes and target heatmaps to {args.out}")
 
 
+def _check_output_file(source: Path, out: Path, overwrite: bool) -> None:
+    """An output file never replaces its input (whatever the spelling: a relative path, a
+    symlink), nor an existing file unless --overwrite."""
+    if out.resolve() == Path(source).resolve():
+        raise ValueError(f"--out {out}: is the input checkpoint {source}; write elsewhere")
+    if out.is_dir():
+        raise ValueError(f"--out {out}: is a folder; give a file name")
+    if out.exists() and not overwrite:
+        raise ValueError(f"--out {out}: exists; add --overwrite to replace it")
+
+
 def _prune(args: argparse.Namespace) -> None:
     import torch
 
@@ -146,6 +270,7 @@ def _prune(args: argparse.Namespace) -> None:
     from .pruning import prune_with
 
     options = prune_options(args)
+    _check_output_file(args.checkpoint, args.out, args.overwrite)
     model, checkpoint = load_model(args.checkpoint)
     size = tuple(args.input_size or checkpoint.model_config.input.input_size)
     result = prune_with(model, options, example_inputs=torch.zeros(1, 3, *size))
@@ -208,8 +333,9 @@ def _export(args: argparse.Namespace) -> None:
     from detector import load_model
     from detector.export import export_onnx, export_pt2
 
-    model, checkpoint = load_model(args.checkpoint)
     out = args.out or Path(args.checkpoint).with_suffix(f".{args.format}")
+    _check_output_file(args.checkpoint, out, args.overwrite)
+    model, checkpoint = load_model(args.checkpoint)
     options = dict(decode=args.decode, max_detections=args.max_detections, dynamic=args.dynamic,
                    raw_pixels=args.raw_pixels,
                    input_size=tuple(args.input_size) if args.input_size else None,
@@ -326,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a recipe value, e.g. --set train.epochs=10")
     train.add_argument("--out", type=Path, help="run folder (default ./runs/<recipe name>)")
     train.add_argument("--resume", action="store_true", help="continue the run in the run folder")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the training run already in the run folder")
     train.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     train.set_defaults(run=_train)
 
@@ -346,6 +474,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run only this stage (the stages before it must be done)")
     run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     run.set_defaults(run=_run)
+
+    check = commands.add_parser(
+        "check", help="check a recipe before running it: device, data, checkpoints, disk"
+    )
+    check.add_argument("recipe", type=Path)
+    check.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a recipe value, as for run")
+    check.add_argument("--out", type=Path, help="run folder (default ./runs/<recipe name>)")
+    check.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    check.set_defaults(run=_check)
 
     report = commands.add_parser(
         "report", help="rebuild or compare run reports from their artifacts"
@@ -406,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="for MACs (default: the model's)",
     )
     prune.add_argument("--out", required=True, type=Path)
+    prune.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     prune.set_defaults(run=_prune)
 
     info = commands.add_parser("info", help="describe a checkpoint: arch, input, plan, size, MACs")
@@ -426,6 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the graph normalises 0-255 pixels itself")
     export.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
                         help="trace size (default: the model's)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output")
     export.set_defaults(run=_export)
 
     bench = commands.add_parser("bench", help="deployed latency of checkpoints, interleaved")
@@ -470,12 +610,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     from detector.engine.fit import TrainingDiverged
+
+    from .lock import RunLocked
 
     try:
         args.run(args)
-    except (ValueError, OSError, KeyError, TrainingDiverged) as error:
+    except (ValueError, OSError, KeyError, TrainingDiverged, RunLocked) as error:
         # User mistakes (bad paths, files and values) and a diverged training run surface as
         # one clear line; set CTPRUNE_DEBUG=1 for the traceback.
         if os.environ.get("CTPRUNE_DEBUG"):
@@ -483,4 +627,9 @@ def main(argv: list[str] | None = None) -> int:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"ctprune {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if os.environ.get("CTPRUNE_DEBUG"):
+            raise
+        print(f"\ninterrupted: {_interrupted(args)}", file=sys.stderr)
+        return 130
     return 0

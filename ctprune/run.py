@@ -14,7 +14,10 @@ is skipped when its ``stage.json`` is complete and records the same fingerprint 
 configuration and its input's fingerprint; with ``finetune.distill``, also the distillation
 settings and each teacher's identity, so changing them reruns the fine-tunes only); a stage
 that was interrupted resumes from its ``resume.pt``; a stage whose configuration changed starts
-again from scratch. A failure leaves the folders of the finished stages untouched. A fine-tune
+again from scratch, its previous folder kept aside (``.<folder>.old``) until the new one
+completes and put back if it fails. A failure leaves the folders of the finished stages
+untouched. Before any work `ctprune.preflight.preflight` checks every stage's inputs, and
+``RUN/.lock`` (`ctprune.lock`) keeps a second run out while this one writes. A fine-tune
 whose `distill` names no teacher checkpoint learns from ``baseline/checkpoint.pt``.
 """
 
@@ -40,6 +43,7 @@ from detector.config import ModelConfig, to_dict
 from detector.data.dataset import CenterNetDataset, collate
 from detector.data.sources import load_source
 from detector.engine.config import TrainConfig, TrainRecipe
+from detector.engine.fit import DIVERGED_ADVICE, TrainingDiverged
 from detector.engine.train import resolve_model_config
 from detector.evaluate.run import evaluate_model
 from detector.files import atomic_copy, atomic_write_json, atomic_write_text
@@ -57,6 +61,8 @@ from .layout import (
     STAGE_FILE,
     STAGES,
 )
+from .lock import LOCK_FILE, run_lock
+from .preflight import preflight
 from .pruning import prune_with
 from .pruning.recalibrate import recalibrate_bn
 from .recipe import Branch, Recipe, branches, prepare_data, resolve_path, stage_fingerprint
@@ -114,14 +120,14 @@ def write_manifest(recipe: Recipe, out_dir: Path, command: list[str] | None) -> 
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     created = now
     if path.is_file():
-        previous = json.loads(path.read_text())
+        previous = _read_json(path, f"remove {path} if {out_dir} holds nothing you need")
         if previous.get("recipe_name") != recipe.name:
             raise RunError(
                 f"{out_dir}: holds a run of recipe {previous.get('recipe_name')!r}, "
                 f"not {recipe.name!r}; choose another --out"
             )
         created = previous.get("created", now)
-    elif out_dir.is_dir() and any(out_dir.iterdir()):
+    elif out_dir.is_dir() and any(path.name != LOCK_FILE for path in out_dir.iterdir()):
         raise RunError(
             f"{out_dir}: not empty and holds no ctprune run (no manifest.json); "
             "choose another --out"
@@ -150,7 +156,9 @@ class Stage:
 
     def info(self) -> dict | None:
         path = self.folder / STAGE_FILE
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        return _read_json(path, f"remove {self.folder} to run the stage again")
 
     def is_done(self) -> bool:
         info = self.info()
@@ -193,20 +201,53 @@ class Runner:
     def _forced(self, kind: str) -> bool:
         return self.rerun_from is not None and STAGES.index(kind) >= STAGES.index(self.rerun_from)
 
-    def _run_stage(self, stage: Stage, work: Callable[[Stage, bool], dict]) -> dict:
+    def _run_stage(self, stage: Stage, work: Callable[[Stage, bool], dict]) -> dict | None:
+        """Run ``stage`` unless it is done; None when it comes after the `--only` stage."""
         self.order += 1
+        _recover_aside(stage)
         if stage.is_done() and not self._forced(stage.kind):
             self.log(f"[skip] {stage.name}: done, unchanged")
             return stage.info()
         if not self._wanted(stage.kind):
+            if STAGES.index(stage.kind) > STAGES.index(self.only):
+                return None  # after the --only stage: left for a later run
             raise RunError(
                 f"{stage.name}: needed by --only {self.only} but not done; run without --only first"
             )
         previous = stage.info()
         resume = (previous is not None and previous.get("fingerprint") == stage.fingerprint
                   and not self._forced(stage.kind) and (stage.folder / RESUME_FILE).is_file())
+        aside = _aside_folder(stage.folder)
         if not resume and stage.folder.exists():
-            shutil.rmtree(stage.folder)  # another configuration's leftovers: start clean
+            # Another configuration's results: kept aside until the new stage completes, and put
+            # back if it fails, so a rerun with impossible settings loses nothing.
+            if aside.exists():
+                shutil.rmtree(stage.folder)  # an interrupted replacement; the aside is older
+            else:
+                stage.folder.rename(aside)
+        try:
+            info = self._do_stage(stage, work, resume)
+        except Exception as error:
+            if not aside.exists():
+                raise
+            shutil.rmtree(stage.folder, ignore_errors=True)
+            aside.rename(stage.folder)
+            self.log(f"[restored] {stage.name}: the new attempt failed; the previous results "
+                     "are back")
+            if isinstance(error, TrainingDiverged):
+                # Its checkpoint advice named the discarded attempt's files.
+                raise TrainingDiverged(
+                    f"{stage.name}: {error.reason}; the attempt was discarded and the stage's "
+                    f"previous results (other settings) are back in {stage.folder}. "
+                    f"{DIVERGED_ADVICE}", reason=error.reason) from None
+            raise
+        # KeyboardInterrupt is not caught: the new stage's progress stays for the resume, the
+        # previous results stay aside until the new stage completes.
+        if aside.exists():
+            shutil.rmtree(aside)
+        return info
+
+    def _do_stage(self, stage: Stage, work: Callable[[Stage, bool], dict], resume: bool) -> dict:
         stage.folder.mkdir(parents=True, exist_ok=True)
         base = {
             "name": stage.name,
@@ -429,6 +470,36 @@ class Runner:
         return None
 
 
+def _read_json(path: Path, remedy: str) -> dict:
+    """A run's bookkeeping file (manifest.json, stage.json); a damaged one is named with what
+    to do instead of a bare JSON error."""
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise RunError(f"{path}: not valid JSON ({error}); {remedy}") from None
+    if not isinstance(data, dict):
+        raise RunError(f"{path}: expected a JSON object, got {type(data).__name__}; {remedy}")
+    return data
+
+
+def _aside_folder(folder: Path) -> Path:
+    """Where a stage folder's previous results wait while the stage runs again: beside it,
+    hidden (``.finetune.old``)."""
+    return folder.with_name(f".{folder.name}.old")
+
+
+def _recover_aside(stage: Stage) -> None:
+    """Put back results a killed rerun left aside when nothing replaced them, or when they are
+    what is asked for again (the settings went back to theirs)."""
+    aside = _aside_folder(stage.folder)
+    if not aside.is_dir():
+        return
+    if stage.folder.exists() and not dataclasses.replace(stage, folder=aside).is_done():
+        return  # the replacement's progress: it resumes, the aside waits for it to complete
+    shutil.rmtree(stage.folder, ignore_errors=True)
+    aside.rename(stage.folder)
+
+
 def _file_digest(path: Path) -> str:
     """Size and modification time: enough to notice a replaced input without hashing 200 MB."""
     stat = path.stat()
@@ -449,8 +520,11 @@ def run_recipe(
     """Run every stage of ``recipe`` into ``out_dir`` and return the report (None with ``only``
     a stage other than report). ``on_epoch_end`` is given to every training stage's `fit`."""
     out_dir = Path(out_dir)
-    # Reads the data: errors surface before any work.
-    runner = Runner(recipe, out_dir, device=device, rerun_from=rerun_from, only=only,
-                    on_epoch_end=on_epoch_end, log=log)
-    write_manifest(runner.recipe, out_dir, command)
-    return runner.run()
+    # Everything checkable is checked before the lock, the data generation or any folder.
+    preflight(recipe, out_dir, device)
+    with run_lock(out_dir, command):
+        # Reads the data: errors surface before any work.
+        runner = Runner(recipe, out_dir, device=device, rerun_from=rerun_from, only=only,
+                        on_epoch_end=on_epoch_end, log=log)
+        write_manifest(runner.recipe, out_dir, command)
+        return runner.run()

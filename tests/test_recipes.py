@@ -117,10 +117,12 @@ def test_a_baseline_checkpoint_of_another_arch_is_refused(smoke_run, tmp_path):
         _smoke_copy(tmp_path),
         [f"baseline.checkpoint={baseline}", "model.arch=resunet18"],
     )
+    # Found by the preflight, before the run folder is made.
     with pytest.raises(
-        RunError, match=r"holds a res18 model, but the recipe's model.arch is resunet18"
+        ConfigError, match=r"holds a res18 model, but the recipe's model.arch is resunet18"
     ):
         run_recipe(recipe, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_bad_recipes_are_named_before_any_work(tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import random
 import time
 import warnings
@@ -31,6 +32,7 @@ from tqdm import tqdm
 from ..checkpoint import atomic_save, load_model, save_checkpoint, unwrap_model
 from ..config import ModelConfig, to_dict
 from ..distributed import average_gradients, barrier, is_main_process
+from ..files import atomic_write_text
 from ..heads import head_type
 from ..layout import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT, RESUME_FILE
 from .config import TrainConfig
@@ -42,8 +44,22 @@ LossFn = Callable[
 RESUME_FORMAT = 1
 
 
+EXPLODED_FACTOR = 1e4
+"""A loss this many times the run's first loss counts as exploded. A CenterNet loss starts at
+a few units (focal loss with the prior bias, box regression in output pixels) and falls from
+there; a healthy run never climbs four orders of magnitude above its start, while a diverging
+one (``train.lr=1e6``: 1e20 within an epoch) passes it long before it overflows to inf. Waiting
+for inf would let such a run end with exit 0 and a best.pt."""
+
+
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss became NaN, infinite or exploded; the last good checkpoint is kept.
+    ``reason``: what diverged where, without the checkpoint advice (for callers that move the
+    run's files and say where they went)."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 @dataclass
@@ -146,6 +162,22 @@ class MetricsLog:
             except ImportError:
                 pass
 
+    def start(self, epochs_done: int) -> None:
+        """Keep only the records of the epochs a run starts after: none for a fresh run (an
+        old run's lines never mix in), those up to the resumed epoch for a resume (steps
+        logged after the last saved epoch, and a line cut by a kill, are dropped)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("epoch", epochs_done + 1) <= epochs_done:
+                kept.append(line + "\n")
+        atomic_write_text(self.path, "".join(kept))
+
     def write(self, record: dict, step: int) -> None:
         if not self.enabled:
             return
@@ -157,23 +189,66 @@ class MetricsLog:
                     self.writer.add_scalar(f"{record['kind']}/{key}", value, step)
 
 
+RESUME_KEYS = ("epoch", "optimizer", "scheduler", "scaler", "rng", "best_value", "best_epoch",
+               "history")
+
+
+def load_resume_state(path: Path) -> dict:
+    """``resume.pt``, read with weights_only=True; errors name the file and what is wrong
+    (truncated, pickled objects, missing keys) instead of torch's unpickler message."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"{path}: holds pickled Python objects that a resume file never has; it is not "
+            "ctprune's resume state. Remove it and train again without --resume"
+        ) from None
+    except (EOFError, RuntimeError, OSError, ValueError) as error:
+        raise ValueError(
+            f"{path}: not a readable resume file (truncated or damaged: {error}); resume from "
+            "an earlier copy, or train again without --resume"
+        ) from None
+    missing = [key for key in RESUME_KEYS if not isinstance(state, dict) or key not in state]
+    if missing or not isinstance(state["epoch"], int):
+        raise ValueError(f"{path}: not a resume file of this training loop (missing {missing})")
+    return state
+
+
 def completed_epochs(out_dir: str | Path) -> int:
     """The epochs a run in ``out_dir`` has finished, as its resume file records (0 without one)."""
     path = Path(out_dir) / RESUME_FILE
     if not path.is_file():
         return 0
-    return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+    return int(load_resume_state(path)["epoch"])
+
+
+def check_resumable(out_dir: Path) -> None:
+    """Both files a resume needs are there, else an error saying which is missing and why."""
+    resume, last = out_dir / RESUME_FILE, out_dir / LAST_CHECKPOINT
+    if resume.is_file() and last.is_file():
+        return
+    if last.is_file():
+        raise FileNotFoundError(
+            f"{resume}: missing, so {last} cannot be resumed (it holds the weights but not the "
+            f"optimiser, schedule and progress); train again without --resume, or start a new "
+            f"run from {last} as its initial model"
+        )
+    if resume.is_file():
+        raise FileNotFoundError(f"{last}: missing beside {resume}; nothing to resume")
+    raise FileNotFoundError(f"{out_dir}: nothing to resume (no {LAST_CHECKPOINT} and "
+                            f"{RESUME_FILE}); train without --resume")
 
 
 def _resume(out_dir: Path, model_config: ModelConfig, plain_model: nn.Module,
             extra_parameters: list[nn.Parameter], optimizer, scheduler, scaler) -> FitResult:
     """Put ``out_dir``'s last.pt and resume.pt back into the model, the extra parameters, the
     optimiser, the schedule, the scaler and the RNGs; the progress so far."""
-    if not (out_dir / RESUME_FILE).is_file() or not (out_dir / LAST_CHECKPOINT).is_file():
-        raise FileNotFoundError(f"{out_dir}: nothing to resume (no last.pt and resume.pt)")
+    check_resumable(out_dir)
     # On the CPU: RNG states must stay CPU byte tensors; the optimiser moves its own state to its
     # parameters' device.
-    state = torch.load(out_dir / RESUME_FILE, map_location="cpu", weights_only=True)
+    state = load_resume_state(out_dir / RESUME_FILE)
     resumed, _ = load_model(
         out_dir / LAST_CHECKPOINT, arch=model_config.arch, num_classes=model_config.num_classes
     )
@@ -230,6 +305,32 @@ def _record_best(result: FitResult, record: dict, metric: str) -> bool:
     return improved
 
 
+def _exploded(value: float, first_loss: float | None) -> bool:
+    """NaN, infinite, or `EXPLODED_FACTOR` times the run's first loss (at least 1, so that a
+    fine-tune starting near zero loss is not stopped by an ordinary wobble)."""
+    if not math.isfinite(value):
+        return True
+    return first_loss is not None and value > EXPLODED_FACTOR * max(first_loss, 1.0)
+
+
+DIVERGED_ADVICE = "Try a lower train.lr or a train.grad_clip."
+
+
+def _number(value: float | None) -> str:
+    return "none" if value is None else f"{value:.4g}"
+
+
+def _diverged(what: str, where: str, out_dir: Path, result: FitResult) -> TrainingDiverged:
+    """The divergence error, pointing at the checkpoint that is really there."""
+    last = out_dir / LAST_CHECKPOINT
+    if result.epochs > 0 and last.is_file():
+        kept = f"the last good checkpoint is {last} (epoch {result.epochs})"
+    else:
+        kept = "no epoch finished, so no checkpoint was kept"
+    return TrainingDiverged(f"{what} at {where}; {kept}. {DIVERGED_ADVICE}",
+                            reason=f"{what} at {where}")
+
+
 def _wants_evaluation(config: TrainConfig, done: int) -> bool:
     interval = config.eval_interval
     return interval > 0 and (done % interval == 0 or done == config.epochs)
@@ -283,7 +384,9 @@ def fit(
         result = _resume(out_dir, model_config, plain_model, extra_parameters, optimizer,
                          scheduler, scaler)
     log = MetricsLog(out_dir, enabled=main)
+    log.start(result.epochs)
     global_step = result.epochs * len(train_loader)
+    first_loss = None  # this process's first loss: the scale `_exploded` compares with
 
     for epoch in range(result.epochs, config.epochs):
         for epoch_aware in (train_loader.dataset, train_loader.sampler):
@@ -309,13 +412,12 @@ def fit(
             loss, parts = loss_fn(outputs, batch)
             # The step's one wait for the device: everything after it is queued asynchronously.
             loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(
-                    f"non-finite loss ({loss_value}) at epoch {epoch + 1}, step {step + 1}; "
-                    f"the last good checkpoint is {out_dir / LAST_CHECKPOINT} "
-                    f"(epoch {result.epochs}). "
-                    "Try a lower train.lr or train.grad_clip."
-                )
+            if _exploded(loss_value, first_loss):
+                state = "non-finite" if not math.isfinite(loss_value) else "exploding"
+                raise _diverged(f"{state} loss ({loss_value:.4g}, the first was "
+                                f"{_number(first_loss)})",
+                                f"epoch {epoch + 1}, step {step + 1}", out_dir, result)
+            first_loss = loss_value if first_loss is None else first_loss
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             average_gradients(extra_parameters)  # DDP averages the model's gradients only
@@ -354,6 +456,13 @@ def fit(
                   "data_wait_share": data_wait / max(seconds, 1e-9)}
         if evaluate is not None and _wants_evaluation(config, done):
             record.update(evaluate(plain_model))
+            validation_loss = record.get("loss")
+            if isinstance(validation_loss, float) and _exploded(validation_loss, first_loss):
+                # Before the epoch's files: a diverged model never becomes last.pt or best.pt.
+                result.epochs = epoch
+                raise _diverged(f"validation loss {validation_loss:.4g} (the first training "
+                                f"loss was {_number(first_loss)})", f"the end of epoch {done}",
+                                out_dir, result)
         improved = _record_best(result, record, config.best_metric)
         log.write(record, global_step)
         if main:

@@ -22,9 +22,13 @@ from ..files import atomic_write_text
 from ..layout import EVAL_FOLDER, RECIPE_FILE
 from ..models import build_model
 from .config import TrainConfig, TrainRecipe
-from .fit import FitResult, completed_epochs, fit
+from .fit import FitResult, check_resumable, completed_epochs, fit
 
 logger = logging.getLogger(__name__)
+
+RUN_MANIFEST_FILE = "manifest.json"
+"""`ctprune.layout.MANIFEST_FILE` (detector cannot import ctprune): the file that marks a
+`ctprune run` folder, whose recipe.yaml a training run must not replace."""
 
 
 def resolve_model_config(config: ModelConfig, class_names: list[str]) -> ModelConfig:
@@ -111,6 +115,8 @@ def prepare_run(
     here. Seeds torch with ``recipe.train.seed`` first, so the model's initial weights and
     everything built after (distillation adapters, say) are a function of the recipe."""
     out_dir = Path(out_dir)
+    if resume:
+        check_resumable(out_dir)  # before the data and the model are built
     device = distributed.setup(device)
     torch.manual_seed(recipe.train.seed)
     if recipe.train.deterministic:
@@ -126,6 +132,11 @@ def prepare_run(
     model_config = resolve_model_config(recipe.model, train_source.class_names)
     resolved = dataclasses.replace(recipe, model=model_config)
     if distributed.is_main_process():
+        if (out_dir / RUN_MANIFEST_FILE).is_file():
+            raise ConfigError(
+                f"{out_dir}: holds a ctprune run ({RUN_MANIFEST_FILE}); train into another "
+                "folder, its recipe.yaml is the run's"
+            )
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / RECIPE_FILE, yaml.safe_dump(to_dict(resolved), sort_keys=False))
 
