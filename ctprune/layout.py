@@ -17,6 +17,7 @@ from __future__ import annotations
 from detector.layout import (  # noqa: F401 (re-exported: the report reads them from here)
     EVAL_FOLDER,
     HISTORY_FILE,
+    MANIFEST_FILE,
     METRICS_FILE,
     PR_CURVES_FOLDER,
     RECIPE_FILE,
@@ -26,7 +27,6 @@ from detector.layout import (  # noqa: F401 (re-exported: the report reads them 
 STAGES = ("baseline", "prune", "finetune", "report")
 """The stages of a run in order; `--from` and `--only` take these names."""
 
-MANIFEST_FILE = "manifest.json"
 STAGE_FILE = "stage.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 

@@ -7,6 +7,9 @@ evaluation and `ctprune`'s run folders (`ctprune.layout`) all use these names.
     OUT/metrics.jsonl          one JSON line per logged step and per epoch
     OUT/eval/metrics.json      the latest evaluation's metrics (with results.json,
                                per_class_ap.md and pr_curves/ beside it)
+
+`MANIFEST_FILE` marks a `ctprune run` folder; it is named here because training refuses to
+write into such a folder (its recipe.yaml is the run's).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 
 RECIPE_FILE = "recipe.yaml"
+MANIFEST_FILE = "manifest.json"
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
 RESUME_FILE = "resume.pt"

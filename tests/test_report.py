@@ -486,3 +486,15 @@ def test_study_rows_share_the_report_layout_and_merge_by_run_and_name(tmp_path):
     report = json.loads(path.read_text())
     assert [row["ap"] for row in report["rows"]] == [0.5, 0.4]
     assert report["setup"] == {"first": {"seed": 0}, "second": {"seed": 1}}
+
+
+def test_a_stage_kept_aside_by_a_rerun_is_not_reported(run_a, tmp_path):
+    # A rerun with other settings keeps the stage's previous results in .<stage>.old until the
+    # new ones are complete (ctprune.run): they are not a stage of the run.
+    run = shutil.copytree(run_a, tmp_path / "run_a")
+    rows = build_report([run], tmp_path / "before", latency=False)["rows"]
+    before = [row["name"] for row in rows]
+    shutil.copytree(run / "l1_0.5" / "finetune", run / "l1_0.5" / ".finetune.old")
+    after = build_report([run], tmp_path / "after", latency=False)
+    assert [row["name"] for row in after["rows"]] == before
+    assert not any(".old" in entry["stage"] for entry in after["incomplete"])

@@ -154,10 +154,17 @@ def check_metrics(metrics: dict, path: Path) -> None:
 
 def find_stage_folders(run_dir: Path) -> tuple[list[Path], list[Path]]:
     """Folders below ``run_dir`` marked by a stage.json, and folders that hold stage outputs
-    (checkpoint.pt or eval/metrics.json) without one; both sorted by path."""
-    marked = {path.parent for path in run_dir.rglob(STAGE_FILE)}
-    with_outputs = {path.parent for path in run_dir.rglob(CHECKPOINT_FILE)}
-    with_outputs |= {path.parent.parent for path in run_dir.rglob(str(METRICS_FILE))}
+    (checkpoint.pt or eval/metrics.json) without one; both sorted by path. Hidden folders are
+    passed over: a rerun keeps a stage's previous results aside in ``.<stage>.old`` until the
+    new ones are complete."""
+
+    def visible(paths) -> set[Path]:
+        return {path for path in paths
+                if not any(part.startswith(".") for part in path.relative_to(run_dir).parts)}
+
+    marked = visible(path.parent for path in run_dir.rglob(STAGE_FILE))
+    with_outputs = visible(path.parent for path in run_dir.rglob(CHECKPOINT_FILE))
+    with_outputs |= visible(path.parent.parent for path in run_dir.rglob(str(METRICS_FILE)))
     return sorted(marked), sorted(with_outputs - marked)
 
 

@@ -19,14 +19,13 @@ from ..data.dataset import CenterNetDataset, collate, worker_init_fn
 from ..data.sources import load_source
 from ..evaluate.run import make_evaluator
 from ..files import atomic_write_text
-from ..layout import EVAL_FOLDER, RECIPE_FILE
+from ..layout import EVAL_FOLDER, MANIFEST_FILE, RECIPE_FILE
 from ..models import build_model
 from .config import TrainConfig, TrainRecipe
 from .fit import FitResult, check_resumable, completed_epochs, fit
 
 logger = logging.getLogger(__name__)
 
-RUN_MANIFEST_FILE = "manifest.json"
 """`ctprune.layout.MANIFEST_FILE` (detector cannot import ctprune): the file that marks a
 `ctprune run` folder, whose recipe.yaml a training run must not replace."""
 
@@ -132,9 +131,9 @@ def prepare_run(
     model_config = resolve_model_config(recipe.model, train_source.class_names)
     resolved = dataclasses.replace(recipe, model=model_config)
     if distributed.is_main_process():
-        if (out_dir / RUN_MANIFEST_FILE).is_file():
+        if (out_dir / MANIFEST_FILE).is_file():
             raise ConfigError(
-                f"{out_dir}: holds a ctprune run ({RUN_MANIFEST_FILE}); train into another "
+                f"{out_dir}: holds a ctprune run ({MANIFEST_FILE}); train into another "
                 "folder, its recipe.yaml is the run's"
             )
         out_dir.mkdir(parents=True, exist_ok=True)
