@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 from detector import load_model, save_checkpoint
 from detector.config import ModelConfig, to_dict
 from detector.data.dataset import CenterNetDataset, collate
-from detector.data.sources import load_source
+from detector.data.sources import load_splits
 from detector.engine.config import TrainConfig, TrainRecipe
 from detector.engine.fit import DIVERGED_ADVICE, TrainingDiverged
 from detector.engine.train import resolve_model_config
@@ -188,8 +188,9 @@ class Runner:
         self.on_epoch_end = on_epoch_end
         self.order = 0
         self.baseline_stage: Stage | None = None
-        self.train_source = load_source(self.recipe.data, "train")
-        self.val_source = load_source(self.recipe.data, "val")
+        self.train_source, self.val_source = load_splits(self.recipe.data)
+        if self.val_source is None:
+            raise RunError("data.val: a run evaluates every stage, so it needs a val split")
         self.model_config = resolve_model_config(self.recipe.model, self.train_source.class_names)
 
     # --- stage bookkeeping -------------------------------------------------------------------

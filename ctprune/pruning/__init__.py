@@ -7,7 +7,14 @@ them `slimming` (sparsity training of BN scales) and `recalibrate` (BN statistic
 """
 
 from .allocate import rounded_keep
-from .api import PruneResult, PruneStats, prune, prune_with, widths_after_pruning
+from .api import (
+    PruneResult,
+    PruneShortfallWarning,
+    PruneStats,
+    prune,
+    prune_with,
+    widths_after_pruning,
+)
 from .criteria import CRITERIA
 from .options import DEFAULT_ROUND_TO, PruneOptions
 
@@ -16,6 +23,7 @@ __all__ = [
     "DEFAULT_ROUND_TO",
     "PruneOptions",
     "PruneResult",
+    "PruneShortfallWarning",
     "PruneStats",
     "prune",
     "prune_with",

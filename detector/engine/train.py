@@ -16,7 +16,7 @@ from .. import distributed
 from ..checkpoint import unwrap_model
 from ..config import ConfigError, ModelConfig, to_dict
 from ..data.dataset import CenterNetDataset, collate, worker_init_fn
-from ..data.sources import load_source
+from ..data.sources import load_splits
 from ..evaluate.run import make_evaluator
 from ..files import atomic_write_text
 from ..layout import EVAL_FOLDER, MANIFEST_FILE, RECIPE_FILE
@@ -120,14 +120,9 @@ def prepare_run(
     torch.manual_seed(recipe.train.seed)
     if recipe.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    train_source = load_source(recipe.data, "train")
-    val_source = load_source(recipe.data, "val") if recipe.data.val else None
-    if val_source is not None and val_source.class_names != train_source.class_names:
-        # Class indices are positions in these lists: different lists would silently mix classes.
-        raise ConfigError(
-            f"data: the train and val splits declare different classes: "
-            f"{train_source.class_names} vs {val_source.class_names}"
-        )
+    # Class indices are positions in the class list: splits with different lists would silently
+    # mix classes (an error); a class with boxes in one split only is named (a warning).
+    train_source, val_source = load_splits(recipe.data)
     model_config = resolve_model_config(recipe.model, train_source.class_names)
     resolved = dataclasses.replace(recipe, model=model_config)
     if distributed.is_main_process():
