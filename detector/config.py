@@ -227,8 +227,8 @@ FOLDER_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
 def require_folder_name(value: Any, name: str) -> None:
-    """``value`` is usable as one folder name under runs/ (``../../x``, ``/tmp/x``, ``""`` and
-    ``.hidden`` are not)."""
+    """``value`` is usable as one folder name under runs/ (``../../x``, an absolute path,
+    ``""`` and ``.hidden`` are not)."""
     if not isinstance(value, str) or not FOLDER_NAME.fullmatch(value) or ".." in value:
         raise ValueError(
             f"{name}: expected letters, digits, '.', '_' or '-' (a folder name under runs/, not "
@@ -373,15 +373,18 @@ def to_dict(config: Any) -> dict:
 def parse_overrides(overrides: list[str], sections: Iterable[str] | None = None) -> dict:
     """``["train.lr=1e-4", "model.arch=res50"]`` -> ``{"train": {"lr": 1e-4}, ...}``; values
     are read as YAML scalars or lists (``[1, 2]``), so types follow YAML's rules. With
-    ``sections``, a key outside them is refused, naming the override (a command that reads only
-    some sections must not ignore the others silently)."""
+    ``sections`` (the recipe's top-level keys), a key outside them is refused, naming the
+    override (a command that reads only some sections must not ignore the others silently),
+    and a top-level key among them (``name=x``) is allowed."""
     nested: dict = {}
     for override in overrides:
         key, separator, raw = override.partition("=")
         if not separator or not key.strip():
             raise ConfigError(f"--set {override!r}: expected section.key=value")
         parts = key.strip().split(".")
-        if len(parts) < 2 or not all(part.strip() for part in parts):
+        # A top-level key (a recipe's `name`) needs no section, but only a known one.
+        top_level = len(parts) == 1 and sections is not None and parts[0] in sections
+        if (len(parts) < 2 and not top_level) or not all(part.strip() for part in parts):
             raise ConfigError(f"--set {override!r}: expected section.key=value, e.g. train.lr=1e-4")
         if sections is not None and parts[0] not in sections:
             known = ", ".join(sections)
