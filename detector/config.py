@@ -141,6 +141,10 @@ class ModelConfig:
             head_type(self.head)
         except ValueError as error:
             raise ConfigError(f"model.head: {error}") from None
+        from .models import ARCHITECTURES  # here: the model table imports torch and the heads
+
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"arch: expected one of {', '.join(ARCHITECTURES)}, got {self.arch!r}")
         if self.num_classes is not None:
             require_int(self.num_classes, "num_classes", 1)
         if self.head_conv is not None:

@@ -33,6 +33,7 @@ RANGE_CASES = [
     (["synthetic.num_val=-2"], "synthetic.num_val", "an integer >= 1, got -2"),
     (["synthetic.image_size=16"], "synthetic.image_size", "an integer >= 32, got 16"),
     (["synthetic.seed=-1"], "synthetic.seed", "an integer >= 0, got -1"),
+    (["model.arch=res99"], "model.arch", "one of res18, res34"),
     (["model.num_classes=0"], "model.num_classes", "an integer >= 1, got 0"),
     (["model.head_conv=-1"], "model.head_conv", "an integer >= 0, got -1"),
     (["model.class_names=[a]"], "model.class_names", "num_classes = 2 names, got 1"),
