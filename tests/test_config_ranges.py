@@ -230,3 +230,29 @@ def test_overrides_can_be_limited_to_some_sections():
     with pytest.raises(ConfigError, match=r"section 'train' is not read here; expected a key of: "
                                           "evaluate"):
         parse_overrides(["train.lr=1"], sections=("evaluate",))
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"input": {"input_size": [0, 0]}}, "model_config.input.input_size: expected"),
+        ({"input": {"std": [0.2, 0.0, 0.2]}}, "model_config.input.std: expected positive"),
+        ({"num_classes": 3, "class_names": ["a", "b"]},
+         "model_config.class_names: expected num_classes = 3 names, got 2"),
+        ({"arch": "res99"}, "model_config.arch: expected one of res18"),
+    ],
+)
+def test_a_checkpoint_with_an_impossible_model_config_is_named(tmp_path, change, expected):
+    import torch
+    from tiny import tiny_config
+
+    from detector.checkpoint import FORMAT_VERSION, CheckpointError, read_checkpoint
+    from detector.config import merge, to_dict
+
+    path = tmp_path / "bad.pt"
+    model_config = merge(to_dict(tiny_config()), change)
+    torch.save({"format": FORMAT_VERSION, "model_config": model_config, "channel_plan": None,
+                "state_dict": {}, "meta": {}}, path)
+    with pytest.raises(CheckpointError) as caught:
+        read_checkpoint(path)
+    assert str(caught.value).startswith(f"{path}: invalid model_config: {expected}")
