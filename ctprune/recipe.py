@@ -333,7 +333,7 @@ def _data_section(data, path: Path) -> DataConfig | str:
     folder, or the data.yaml path as written (read later by `prepare_data`)."""
     if data is None:
         return DataConfig()
-    if isinstance(data, str):
+    if isinstance(data, str) and data.strip():
         return data
     if not isinstance(data, dict):
         raise ConfigError(f"data: expected a mapping or the path of a data.yaml, got {data!r}")
