@@ -21,6 +21,14 @@ from detector.layout import (
     RESUME_FILE,
 )
 
+from .cli_types import (
+    input_side,
+    int_at_least,
+    non_negative_int,
+    number_in,
+    positive_int,
+    probability,
+)
 from .layout import MANIFEST_FILE, REPORT_FILES, STAGE_FILE, STAGES
 
 
@@ -176,15 +184,15 @@ def _report(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     from detector import load_model
-    from detector.config import from_dict, merge, parse_overrides
+    from detector.config import from_dict, parse_overrides
     from detector.data.sources import load_data_yaml, load_source
     from detector.evaluate.config import EvaluateConfig
     from detector.evaluate.run import evaluate_model
 
+    # eval reads only the evaluate section: any other key would be silently ignored.
+    overrides = parse_overrides(args.set, sections=("evaluate",))
+    config = from_dict(EvaluateConfig, overrides.get("evaluate", {}), "evaluate")
     model, checkpoint = load_model(args.checkpoint)
-    config = from_dict(
-        EvaluateConfig, merge({}, parse_overrides(args.set).get("evaluate", {})), "evaluate"
-    )
     source = load_source(load_data_yaml(args.data), args.split)
     if source.class_names != (checkpoint.model_config.class_names or source.class_names):
         raise ValueError(
@@ -304,14 +312,16 @@ def add_prune_options(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--criterion", default=DEFAULTS.criterion,
                         help=f"l1, l2, bn_gamma, kmeans or random (default {DEFAULTS.criterion})")
-    parser.add_argument("--ratio", type=float, help="fraction of channels to remove, per group "
-                        f"or global (default {DEFAULTS.ratio} unless --target-macs is given)")
-    parser.add_argument("--target-macs", type=float,
+    parser.add_argument("--ratio", type=number_in(0, 1, high_open=True),
+                        help="fraction of channels to remove, per group or global, in [0, 1) "
+                        f"(default {DEFAULTS.ratio} unless --target-macs is given)")
+    parser.add_argument("--target-macs", type=number_in(0, 1, low_open=True),
                         help="instead of --ratio: keep this fraction of MACs")
     parser.add_argument("--scope", default=DEFAULTS.scope, choices=SCOPES)
-    parser.add_argument("--max-layer-ratio", type=float, default=DEFAULTS.max_layer_ratio,
+    parser.add_argument("--max-layer-ratio", type=number_in(0, 1, low_open=True, high_open=True),
+                        default=DEFAULTS.max_layer_ratio,
                         help=f"the most any group may lose (default {DEFAULTS.max_layer_ratio})")
-    parser.add_argument("--round-to", type=int, default=DEFAULTS.round_to,
+    parser.add_argument("--round-to", type=non_negative_int, default=DEFAULTS.round_to,
                         help=f"keep multiples of this (default {DEFAULTS.round_to}; "
                              "0: no rounding)")
 
@@ -436,6 +446,8 @@ def _make_split(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from detector.data.shapes import MIN_IMAGE_SIZE
+
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -496,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="measure every stage's model again (size, MACs and latency, each "
                         "model interleaved with its run's baseline) instead of reading the "
                         "figures each stage stored when it finished")
-    report.add_argument("--threads", type=int,
+    report.add_argument("--threads", type=positive_int,
                         help="CPU threads for the latency the report measures itself")
     report.add_argument("--no-latency", action="store_true",
                         help="time nothing here (latencies stored by the stages are still shown)")
@@ -518,7 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("checkpoint", type=Path)
     detect.add_argument("images", nargs="+", type=Path)
     detect.add_argument("--out", required=True, type=Path)
-    detect.add_argument("--threshold", type=float, default=0.3, help="minimum score drawn")
+    detect.add_argument("--threshold", type=probability, default=0.3,
+                        help="minimum score drawn, in [0, 1]")
     detect.add_argument("--flip", action="store_true", help="flip test")
     detect.add_argument(
         "--show-heatmap", action="store_true", help="also write the heatmap overlay"
@@ -530,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("data", type=Path, help="a data.yaml")
     show.add_argument("--split", default="train", choices=("train", "val"))
     show.add_argument("--out", required=True, type=Path)
-    show.add_argument("--count", type=int, default=8, help="images to draw")
+    show.add_argument("--count", type=positive_int, default=8, help="images to draw")
     show.set_defaults(run=_show_data)
 
     prune = commands.add_parser("prune", help="remove channels from a checkpoint's model")
@@ -538,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prune_options(prune)
     prune.add_argument(
         "--input-size",
-        type=int,
+        type=input_side,
         nargs=2,
         metavar=("H", "W"),
         help="for MACs (default: the model's)",
@@ -549,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="describe a checkpoint: arch, input, plan, size, MACs")
     info.add_argument("checkpoint", type=Path)
-    info.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"))
+    info.add_argument("--input-size", type=input_side, nargs=2, metavar=("H", "W"))
     info.set_defaults(run=_info)
 
     export = commands.add_parser("export", help="write a checkpoint as ONNX or torch.export")
@@ -558,22 +571,25 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, help="output file (default: beside the checkpoint)")
     export.add_argument("--decode", action="store_true",
                         help="decode in the graph: (B, K, 6) detections")
-    export.add_argument("--max-detections", type=int, default=100, help="K of --decode")
+    export.add_argument("--max-detections", type=positive_int, default=100,
+                        help="K of --decode")
     export.add_argument("--dynamic", action="store_true",
                         help="free batch and image sides (multiples of the spec's pad + 1)")
     export.add_argument("--raw-pixels", action="store_true",
                         help="the graph normalises 0-255 pixels itself")
-    export.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
+    export.add_argument("--input-size", type=input_side, nargs=2, metavar=("H", "W"),
                         help="trace size (default: the model's)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output")
     export.set_defaults(run=_export)
 
     bench = commands.add_parser("bench", help="deployed latency of checkpoints, interleaved")
     bench.add_argument("checkpoints", type=Path, nargs="+")
-    bench.add_argument("--input", type=int, default=512, help="square input side in pixels")
-    bench.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    bench.add_argument("--input", type=input_side, default=512,
+                       help="square input side in pixels")
+    bench.add_argument("--threads", type=positive_int, help="CPU threads (default: torch's)")
     bench.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime"))
-    bench.add_argument("--rounds", type=int, default=10, help="interleaved timed rounds")
+    bench.add_argument("--rounds", type=positive_int, default=10,
+                       help="interleaved timed rounds")
     bench.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--no-compile", dest="compile", action="store_false",
                        help="torch path without torch.compile (BN folding and channels-last only)")
@@ -588,23 +604,26 @@ def build_parser() -> argparse.ArgumentParser:
     original.add_argument("checkpoint", type=Path)
     original.add_argument("--arch", required=True)
     original.add_argument("--out", required=True, type=Path)
-    original.add_argument("--input-size", type=int, nargs=2, default=(512, 512), metavar=("H", "W"))
+    original.add_argument("--input-size", type=input_side, nargs=2, default=(512, 512),
+                          metavar=("H", "W"))
     original.set_defaults(run=_import_original)
 
     make_data = commands.add_parser("make-data", help="generate or split data sets")
     kinds = make_data.add_subparsers(dest="kind", required=True, metavar="KIND")
     shapes = kinds.add_parser("shapes", help="generate the frozen synthetic benchmark")
     shapes.add_argument("out_dir", type=Path)
-    shapes.add_argument("--train", type=int, default=2000, help="training images")
-    shapes.add_argument("--val", type=int, default=500, help="validation images")
-    shapes.add_argument("--size", type=int, default=128, help="image side in pixels")
-    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--train", type=positive_int, default=2000, help="training images")
+    shapes.add_argument("--val", type=positive_int, default=500, help="validation images")
+    shapes.add_argument("--size", type=int_at_least(MIN_IMAGE_SIZE), default=128,
+                        help=f"image side in pixels (>= {MIN_IMAGE_SIZE})")
+    shapes.add_argument("--seed", type=non_negative_int, default=0)
     shapes.set_defaults(run=_make_shapes)
     split = kinds.add_parser("split", help="split one COCO annotation file into train and val")
     split.add_argument("annotations", type=Path)
     split.add_argument("out_dir", type=Path)
-    split.add_argument("--val-fraction", type=float, default=0.1)
-    split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--val-fraction", type=number_in(0, 1, low_open=True, high_open=True),
+                       default=0.1, help="share of the images put in val, in (0, 1)")
+    split.add_argument("--seed", type=non_negative_int, default=0)
     split.set_defaults(run=_make_split)
     return parser
 

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from torch.nn import functional
 
 from detector.checkpoint import load_model
-from detector.config import ModelConfig
+from detector.config import ModelConfig, require_int, require_number
 from detector.losses import centernet_loss
 
 LossFn = Callable[[list[dict[str, Tensor]], dict], tuple[Tensor, dict[str, Tensor]]]
@@ -94,11 +94,16 @@ class TeacherConfig:
     """Student class index of each of the teacher's heatmap channels, in order (several teachers
     each cover a slice: [0, 1, 2] and [3, 4, 5]); None: the teacher has the student's classes."""
     weight: float = 1.0
-    """Multiplies all of this teacher's distillation terms."""
+    """Multiplies all of this teacher's distillation terms (>= 0)."""
 
     def __post_init__(self) -> None:
-        if self.weight < 0:
-            raise ValueError(f"weight: expected a value >= 0, got {self.weight}")
+        require_number(self.weight, "weight", at_least=0)
+        if self.checkpoint is not None and not self.checkpoint.strip():
+            raise ValueError(f"checkpoint: expected a file path or null, got {self.checkpoint!r}")
+        for index in self.classes or []:
+            require_int(index, "classes", 0)
+        if self.classes is not None and not self.classes:
+            raise ValueError("classes: expected at least one student class index, got []")
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
             raise ValueError(f"classes: a student class listed twice in {self.classes}")
 
@@ -117,31 +122,29 @@ class DistillConfig:
     """With with_labels false: a folder of images (no annotations) to train on, relative to the
     recipe file; None trains on the train split's images with their labels ignored."""
     heatmap_weight: float = DEFAULT_HEATMAP_WEIGHT
-    """Weight of the heatmap term (centerX's KD_WEIGHT x KD_CLS_WEIGHT). The MSE is a mean over
-    all cells, mostly background, so it is small and needs a large weight."""
+    """Weight of the heatmap term (>= 0; centerX's KD_WEIGHT x KD_CLS_WEIGHT). The MSE is a mean
+    over all cells, mostly background, so it is small and needs a large weight."""
     wh_weight: float = DEFAULT_WH_WEIGHT
-    """Weight of the peak-weighted L1 on box sizes (KD_WEIGHT x KD_WH_WEIGHT); sizes are in
+    """Weight of the peak-weighted L1 on box sizes (>= 0; KD_WEIGHT x KD_WH_WEIGHT); sizes are in
     output cells, so as in the task loss it is 10x below the offset's."""
     offset_weight: float = DEFAULT_OFFSET_WEIGHT
-    """Weight of the peak-weighted L1 on centre offsets (KD_WEIGHT x KD_REG_WEIGHT)."""
+    """Weight of the peak-weighted L1 on centre offsets (>= 0; KD_WEIGHT x KD_REG_WEIGHT)."""
     normalize_wh: bool = False
     """Divide wh by the teacher's mean box side (centerX's NORM_WH): relative size errors."""
     heatmap_loss: Literal["mse", "kl"] = "mse"
     """mse: centerX's MSE of probabilities; kl: binary KL between temperature-softened teacher
     and student probabilities, times temperature^2."""
     temperature: float = 1.0
-    """Softening temperature of heatmap_loss kl (logits / T before the sigmoid)."""
+    """Softening temperature of heatmap_loss kl (logits / T before the sigmoid), > 0."""
     feature_weight: float = 0.0
-    """Weight of the neck-feature MSE through 1x1 adapters (0: off)."""
+    """Weight of the neck-feature MSE through 1x1 adapters (>= 0; 0: off)."""
 
     def __post_init__(self) -> None:
         if not self.teachers:
             raise ValueError("teachers: expected at least one teacher")
         for name in ("heatmap_weight", "wh_weight", "offset_weight", "feature_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: expected a value >= 0, got {getattr(self, name)}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature: expected a positive value, got {self.temperature}")
+            require_number(getattr(self, name), name, at_least=0)
+        require_number(self.temperature, "temperature", above=0)
         if self.unlabelled_images is not None and self.with_labels:
             raise ValueError("unlabelled_images: only used with with_labels: false")
 

@@ -37,8 +37,11 @@ from detector.config import (
     merge,
     parse_overrides,
     read_yaml,
+    require_folder_name,
+    require_int,
     to_dict,
 )
+from detector.data.shapes import MIN_IMAGE_SIZE
 from detector.data.sources import DataConfig, load_data_yaml
 from detector.engine.config import TrainConfig, TrainRecipe
 from detector.evaluate.config import EvaluateConfig
@@ -55,13 +58,21 @@ class SyntheticConfig:
     out_dir: str = "data/shapes"
     """Where to write it, relative to the recipe file."""
     num_train: int = 2000
-    """Training images."""
+    """Training images (>= 1)."""
     num_val: int = 500
-    """Validation images (the val split is the same for any num_train)."""
+    """Validation images (>= 1; the val split is the same for any num_train)."""
     image_size: int = 128
-    """Image side in pixels."""
+    """Image side in pixels (>= 32)."""
     seed: int = 0
-    """Generation seed."""
+    """Generation seed (>= 0)."""
+
+    def __post_init__(self) -> None:
+        if not self.out_dir.strip():
+            raise ValueError(f"out_dir: expected a folder path, got {self.out_dir!r}")
+        require_int(self.num_train, "num_train", 1)
+        require_int(self.num_val, "num_val", 1)
+        require_int(self.image_size, "image_size", MIN_IMAGE_SIZE)
+        require_int(self.seed, "seed", 0)
 
 
 @dataclass
@@ -74,6 +85,10 @@ class BaselineConfig:
     """A checkpoint of the original CenterNet code (ctdet, msra ResNet), imported."""
 
     def __post_init__(self) -> None:
+        for key in ("checkpoint", "original"):
+            value = getattr(self, key)
+            if value is not None and not value.strip():
+                raise ValueError(f"{key}: expected a file path or null, got {value!r}")
         if self.checkpoint is not None and self.original is not None:
             raise ValueError(
                 "checkpoint: give either baseline.checkpoint or baseline.original, not both"
@@ -87,16 +102,20 @@ class PruneConfig(PruneOptions):
     own), plus rounds and BatchNorm recalibration."""
 
     criterion: str | list[str] = DEFAULTS.criterion
-    """One of ctprune.pruning.CRITERIA (l1, l2, bn_gamma, kmeans, random), or a list."""
+    """One of ctprune.pruning.CRITERIA (l1, l2, bn_gamma, kmeans, random), or a list of
+    distinct ones."""
     ratio: float | list[float] | None = DEFAULTS.ratio
-    """Fraction of channels removed per round (per group in layer scope), or a list."""
+    """Fraction of channels removed per round (per group in layer scope), in [0, 1) and at most
+    `max_layer_ratio`, or a list of distinct ones."""
     target_macs: float | list[float] | None = DEFAULTS.target_macs
-    """Instead of `ratio`: the fraction of the baseline's MACs to keep (bisected), or a list."""
+    """Instead of `ratio`: the fraction of the baseline's MACs to keep (bisected), in (0, 1], or
+    a list of distinct ones."""
     rounds: int = 1
-    """Iterative pruning: prune -> fine-tune repeated this many times, each round removing
+    """Iterative pruning (>= 1): prune -> fine-tune repeated this many times, each round removing
     `ratio` of what is left (the first seed's schedule)."""
     recalibrate_batches: int = 20
-    """Training batches used to re-estimate BatchNorm statistics after each pruning (0: off)."""
+    """Training batches used to re-estimate BatchNorm statistics after each pruning (>= 0;
+    0: off)."""
 
     def __post_init__(self) -> None:
         ratios, targets = _as_list(self.ratio), _as_list(self.target_macs)
@@ -106,12 +125,13 @@ class PruneConfig(PruneOptions):
             for ratio in ratios or [None]:
                 for target in targets or [None]:
                     self.options(criterion, ratio, target)  # checks every sweep point
-        if self.rounds < 1:
-            raise ValueError(f"rounds: expected an integer >= 1, got {self.rounds!r}")
-        if self.recalibrate_batches < 0:
-            raise ValueError(
-                f"recalibrate_batches: expected an integer >= 0, got {self.recalibrate_batches!r}"
-            )
+        for name, values in (("criterion", _as_list(self.criterion)), ("ratio", ratios),
+                             ("target_macs", targets)):
+            if len(set(values)) != len(values):
+                # Two equal sweep points would be one branch folder written twice.
+                raise ValueError(f"{name}: expected distinct sweep values, got {values}")
+        require_int(self.rounds, "rounds", 1)
+        require_int(self.recalibrate_batches, "recalibrate_batches", 0)
 
     def options(
         self, criterion: str, ratio: float | None, target_macs: float | None
@@ -132,13 +152,18 @@ class ReportConfig:
     """Measure CPU latency at batch 1 and the model's input size, each stage interleaved with
     the baseline (paired medians)."""
     latency_repeats: int = 7
-    """Paired forward passes per model."""
+    """Paired forward passes per model (>= 1)."""
     threads: int | None = None
-    """CPU threads for the latency runs (None: torch's default)."""
+    """CPU threads for the latency runs (>= 1; None: torch's default)."""
     controls: bool = False
     """Add two controls beside each branch: the same pruning with the `random` criterion, and
     the unpruned baseline fine-tuned for the same epochs (is pruning better than chance, and is
     the fine-tune itself what helps?)."""
+
+    def __post_init__(self) -> None:
+        require_int(self.latency_repeats, "latency_repeats", 1)
+        if self.threads is not None:
+            require_int(self.threads, "threads", 1)
 
 
 @dataclass
@@ -163,7 +188,8 @@ class Recipe:
     baseline; `ctprune train` on a recipe with `prune` trains its baseline too."""
 
     name: str = "run"
-    """The run's name: runs/<name>/ under the current directory unless --out is given."""
+    """The run's name: runs/<name>/ under the current directory unless --out is given; a folder
+    name (letters, digits, '.', '_', '-', not starting with '.')."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The architecture and its input spec."""
     data: DataConfig | str = field(default_factory=DataConfig)
@@ -187,6 +213,9 @@ class Recipe:
     """What the report measures."""
     source: str = ""
     """The recipe file (set by `load_recipe`; relative paths resolve against its folder)."""
+
+    def __post_init__(self) -> None:
+        require_folder_name(self.name, "name")
 
     def train_recipe(self) -> TrainRecipe:
         """The detector's view of the recipe's baseline training (after `prepare_data`)."""
@@ -260,7 +289,8 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, check_files: boo
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such recipe file")
-    raw = merge(read_yaml(path), parse_overrides(list(overrides)))
+    sections = [f.name for f in dataclasses.fields(Recipe) if f.name != "source"]
+    raw = merge(read_yaml(path), parse_overrides(list(overrides), sections))
     raw = _inherit_finetune(raw)
     data = raw.pop("data", None)
     recipe = from_dict(Recipe, {**raw, "source": str(path.resolve())}, "")
@@ -303,7 +333,7 @@ def _data_section(data, path: Path) -> DataConfig | str:
     folder, or the data.yaml path as written (read later by `prepare_data`)."""
     if data is None:
         return DataConfig()
-    if isinstance(data, str):
+    if isinstance(data, str) and data.strip():
         return data
     if not isinstance(data, dict):
         raise ConfigError(f"data: expected a mapping or the path of a data.yaml, got {data!r}")

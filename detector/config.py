@@ -7,8 +7,11 @@ so a checkpoint alone says how to rebuild the network and how to prepare images 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +29,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CENTERNET_COCO_MEAN_BGR = (0.40789654, 0.44719302, 0.47026115)
 CENTERNET_COCO_STD_BGR = (0.28863828, 0.27408164, 0.27809835)
 
+# Input pixels per output cell of every architecture in `detector.models` (their heads read
+# the stride-4 feature map, as the original CenterNet's do).
+OUTPUT_STRIDE = 4
+
 
 @dataclass
 class InputSpec:
@@ -38,13 +45,16 @@ class InputSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     """Per-channel standard deviation of pixels scaled to [0, 1], in `color_order`."""
     input_size: tuple[int, int] = (512, 512)
-    """(height, width) of the network input for training and fixed-resolution testing."""
+    """(height, width) of the network input for training and fixed-resolution testing: positive
+    multiples of down_ratio, and for a model multiples of pad + 1 (its total stride)."""
     keep_resolution: bool = False
     """Test at the image's own resolution, padded up to a multiple of `pad + 1`."""
     pad: int = 31
-    """Keep-resolution padding: a side of x pixels becomes (x | pad) + 1."""
+    """Keep-resolution padding: a side of x pixels becomes (x | pad) + 1; pad + 1 is a power of
+    two, the network's total stride (32 for ResNet and DLA, 128 for hourglass)."""
     down_ratio: int = 4
-    """Input pixels per output-map cell."""
+    """Input pixels per output-map cell: a power of two, at most pad + 1 (every architecture
+    here predicts at stride 4)."""
 
     def __post_init__(self) -> None:
         if self.color_order not in ("RGB", "BGR"):
@@ -55,11 +65,27 @@ class InputSpec:
         for name, values in (("mean", self.mean), ("std", self.std)):
             if len(values) != 3:
                 raise ValueError(f"{name}: expected 3 values, got {len(values)}")
-        if any(v <= 0 for v in self.std):
-            raise ValueError(f"std: expected positive values, got {list(self.std)}")
-        if len(self.input_size) != 2 or any(v % self.down_ratio for v in self.input_size):
+        if not all(math.isfinite(v) for v in self.mean):
+            raise ValueError(f"mean: expected finite values, got {list(self.mean)}")
+        if not all(0 < v < math.inf for v in self.std):
+            raise ValueError(f"std: expected positive finite values, got {list(self.std)}")
+        require_int(self.pad, "pad", 0)
+        if not is_power_of_two(self.pad + 1):
             raise ValueError(
-                f"input_size: expected (height, width) divisible by down_ratio "
+                f"pad: expected pad + 1 a power of two (0, 1, 3, 7, 15, 31, 63, 127, ...), "
+                f"got {self.pad!r}"
+            )
+        require_int(self.down_ratio, "down_ratio", 1)
+        if not is_power_of_two(self.down_ratio) or self.down_ratio > self.pad + 1:
+            raise ValueError(
+                f"down_ratio: expected a power of two at most pad + 1 = {self.pad + 1}, "
+                f"got {self.down_ratio!r}"
+            )
+        if len(self.input_size) != 2 or any(
+            v < 1 or v % self.down_ratio for v in self.input_size
+        ):
+            raise ValueError(
+                f"input_size: expected (height, width), positive multiples of down_ratio "
                 f"{self.down_ratio}, got {list(self.input_size)}"
             )
 
@@ -97,10 +123,11 @@ class ModelConfig:
     (see `detector.heads.HEADS`); centernet: class heatmaps, box size and centre offset.
     Checkpoints written before this key existed are centernet."""
     num_classes: int | None = None
-    """Number of object classes, i.e. heatmap channels; None takes the data's class count."""
+    """Number of object classes, i.e. heatmap channels (>= 1); None takes the data's class
+    count."""
     head_conv: int | None = None
-    """Width of each head's 3x3 conv; None takes the architecture's default (64 for ResNets),
-    0 makes every head a single 1x1 conv."""
+    """Width of each head's 3x3 conv (>= 0); None takes the architecture's default (64 for
+    ResNets), 0 makes every head a single 1x1 conv."""
     widths: dict | None = None
     """Channel widths of a scaled-down model (see the architecture's builder); None for the
     original widths. Pruned models keep the base widths here and store a channel plan."""
@@ -114,6 +141,33 @@ class ModelConfig:
             head_type(self.head)
         except ValueError as error:
             raise ConfigError(f"model.head: {error}") from None
+        from .models import ARCHITECTURES  # here: the model table imports torch and the heads
+
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"arch: expected one of {', '.join(ARCHITECTURES)}, got {self.arch!r}")
+        if self.num_classes is not None:
+            require_int(self.num_classes, "num_classes", 1)
+        if self.head_conv is not None:
+            require_int(self.head_conv, "head_conv", 0)
+        if self.input.down_ratio != OUTPUT_STRIDE:
+            raise ValueError(
+                f"input.down_ratio: expected {OUTPUT_STRIDE} (every architecture predicts at "
+                f"stride {OUTPUT_STRIDE}), got {self.input.down_ratio!r}"
+            )
+        multiple = self.input.pad + 1
+        if any(side % multiple for side in self.input.input_size):
+            # pad + 1 is the network's total stride: other sides do not map exactly onto
+            # input / down_ratio output cells.
+            raise ValueError(
+                f"input.input_size: expected multiples of input.pad + 1 = {multiple} (the "
+                f"network's total stride), got {list(self.input.input_size)}"
+            )
+        if self.class_names is not None and self.num_classes is not None:
+            if len(self.class_names) != self.num_classes:
+                raise ValueError(
+                    f"class_names: expected num_classes = {self.num_classes} names, got "
+                    f"{len(self.class_names)}"
+                )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,6 +176,72 @@ class ModelConfig:
 
 class ConfigError(ValueError):
     """A config value that does not fit: the message starts with its dotted path."""
+
+
+# Range checks for `__post_init__`: they raise ValueError("<field>: expected <range>, got
+# <value>"), and `from_dict` puts the section's dotted path in front of the field.
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def require_int(value: Any, name: str, minimum: int, maximum: int | None = None) -> None:
+    """``value`` is an integer >= ``minimum`` (and <= ``maximum`` when given)."""
+    if maximum is None:
+        expected = f"an integer >= {minimum}"
+    else:
+        expected = f"an integer from {minimum} to {maximum}"
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum or (
+        maximum is not None and value > maximum
+    ):
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
+def require_number(
+    value: Any,
+    name: str,
+    *,
+    above: float | None = None,
+    at_least: float | None = None,
+    below: float | None = None,
+    at_most: float | None = None,
+) -> None:
+    """``value`` is a finite number within the given bounds (``above``/``below`` exclusive,
+    ``at_least``/``at_most`` inclusive): ``lr: expected a finite number > 0, got -1.0``."""
+    bounds = []
+    if above is not None:
+        bounds.append(f"> {above:g}")
+    if at_least is not None:
+        bounds.append(f">= {at_least:g}")
+    if below is not None:
+        bounds.append(f"< {below:g}")
+    if at_most is not None:
+        bounds.append(f"<= {at_most:g}")
+    ok = _is_number(value) and math.isfinite(value)
+    ok = ok and (above is None or value > above) and (at_least is None or value >= at_least)
+    ok = ok and (below is None or value < below) and (at_most is None or value <= at_most)
+    if not ok:
+        expected = "a finite number" + (" " + " and ".join(bounds) if bounds else "")
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
+# A run name becomes one folder under runs/: no separators, no "..", nothing hidden.
+FOLDER_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def require_folder_name(value: Any, name: str) -> None:
+    """``value`` is usable as one folder name under runs/ (``../../x``, an absolute path,
+    ``""`` and ``.hidden`` are not)."""
+    if not isinstance(value, str) or not FOLDER_NAME.fullmatch(value) or ".." in value:
+        raise ValueError(
+            f"{name}: expected letters, digits, '.', '_' or '-' (a folder name under runs/, not "
+            f"starting with '.'), got {value!r}"
+        )
+
+
+def is_power_of_two(value: int) -> bool:
+    return isinstance(value, int) and value >= 1 and value & (value - 1) == 0
 
 
 def _describe(annotation: Any) -> str:
@@ -225,10 +345,12 @@ def from_dict(cls: type, data: dict | None, path: str) -> Any:
     except ConfigError:
         raise
     except (TypeError, ValueError) as error:
-        # __post_init__ checks name their field first ("std: expected ..."): prefix the path.
-        # Checks name their field first ("std: expected ..." or "augment.flip: ..."): put the
-        # full dotted path in front of the field.
+        # __post_init__ checks name their field first ("std: expected ..." or "augment.flip:
+        # ..."): put the full dotted path in front of the field.
+        # A check on a nested section's key names it from the field ("input.down_ratio: ...").
         named, colon, rest = str(error).partition(":")
+        if colon and " " not in named and named.split(".", 1)[0] in fields:
+            raise ConfigError(f"{prefix}{named}:{rest}") from None
         field_name = named.rsplit(".", 1)[-1]
         if colon and field_name in fields:
             raise ConfigError(f"{prefix}{field_name}:{rest}") from None
@@ -252,17 +374,28 @@ def to_dict(config: Any) -> dict:
     return plain(config)
 
 
-def parse_overrides(overrides: list[str]) -> dict:
+def parse_overrides(overrides: list[str], sections: Iterable[str] | None = None) -> dict:
     """``["train.lr=1e-4", "model.arch=res50"]`` -> ``{"train": {"lr": 1e-4}, ...}``; values
-    are read as YAML scalars or lists (``[1, 2]``), so types follow YAML's rules."""
+    are read as YAML scalars or lists (``[1, 2]``), so types follow YAML's rules. With
+    ``sections`` (the recipe's top-level keys), a key outside them is refused, naming the
+    override (a command that reads only some sections must not ignore the others silently),
+    and a top-level key among them (``name=x``) is allowed."""
     nested: dict = {}
     for override in overrides:
         key, separator, raw = override.partition("=")
         if not separator or not key.strip():
             raise ConfigError(f"--set {override!r}: expected section.key=value")
         parts = key.strip().split(".")
-        if len(parts) < 2:
+        # A top-level key (a recipe's `name`) needs no section, but only a known one.
+        top_level = len(parts) == 1 and sections is not None and parts[0] in sections
+        if (len(parts) < 2 and not top_level) or not all(part.strip() for part in parts):
             raise ConfigError(f"--set {override!r}: expected section.key=value, e.g. train.lr=1e-4")
+        if sections is not None and parts[0] not in sections:
+            known = ", ".join(sections)
+            raise ConfigError(
+                f"--set {override!r}: section {parts[0]!r} is not read here; expected a key of: "
+                f"{known}"
+            )
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as error:
@@ -287,17 +420,33 @@ def merge(base: dict, overrides: dict) -> dict:
     return merged
 
 
-def read_yaml(path: str | Path) -> dict:
-    """A YAML file that must hold a mapping; errors name the file."""
+def read_yaml_text(path: str | Path) -> str:
+    """The text of a YAML file; a missing, binary or non-UTF-8 file raises `ConfigError`
+    naming it (rather than a codec error that names no file)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{path}: not a UTF-8 YAML text (undecodable byte at offset {error.start})"
+        ) from None
+    if "\x00" in text:
+        raise ConfigError(f"{path}: not a YAML text (it holds NUL bytes, as binary files do)")
+    return text
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML file that must hold a non-empty mapping; errors name the file."""
+    path = Path(path)
+    text = read_yaml_text(path)
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({error})") from None
     if data is None:
-        return {}
+        raise ConfigError(f"{path}: empty; expected a mapping of sections (name, model, data, ...)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     return data

@@ -36,16 +36,22 @@ class PruneOptions:
     max_layer_ratio: float = 0.8
     """The most any group may lose, in (0, 1)."""
     round_to: int | None = DEFAULT_ROUND_TO
-    """Kept widths are multiples of this (None: whole channels)."""
+    """Kept widths are multiples of this (>= 1; None: whole channels)."""
     ratio_overrides: dict = field(default_factory=dict)
-    """Module-name pattern (fnmatch) -> ratio for the groups it matches."""
+    """Module-name pattern (fnmatch) -> ratio for the groups it matches, in
+    [0, max_layer_ratio]."""
 
     def __post_init__(self) -> None:
         check_options(self.criterion, self.ratio, self.target_macs, self.scope,
-                      self.max_layer_ratio, self.round_to)
+                      self.max_layer_ratio, self.round_to, self.ratio_overrides)
 
 
-def check_options(criterion, ratio, target_macs, scope, max_layer_ratio, round_to) -> None:
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_options(criterion, ratio, target_macs, scope, max_layer_ratio, round_to,
+                  ratio_overrides=None) -> None:
     """The checks every set of pruning options passes; errors start with the field's name."""
     try:
         check_criterion(criterion)
@@ -53,21 +59,39 @@ def check_options(criterion, ratio, target_macs, scope, max_layer_ratio, round_t
         raise ValueError(f"criterion: {error}") from None
     if (ratio is None) == (target_macs is None):
         raise ValueError("ratio: give exactly one of ratio and target_macs")
-    if ratio is not None and not 0.0 <= ratio < 1.0:
+    if ratio is not None and not (_is_number(ratio) and 0.0 <= ratio < 1.0):
         raise ValueError(f"ratio: expected values in [0, 1), got {ratio!r}")
-    if target_macs is not None and not 0.0 < target_macs <= 1.0:
+    if target_macs is not None and not (_is_number(target_macs) and 0.0 < target_macs <= 1.0):
         raise ValueError(f"target_macs: expected values in (0, 1], got {target_macs!r}")
     if scope not in SCOPES:
         raise ValueError(f"scope: expected 'layer' or 'global', got {scope!r}")
-    if not 0.0 < max_layer_ratio < 1.0:
+    if not (_is_number(max_layer_ratio) and 0.0 < max_layer_ratio < 1.0):
         raise ValueError(f"max_layer_ratio: expected a number in (0, 1), got {max_layer_ratio!r}")
     if ratio is not None and ratio > max_layer_ratio:
         raise ValueError(
             f"ratio: {ratio} exceeds max_layer_ratio {max_layer_ratio}, the most any layer may "
             "lose; raise max_layer_ratio to prune harder"
         )
-    if round_to is not None and round_to < 1:
+    if round_to is not None and (
+        not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1
+    ):
         raise ValueError(f"round_to: expected None or a positive integer, got {round_to!r}")
+    if not isinstance(ratio_overrides, dict | None):
+        raise ValueError(
+            f"ratio_overrides: expected a mapping of module-name pattern -> ratio, got "
+            f"{ratio_overrides!r}"
+        )
+    for pattern, value in (ratio_overrides or {}).items():
+        if not isinstance(pattern, str) or not pattern.strip():
+            raise ValueError(
+                f"ratio_overrides: expected module-name patterns (fnmatch strings) as keys, got "
+                f"{pattern!r}"
+            )
+        if not (_is_number(value) and 0.0 <= value <= max_layer_ratio):
+            raise ValueError(
+                f"ratio_overrides: expected a ratio in [0, max_layer_ratio = {max_layer_ratio}] "
+                f"for {pattern!r}, got {value!r}"
+            )
 
 
 DEFAULTS = PruneOptions()

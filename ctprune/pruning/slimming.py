@@ -32,6 +32,7 @@ the pruning engine's business (it groups them), so here each gamma is simply pen
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -63,8 +64,8 @@ class SparsityConfig:
     "proximal": gamma <- sign(gamma) * max(|gamma| - lr * strength, 0) after each optimiser
     step, which also works with Adam (whose per-parameter scaling defeats a plain subgradient)."""
     strength: float | None = None
-    """The L1 coefficient s; None takes the method's default (1e-4 for l1, the paper's;
-    0.1 for proximal, for full-length schedules: see `lr_sum` and
+    """The L1 coefficient s (finite, >= 0); None takes the method's default (1e-4 for l1, the
+    paper's; 0.1 for proximal, for full-length schedules: see `lr_sum` and
     experiments/slimming_study/report.md)."""
     exclude: list[str] = field(default_factory=list)
     """Module-name patterns (fnmatch, e.g. "neck.*", "backbone.layer4.*") of BatchNorms to
@@ -77,7 +78,7 @@ class SparsityConfig:
             self.strength = DEFAULT_STRENGTH[self.method]
         if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)):
             raise ValueError(f"strength: expected a number >= 0, got {self.strength!r}")
-        if not self.strength >= 0:  # also catches NaN
+        if not 0 <= self.strength < math.inf:  # also catches NaN
             raise ValueError(f"strength: expected a number >= 0, got {self.strength!r}")
         self.strength = float(self.strength)
         if isinstance(self.exclude, str) or not all(isinstance(p, str) for p in self.exclude):

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from ..config import read_yaml_text
 from .coco import CROWD_MODES, load_coco
 from .records import DataError, DetectionSource
 from .voc import load_voc, read_voc_class_names, voc_xml_files
@@ -132,7 +133,7 @@ def load_data_yaml(path: str | Path) -> DataConfig:
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        values = yaml.safe_load(read_yaml_text(path))  # a binary or non-UTF-8 file is named
     except yaml.YAMLError as error:
         raise DataError(f"{path}: not a valid YAML file ({error})") from None
     if values is None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from detector.config import InputSpec
+from detector.config import InputSpec, require_number
 from detector.geometry import get_affine_transform, keep_resolution_size, transform_boxes
 
 # The original's random-crop scale factors, written as it writes them: np.arange gives the 8
@@ -75,22 +75,21 @@ class AugmentConfig:
     shift/scale jitter below instead (the original's ``--not_rand_crop``)."""
     shift: float = 0.1
     """Without random_crop: the centre moves by ``s * clip(N(0, 1) * shift, -2 shift, 2 shift)``
-    along each axis."""
+    along each axis (shift >= 0)."""
     scale: float = 0.4
-    """Without random_crop: ``s *= clip(N(0, 1) * scale + 1, 1 - scale, 1 + scale)``."""
+    """In [0, 1). Without random_crop: ``s *= clip(N(0, 1) * scale + 1, 1 - scale, 1 + scale)``."""
     flip: float = 0.5
-    """Probability of a horizontal mirror."""
+    """Probability of a horizontal mirror, in [0, 1]."""
     color: bool = True
     """CornerNet colour augmentation: brightness, contrast and saturation jitter in random
     order, then PCA lighting noise."""
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.flip <= 1.0:
+        flip = self.flip
+        if isinstance(flip, bool) or not isinstance(flip, (int, float)) or not 0 <= flip <= 1:
             raise ValueError(f"augment.flip: expected a probability in [0, 1], got {self.flip!r}")
-        if self.shift < 0:
-            raise ValueError(f"augment.shift: expected a value >= 0, got {self.shift!r}")
-        if not 0.0 <= self.scale < 1.0:
-            raise ValueError(f"augment.scale: expected a value in [0, 1), got {self.scale!r}")
+        require_number(self.shift, "augment.shift", at_least=0)
+        require_number(self.scale, "augment.scale", at_least=0, below=1)
 
 
 def crop_border(border: int, size: int) -> int:

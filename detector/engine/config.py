@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..config import ModelConfig, from_dict, merge, parse_overrides, read_yaml, to_dict
+from ..config import (
+    ConfigError,
+    ModelConfig,
+    from_dict,
+    merge,
+    parse_overrides,
+    read_yaml,
+    require_folder_name,
+    require_int,
+    require_number,
+    to_dict,
+)
 from ..data.sources import DataConfig, load_data_yaml
 from ..data.transforms import AugmentConfig
 from ..evaluate.config import EvaluateConfig
@@ -22,32 +34,36 @@ class TrainConfig:
     data set size and batch size."""
 
     epochs: int = 140
-    """Number of passes over the training set."""
+    """Number of passes over the training set (>= 1)."""
     batch_size: int = 32
-    """Images per step, summed over all processes."""
+    """Images per step, summed over all processes (>= 1)."""
     optimizer: Literal["adam", "sgd"] = "adam"
     """Adam (the original's choice, robust for CenterNet) or SGD with momentum."""
     lr: float = 1.25e-4
-    """Learning rate for a batch of 32 images; the optimiser uses lr x batch_size / 32."""
+    """Learning rate for a batch of 32 images (finite, > 0); the optimiser uses
+    lr x batch_size / 32."""
     momentum: float = 0.9
-    """SGD momentum (ignored by Adam)."""
+    """SGD momentum, in [0, 1) (ignored by Adam)."""
     weight_decay: float = 0.0
-    """L2 weight decay; the original uses none."""
+    """L2 weight decay (>= 0); the original uses none."""
     schedule: Literal["multistep", "step", "cosine"] = "multistep"
     """multistep: lr x gamma at each of `lr_steps`; step: lr x gamma every `lr_steps[0]` epochs;
     cosine: cosine decay to lr x min_lr_ratio after the warm-up."""
     lr_steps: list[float] = field(default_factory=lambda: [90.0, 120.0])
-    """Epochs at which multistep drops the lr (the original's 90, 120); step uses the first."""
+    """Epochs at which multistep drops the lr (the original's 90, 120), increasing, each > 0
+    and at most `epochs`; step uses the first."""
     gamma: float = 0.1
-    """Factor of each lr drop."""
+    """Factor of each lr drop, in (0, 1]."""
     warmup_epochs: float = 0.0
-    """Linear warm-up from lr x warmup_factor over this many epochs (fractions allowed)."""
+    """Linear warm-up from lr x warmup_factor over this many epochs (fractions allowed), from
+    0 to `epochs`."""
     warmup_factor: float = 0.001
-    """Starting fraction of the lr during warm-up."""
+    """Starting fraction of the lr during warm-up, in (0, 1]."""
     min_lr_ratio: float = 0.0
-    """Cosine schedule: final lr as a fraction of the peak lr."""
+    """Cosine schedule: final lr as a fraction of the peak lr, in [0, 1]."""
     grad_clip: float | None = None
-    """Clip the gradient norm to this value; None disables clipping (the original does not clip)."""
+    """Clip the gradient norm to this value (> 0); None disables clipping (the original does not
+    clip)."""
     precision: Literal["fp32", "amp", "bf16"] = "fp32"
     """fp32; amp = float16 autocast with gradient scaling (CUDA only); bf16 = bfloat16
     autocast (CPU and CUDA). Losses are always computed in float32."""
@@ -56,39 +72,56 @@ class TrainConfig:
     channels_last: bool = False
     """Run convolutions in channels-last memory format (faster on recent CPUs and GPUs)."""
     seed: int = 317
-    """Seed of weights, data order and augmentation (317 is the original's)."""
+    """Seed of weights, data order and augmentation (>= 0; 317 is the original's)."""
     deterministic: bool = False
     """Ask PyTorch for deterministic kernels (slower; bit-identical reruns on one machine)."""
     workers: int = 2
-    """Data-loading worker processes per training process (0 loads in the main process)."""
+    """Data-loading worker processes per training process (>= 0; 0 loads in the main
+    process)."""
     eval_interval: int = 5
-    """Evaluate on the val split every this many epochs (and after the last); 0 never."""
+    """Evaluate on the val split every this many epochs (and after the last), >= 0; 0 never."""
     best_metric: Literal["ap", "ap50", "loss"] = "ap50"
     """Metric that selects best.pt: COCO AP, COCO AP50 (the pruning seed's choice) or the
     validation loss."""
     max_objects: int = 128
-    """Objects per image kept for training targets (the original: 128 for COCO)."""
+    """Objects per image kept for training targets (>= 1; the original: 128 for COCO)."""
     min_overlap: float = 0.7
-    """Gaussian-radius IoU target (0.7 with the original formula; 0.3 with the corrected one)."""
+    """Gaussian-radius IoU target, in (0, 1) (0.7 with the original formula; 0.3 with the
+    corrected one)."""
     radius: Literal["original", "corrected"] = "original"
     """Gaussian-radius formula: the original's (CornerNet's algebra quirk) or the corrected one."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Training augmentation; the defaults are the original's."""
     log_interval: int = 20
-    """Steps between log records."""
+    """Steps between log records (>= 1)."""
     pretrained: str | None = None
     """Local file with torchvision ImageNet weights for the backbone; None trains from scratch."""
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr: expected a positive value, got {self.lr}")
-        if self.workers < 0:
-            raise ValueError(f"workers: expected an integer >= 0, got {self.workers}")
+        for name, minimum in (("epochs", 1), ("batch_size", 1), ("seed", 0), ("workers", 0),
+                              ("eval_interval", 0), ("max_objects", 1), ("log_interval", 1)):
+            require_int(getattr(self, name), name, minimum)
+        # No upper bound on lr: a rate that makes the loss explode is caught by fit's check of
+        # the loss, not guessed here.
+        require_number(self.lr, "lr", above=0)
+        require_number(self.momentum, "momentum", at_least=0, below=1)
+        require_number(self.weight_decay, "weight_decay", at_least=0)
+        require_number(self.gamma, "gamma", above=0, at_most=1)
+        require_number(self.warmup_epochs, "warmup_epochs", at_least=0, at_most=self.epochs)
+        require_number(self.warmup_factor, "warmup_factor", above=0, at_most=1)
+        require_number(self.min_lr_ratio, "min_lr_ratio", at_least=0, at_most=1)
+        require_number(self.min_overlap, "min_overlap", above=0, below=1)
+        if self.grad_clip is not None:
+            # A negative clip norm multiplies the gradient by a negative factor: it reverses it.
+            require_number(self.grad_clip, "grad_clip", above=0)
+        for step in self.lr_steps:
+            require_number(step, "lr_steps", above=0)
+        if list(self.lr_steps) != sorted(set(self.lr_steps)):
+            raise ValueError(f"lr_steps: expected increasing epochs, got {list(self.lr_steps)}")
         if self.schedule == "step" and not self.lr_steps:
             raise ValueError("lr_steps: the step schedule needs a step length in epochs")
+        if self.pretrained is not None and not self.pretrained.strip():
+            raise ValueError(f"pretrained: expected a file path or null, got {self.pretrained!r}")
 
     def scaled_lr(self) -> float:
         return self.lr * self.batch_size / REFERENCE_BATCH
@@ -99,7 +132,8 @@ class TrainRecipe:
     """A training run: what to build, on which data, how to train and evaluate it."""
 
     name: str = "run"
-    """Run name: outputs go to runs/<name>/ unless --out says otherwise."""
+    """Run name: outputs go to runs/<name>/ unless --out says otherwise; in a recipe file a
+    folder name (letters, digits, '.', '_', '-', not starting with '.')."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The architecture and its input spec."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -115,7 +149,8 @@ def read_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
     The data section may be a mapping or the path of a data.yaml; it comes back as a mapping
     whose relative paths resolve against the file that declared them."""
     path = Path(path)
-    raw = merge(read_yaml(path), parse_overrides(list(overrides)))
+    sections = [f.name for f in dataclasses.fields(TrainRecipe)]
+    raw = merge(read_yaml(path), parse_overrides(list(overrides), sections))
     data = raw.get("data")
     if isinstance(data, str):
         data_path = Path(data) if Path(data).is_absolute() else path.parent / data
@@ -127,4 +162,10 @@ def read_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
 
 def load_train_recipe(path: str | Path, overrides: list[str] = ()) -> TrainRecipe:
     """Read a training recipe YAML strictly (see `read_recipe`)."""
-    return from_dict(TrainRecipe, read_recipe(path, overrides), "")
+    raw = read_recipe(path, overrides)
+    try:
+        # Only a recipe's own name is a folder under runs/; the runner names stages "a/b".
+        require_folder_name(raw.get("name", TrainRecipe.name), "name")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return from_dict(TrainRecipe, raw, "")
