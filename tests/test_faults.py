@@ -79,6 +79,8 @@ class DuplicatedRecords(Gap):
 
 
 class MixedEpochFiles(Gap):
+    """Seen as a result (weights, epoch records) that differs from the uninterrupted run's."""
+
     reason = ("needs fit to resume from one epoch's state: killed between last.pt (epoch N) and "
               "resume.pt (still epoch N-1), it retrains epoch N from epoch N's weights")
 
@@ -391,6 +393,9 @@ def test_a_stopped_command_resumes_losing_nothing(workspace, uninterrupted, caps
                 assert (out / name / file).read_bytes() == content, f"{name}/{file} changed"
         stages = stage_folders(out)
         assert set(stages) == set(stage_folders(reference)), sorted(stages)
+        incomplete = [name for name, folder in stages.items()
+                      if json.loads((folder / "stage.json").read_text())["complete"] is not True]
+        assert not incomplete, f"stages not complete after the rerun: {incomplete}"
         for name, folder in stages.items():
             if name in kept:
                 continue
