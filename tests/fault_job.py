@@ -88,7 +88,7 @@ def stop_mid_write(patch, point: str, signal_name: str, suffix: str, count: int)
     seen = []
 
     def atomic_replace(path, write):
-        if not Path(path).as_posix().endswith(suffix):
+        if not f"/{Path(path).as_posix()}".endswith(f"/{suffix}"):
             return original(path, write)
         seen.append(path)
         if len(seen) != count:
@@ -102,6 +102,8 @@ def stop_mid_write(patch, point: str, signal_name: str, suffix: str, count: int)
             file.flush()
             os.fsync(file.fileno())
             stop(point, signal_name)
+            # Still here: a SIGINT handler put the stop off, and the write goes on as it would.
+            file.write(data[len(data) // 2 :])
 
         return original(path, half_then_stop)
 
