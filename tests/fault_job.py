@@ -16,7 +16,7 @@ POINT is where the process sends itself SIGNAL (KILL or INT):
                             in NAME (last.pt, baseline/checkpoint.pt ...): half its bytes are on
                             disk in the temporary file when the signal comes
 
-Before the signal it prints ``fault: SIGNAL at POINT`` to stderr, so a test knows the point was
+Before the signal it prints ``fault: SIG<SIGNAL> at POINT`` to stderr, so a test knows the point was
 reached. The command line ctprune sees is ``ctprune ctprune-arguments...``.
 """
 

@@ -13,6 +13,10 @@
 - SIGINT: the command exits with 130 and prints ``interrupted: ... Resume with: ...`` and no
   traceback; the rerun is the command it prints.
 
+SIGKILL stops a child process; SIGINT, the reruns and the uninterrupted runs go through
+`ctprune.cli.main` in this process (saving a child's 3 s of imports each), so the Ctrl-C
+answer is expected from ``main``.
+
 The matrix is {SIGKILL, SIGINT} x {train: after epoch 1, halfway through epoch 2's last.pt or
 resume.pt; run: after a baseline epoch, as pruning starts, after a fine-tuning epoch, as the
 report starts, halfway through a fine-tune's second resume.pt or the pruned checkpoint}; the
