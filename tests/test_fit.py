@@ -1,14 +1,11 @@
-"""The training loop: learning, checkpoints, best selection, resume and kill-and-resume."""
+"""The training loop: learning, checkpoints, best selection, resume (kill-and-resume:
+test_faults.py)."""
 
-import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from tiny import TinyDetectionData, child_environment, tiny_config
+from tiny import TinyDetectionData, tiny_config
 from torch.utils.data import default_collate
 
 from detector import load_model, read_checkpoint
@@ -147,60 +144,3 @@ def test_resume_needs_a_run_and_the_same_architecture(tmp_path):
     loader = train_loader(TinyDetectionData(8), _config(), collate_fn=default_collate)
     with pytest.raises(ValueError, match="arch 'res18', expected 'res34'"):
         fit(model, model_config, _config(), loader, tmp_path, resume=True)
-
-
-KILLED_RUN = textwrap.dedent(
-    """
-    import os, signal, sys
-    import torch
-    from torch.utils.data import default_collate
-    from detector.checkpoint import build_from_config
-    from detector.engine.config import TrainConfig
-    from detector.engine.fit import fit
-    from detector.engine.train import train_loader
-    from tiny import TinyDetectionData, child_environment, tiny_config
-
-    out_dir, kill_after, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "resume"
-    torch.manual_seed(0)
-    config = TrainConfig(epochs=4, batch_size=4, lr=2e-3, workers=0, lr_steps=[100.0], seed=1)
-    model_config = tiny_config()
-    model = build_from_config(model_config)
-
-    def kill_after_checkpoint(epoch, model, record):
-        if epoch == kill_after:  # a deterministic kill point: right after this epoch's files
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    loader = train_loader(TinyDetectionData(8), config, collate_fn=default_collate)
-    fit(model, model_config, config, loader, out_dir, resume=resume,
-        on_epoch_end=kill_after_checkpoint)
-    """
-)
-
-
-def test_sigkill_after_a_checkpoint_then_resume(tmp_path):
-    environment = child_environment()
-
-    def run(out_dir, kill_after, mode):
-        return subprocess.run(
-            [sys.executable, "-c", KILLED_RUN, str(out_dir), str(kill_after), mode],
-            env=environment,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-
-    killed = run(tmp_path / "killed", 2, "fresh")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert read_checkpoint(tmp_path / "killed" / "last.pt").meta["epoch"] == 2
-    resumed = run(tmp_path / "killed", 0, "resume")
-    assert resumed.returncode == 0, resumed.stderr
-    assert run(tmp_path / "straight", 0, "fresh").returncode == 0
-    finished, _ = load_model(tmp_path / "killed" / "last.pt")
-    reference, checkpoint = load_model(tmp_path / "straight" / "last.pt")
-    assert (
-        read_checkpoint(tmp_path / "killed" / "last.pt").meta["epoch"]
-        == checkpoint.meta["epoch"]
-        == 4
-    )
-    for name, value in reference.state_dict().items():
-        torch.testing.assert_close(finished.state_dict()[name], value, rtol=0, atol=1e-6, msg=name)

@@ -1,10 +1,8 @@
 """Recipes and the runner: every shipped recipe validates, the smoke recipe runs the whole chain,
-a second run skips finished stages, a run killed during fine-tuning resumes, bad input is named."""
+a second run skips finished stages, bad input is named (runs killed and resumed: test_faults.py)."""
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -135,54 +133,6 @@ def test_bad_recipes_are_named_before_any_work(tmp_path):
         load_recipe(path, ["baseline.checkpoint=missing.pt"])
     with pytest.raises(FileNotFoundError, match="no such recipe file"):
         load_recipe(tmp_path / "nope.yaml")
-
-
-KILLED_RUN = """
-import os, signal, sys
-from ctprune.recipe import load_recipe
-from ctprune.run import run_recipe
-
-recipe_path, out_dir, kill = sys.argv[1], sys.argv[2], sys.argv[3] == "kill"
-calls = []
-
-def kill_in_first_finetune_epoch(epoch, model, record):
-    calls.append(epoch)
-    # The baseline trains 2 epochs; the 3rd call is the first fine-tuning epoch, right after its
-    # checkpoint is written: a deterministic kill point.
-    if kill and len(calls) == 3:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-recipe = load_recipe(
-    recipe_path, ["finetune.epochs=2", "report.controls=false", "report.latency=false"]
-)
-run_recipe(recipe, out_dir, on_epoch_end=kill_in_first_finetune_epoch)
-print("finished")
-"""
-
-
-def test_a_run_killed_during_finetuning_resumes_and_completes(tmp_path):
-    path = _smoke_copy(tmp_path)
-    out_dir = tmp_path / "run"
-
-    def run(mode):
-        return subprocess.run([sys.executable, "-c", KILLED_RUN, str(path), str(out_dir), mode],
-                              capture_output=True, text=True, timeout=300)
-
-    killed = run("kill")
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    stage = json.loads((out_dir / "l1_r0.5" / "finetune" / "stage.json").read_text())
-    assert stage["complete"] is False and (out_dir / "l1_r0.5" / "finetune" / "resume.pt").is_file()
-    resumed = run("resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "[skip] baseline" in resumed.stdout and "[resume] l1_r0.5/finetune" in resumed.stdout
-    epochs = [json.loads(line)["epoch"] for line in
-              (out_dir / "l1_r0.5" / "finetune" / "metrics.jsonl").read_text().splitlines()
-              if json.loads(line)["kind"] == "epoch"]
-    assert epochs == [1, 2]
-    assert (
-        json.loads((out_dir / "l1_r0.5" / "finetune" / "stage.json").read_text())["complete"]
-        is True
-    )
 
 
 def test_the_recipe_key_reference_is_up_to_date():
