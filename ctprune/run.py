@@ -46,7 +46,12 @@ from detector.engine.config import TrainConfig, TrainRecipe
 from detector.engine.fit import DIVERGED_ADVICE, TrainingDiverged
 from detector.engine.train import resolve_model_config
 from detector.evaluate.run import evaluate_model
-from detector.files import atomic_copy, atomic_write_json, atomic_write_text
+from detector.files import (
+    atomic_copy,
+    atomic_write_json,
+    atomic_write_text,
+    remove_stale_temporaries,
+)
 from detector.layout import BEST_CHECKPOINT, LAST_CHECKPOINT
 from detector.original import import_original_checkpoint
 
@@ -524,6 +529,7 @@ def run_recipe(
     # Everything checkable is checked before the lock, the data generation or any folder.
     preflight(recipe, out_dir, device)
     with run_lock(out_dir, command):
+        remove_stale_temporaries(out_dir)  # a killed run's half-written report or manifest
         # Reads the data: errors surface before any work.
         runner = Runner(recipe, out_dir, device=device, rerun_from=rerun_from, only=only,
                         on_epoch_end=on_epoch_end, log=log)

@@ -8,6 +8,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -80,6 +81,34 @@ def atomic_replace(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
         raise
     _fsync_folder(path.parent)
     return path
+
+
+# `atomic_replace`'s temporary files: .<name>.<pid of the writer>.<8 hex digits>.tmp
+TEMPORARY_NAME = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary files in ``folder`` that a killed writer left behind (its process
+    is gone: the file can never be renamed into place); returns them. Files of live writers
+    are kept."""
+    folder = Path(folder)
+    removed = []
+    for path in folder.iterdir() if folder.is_dir() else ():
+        match = TEMPORARY_NAME.match(path.name)
+        if match and path.is_file() and not _process_alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -330,19 +330,9 @@ SLOW = [
 
 
 def known_gaps(command: str, point: str, signal_name: str) -> tuple[type[Gap], ...]:
-    """The gaps this worktree's ctprune hits in a case: remove one here once it is closed."""
-    gaps = []
-    if signal_name == "INT":
-        gaps.append(CtrlCNotHandled)
-    written = point.split(":")[1] if point.startswith("save:") else ""
-    # A stopped prune stage is removed before it runs again; a training resumes in its folder.
-    if written.endswith(TRAINING_FILES):
-        if signal_name == "KILL":
-            gaps.append(StaleTemporaryFile)
-        gaps.append(DuplicatedRecords)
-    if written.endswith("resume.pt"):
-        gaps.append(MixedEpochFiles)
-    return tuple(gaps)
+    """The known gaps a case hits, marked xfail until closed (none today: Ctrl-C handling,
+    stale temporary files, duplicated log records and mixed-epoch files were closed)."""
+    return ()
 
 
 def _case(command: str, point: str, signal_name: str):
@@ -381,7 +371,12 @@ def test_a_stopped_command_resumes_losing_nothing(workspace, uninterrupted, caps
     kept = finished_stages(out) if command == "run" else {}
     resumable = {name for name, folder in stage_folders(out).items()
                  if name not in kept and (folder / "resume.pt").is_file()}
-    kept_log = epoch_records(out / "metrics.jsonl") if command == "train" else []
+    # The epochs resume.pt had committed when the job stopped (a record logged for an epoch
+    # whose files were not all written is redone, with new timings).
+    committed = (torch.load(out / "resume.pt", weights_only=True)["epoch"]
+                 if command == "train" and (out / "resume.pt").is_file() else 0)
+    kept_log = [record for record in epoch_records(out / "metrics.jsonl")
+                if record["epoch"] <= committed] if command == "train" else []
 
     resume = resume_command(stopped, command) if signal_name == "INT" else None
     rerun = resume or arguments + (["--resume"] if command == "train" else [])
@@ -390,7 +385,7 @@ def test_a_stopped_command_resumes_losing_nothing(workspace, uninterrupted, caps
     check_files(out, findings, finished=True)
 
     if command == "train":
-        # The epochs finished before the stop keep their records; the rest equals a straight run.
+        # The epochs committed before the stop keep their records; the rest equals a straight run.
         assert kept_log and epoch_records(out / "metrics.jsonl")[: len(kept_log)] == kept_log
         for name in ("last.pt", "best.pt"):
             check_same_weights(findings, out / name, reference / name, name)

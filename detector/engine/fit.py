@@ -32,7 +32,7 @@ from tqdm import tqdm
 from ..checkpoint import atomic_save, load_model, save_checkpoint, unwrap_model
 from ..config import ModelConfig, to_dict
 from ..distributed import average_gradients, barrier, is_main_process
-from ..files import atomic_write_text
+from ..files import atomic_write_text, remove_stale_temporaries
 from ..heads import head_type
 from ..layout import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT, RESUME_FILE
 from .config import TrainConfig
@@ -243,16 +243,22 @@ def check_resumable(out_dir: Path) -> None:
 
 def _resume(out_dir: Path, model_config: ModelConfig, plain_model: nn.Module,
             extra_parameters: list[nn.Parameter], optimizer, scheduler, scaler) -> FitResult:
-    """Put ``out_dir``'s last.pt and resume.pt back into the model, the extra parameters, the
-    optimiser, the schedule, the scaler and the RNGs; the progress so far."""
+    """Put ``out_dir``'s resume.pt back into the model, the extra parameters, the optimiser,
+    the schedule, the scaler and the RNGs; the progress so far. Temporary files of writes a
+    kill interrupted are removed."""
     check_resumable(out_dir)
+    remove_stale_temporaries(out_dir)
     # On the CPU: RNG states must stay CPU byte tensors; the optimiser moves its own state to its
     # parameters' device.
     state = load_resume_state(out_dir / RESUME_FILE)
-    resumed, _ = load_model(
-        out_dir / LAST_CHECKPOINT, arch=model_config.arch, num_classes=model_config.num_classes
-    )
-    plain_model.load_state_dict(resumed.state_dict())
+    if "model" in state:
+        plain_model.load_state_dict(state["model"])
+    else:  # a resume.pt from before it held the model: last.pt is of its epoch
+        resumed, _ = load_model(
+            out_dir / LAST_CHECKPOINT, arch=model_config.arch,
+            num_classes=model_config.num_classes,
+        )
+        plain_model.load_state_dict(resumed.state_dict())
     _restore_extra_parameters(
         extra_parameters, state.get("extra_parameters"), out_dir / RESUME_FILE
     )
@@ -266,18 +272,27 @@ def _resume(out_dir: Path, model_config: ModelConfig, plain_model: nn.Module,
 def _save_epoch(out_dir: Path, plain_model: nn.Module, model_config: ModelConfig,
                 config: TrainConfig, record: dict, result: FitResult, improved: bool,
                 optimizer, scheduler, scaler, extra_parameters: list[nn.Parameter]) -> None:
-    """The end-of-epoch files: last.pt (checkpoint format), resume.pt (everything else a resume
-    needs) and, when the selection metric improved, best.pt."""
+    """The end-of-epoch files: last.pt (checkpoint format), best.pt when the selection metric
+    improved, then resume.pt (the model again and everything else a resume needs).
+
+    resume.pt is written last and alone decides where a resume starts: a kill between the
+    files leaves it at the previous epoch, with that epoch's model, so the resume redoes the
+    epoch from consistent state and rewrites last.pt and best.pt (resuming from a last.pt
+    one epoch ahead of the optimiser and RNG state would silently train a different model)."""
     meta = {
         "epoch": result.epochs,
         "metrics": {k: v for k, v in record.items() if isinstance(v, (int, float))},
         "train_config": to_dict(config),
     }
     save_checkpoint(out_dir / LAST_CHECKPOINT, plain_model, model_config, meta=meta)
+    if improved:
+        save_checkpoint(out_dir / BEST_CHECKPOINT, plain_model, model_config, meta=meta)
     atomic_save(
         {
             "format": RESUME_FORMAT,
             "epoch": result.epochs,
+            "model": {name: tensor.detach().cpu()
+                      for name, tensor in plain_model.state_dict().items()},
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
@@ -289,8 +304,6 @@ def _save_epoch(out_dir: Path, plain_model: nn.Module, model_config: ModelConfig
         },
         out_dir / RESUME_FILE,
     )
-    if improved:
-        save_checkpoint(out_dir / BEST_CHECKPOINT, plain_model, model_config, meta=meta)
 
 
 def _record_best(result: FitResult, record: dict, metric: str) -> bool:
