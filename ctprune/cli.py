@@ -34,11 +34,9 @@ from .layout import MANIFEST_FILE, REPORT_FILES, STAGE_FILE, STAGES
 
 def _run_dir(name: str, out: Path | None) -> Path:
     """The run folder: ``out`` when given, else ``runs/<name>/`` under the current directory
-    (ignored by git; ``experiments/`` holds only committed evidence). A name that is not one
-    plain folder name (``../x``, an absolute path, empty) is refused."""
-    from .preflight import run_folder_name
-
-    return out if out is not None else Path("runs") / run_folder_name(name)
+    (ignored by git; ``experiments/`` holds only committed evidence). The recipe checked that
+    its name is one plain folder name (not ``../x``, an absolute path or empty)."""
+    return out if out is not None else Path("runs") / name
 
 
 def _print_notes(lines: list[str], prefix: str = "") -> None:

@@ -7,8 +7,8 @@ the checkpoints will take. `ctprune run` and `ctprune train` call it first; `ctp
 calls it alone. It collects every problem and raises one `PreflightError` listing them all, so
 a user fixes a recipe in one round instead of one error per three-hour attempt.
 
-`run_folder_name` and `check_device` are the checks the CLI needs before it knows a folder or
-a device; `default_notes` says which sections a recipe left to the defaults.
+`check_device` is the check the CLI needs before it knows a device; `default_notes` says
+which sections a recipe left to the defaults.
 """
 
 from __future__ import annotations
@@ -32,23 +32,10 @@ class PreflightError(ConfigError):
     """One or more problems that would stop the run; the message lists each on its own line."""
 
 
-RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
-"""A recipe name that is one plain folder name: no separators, no leading dot (no `..`, no
-hidden folder), not empty."""
 
 CHECKPOINT_COPIES_PER_TRAINING = 6
 """Disk use of one training stage in model-sized units: last.pt, best.pt, checkpoint.pt and
 resume.pt (Adam keeps two moments per weight, so about three model sizes)."""
-
-
-def run_folder_name(name: str) -> str:
-    """``name`` when it can be a folder under runs/, else a ConfigError naming it."""
-    if not isinstance(name, str) or not RUN_NAME.fullmatch(name):
-        raise ConfigError(
-            f"name: {name!r} cannot be a run folder's name; use letters, digits, '.', '_' "
-            "and '-', not starting with a dot (or give --out)"
-        )
-    return name
 
 
 def check_device(device: str | None) -> str:

@@ -245,17 +245,13 @@ def _short(value: object, limit: int = 60) -> str:
 
 
 def _check_model_config(config: ModelConfig, path: Path) -> None:
-    """What a loadable model needs beyond the field types `from_dict` checks."""
+    """What a loadable model needs beyond `ModelConfig`'s own checks (which cover the class
+    names' count, the input spec and the architecture): a class count, which a recipe may
+    leave to the data but a checkpoint must state."""
     if not _is_positive_int(config.num_classes):
         raise CheckpointError(
             f"{path}: model_config.num_classes: expected a positive integer, got "
             f"{config.num_classes!r}"
-        )
-    names = config.class_names
-    if names is not None and len(names) != config.num_classes:
-        raise CheckpointError(
-            f"{path}: model_config.class_names: {len(names)} names for "
-            f"{config.num_classes} classes (num_classes); expected one name per class"
         )
 
 

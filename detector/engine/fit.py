@@ -29,7 +29,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..checkpoint import atomic_save, load_model, save_checkpoint, unwrap_model
+from ..checkpoint import (
+    atomic_save,
+    check_checkpoint_matches,
+    load_model,
+    save_checkpoint,
+    unwrap_model,
+)
 from ..config import ModelConfig, to_dict
 from ..distributed import average_gradients, barrier, is_main_process
 from ..files import atomic_write_text, remove_stale_temporaries
@@ -251,8 +257,18 @@ def _resume(out_dir: Path, model_config: ModelConfig, plain_model: nn.Module,
     # On the CPU: RNG states must stay CPU byte tensors; the optimiser moves its own state to its
     # parameters' device.
     state = load_resume_state(out_dir / RESUME_FILE)
+    # The run's architecture and classes, named by the checkpoint beside resume.pt.
+    check_checkpoint_matches(out_dir / LAST_CHECKPOINT, model_config.num_classes,
+                             arch=model_config.arch)
     if "model" in state:
-        plain_model.load_state_dict(state["model"])
+        try:
+            plain_model.load_state_dict(state["model"])
+        except RuntimeError as error:
+            raise ValueError(
+                f"{out_dir / RESUME_FILE}: its model does not fit this run's (other widths or "
+                f"layers: {str(error).splitlines()[0]}); resume with the settings it was "
+                "trained with"
+            ) from None
     else:  # a resume.pt from before it held the model: last.pt is of its epoch
         resumed, _ = load_model(
             out_dir / LAST_CHECKPOINT, arch=model_config.arch,
