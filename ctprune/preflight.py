@@ -216,7 +216,7 @@ def _check_output(recipe: Recipe, out_dir: Path, problems: list[str], notes: lis
     except OSError as error:
         problems.append(f"--out {out_dir}: cannot write in {folder} ({error.strerror})")
         return
-    needed = _estimated_bytes(recipe)
+    needed = _estimated_bytes(recipe, problems)
     if needed is None:
         return
     free = shutil.disk_usage(folder).free
@@ -228,9 +228,11 @@ def _check_output(recipe: Recipe, out_dir: Path, problems: list[str], notes: lis
                      f"{free / 2**30:.1f} GiB free")
 
 
-def _estimated_bytes(recipe: Recipe) -> int | None:
+def _estimated_bytes(recipe: Recipe, problems: list[str]) -> int | None:
     """Bytes of checkpoints the run writes: the model's state-dict size (built on the meta
-    device: no memory, no time) times the copies each stage keeps."""
+    device: no memory, no time) times the copies each stage keeps. Building it is also the
+    check of `model.widths` against the family's topology; None (and a problem) when the
+    model section cannot be built."""
     from detector.checkpoint import build_from_config
     from detector.stats import state_dict_mib
 
@@ -240,8 +242,10 @@ def _estimated_bytes(recipe: Recipe) -> int | None:
     try:
         with torch.device("meta"):
             model_bytes = state_dict_mib(build_from_config(model_config)) * 2**20
-    except (ValueError, TypeError, KeyError):
-        return None  # an impossible model section: the config checks name it
+    except (ValueError, TypeError, KeyError) as error:
+        problems.append(str(error) if str(error).startswith("model.")
+                        else f"model: {model_config.arch} cannot be built: {error}")
+        return None
     prune = recipe.prune
     rounds = prune.rounds if prune is not None else 0
     stages = 1 + sum(rounds if branch.control is None else 1 for branch in branches(recipe))

@@ -192,6 +192,7 @@ class Runner:
         self.rerun_from, self.only, self.log = rerun_from, only, log
         self.on_epoch_end = on_epoch_end
         self.order = 0
+        self.stage_names: list[str] = []  # this recipe's stages, in order: what the report shows
         self.baseline_stage: Stage | None = None
         self.train_source, self.val_source = load_splits(self.recipe.data)
         if self.val_source is None:
@@ -210,6 +211,7 @@ class Runner:
     def _run_stage(self, stage: Stage, work: Callable[[Stage, bool], dict]) -> dict | None:
         """Run ``stage`` unless it is done; None when it comes after the `--only` stage."""
         self.order += 1
+        self.stage_names.append(stage.name)
         _recover_aside(stage)
         if stage.is_done() and not self._forced(stage.kind):
             self.log(f"[skip] {stage.name}: done, unchanged")
@@ -455,7 +457,8 @@ class Runner:
         """The run's report from the figures its stages stored (nothing is timed again)."""
         config = self.recipe.report
         return build_report([self.out_dir], self.out_dir, latency=config.latency,
-                            latency_repeats=config.latency_repeats, threads=config.threads)
+                            latency_repeats=config.latency_repeats, threads=config.threads,
+                            stages=self.stage_names)
 
     def run(self) -> dict | None:
         baseline = self.baseline()

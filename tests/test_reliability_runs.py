@@ -527,3 +527,12 @@ def test_the_metrics_log_never_mixes_runs_or_repeats_steps(tmp_path):
     assert [record["epoch"] for record in records if record["kind"] == "epoch"] == [1, 2]
     _fit(tmp_path, epochs=1)  # a fresh run in the same folder starts a fresh log
     assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1, 1, 1]
+
+
+def test_check_names_widths_the_architecture_cannot_take(tmp_path, capsys, monkeypatch):
+    # model.widths is checked against the family's topology by building it on the meta device.
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _main(capsys, "check", _smoke(tmp_path), "--device", "cpu",
+                         "--set", "model.widths.stages=[8, 16]")
+    assert code == 2
+    assert "model.widths.stages: expected 4 positive integers" in err

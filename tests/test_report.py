@@ -498,3 +498,13 @@ def test_a_stage_kept_aside_by_a_rerun_is_not_reported(run_a, tmp_path):
     after = build_report([run], tmp_path / "after", latency=False)
     assert [row["name"] for row in after["rows"]] == before
     assert not any(".old" in entry["stage"] for entry in after["incomplete"])
+
+
+def test_stages_of_an_earlier_recipe_are_not_reported_as_current(run_a, tmp_path):
+    # `ctprune run` with another ratio into the folder of an earlier one: the earlier branch's
+    # stages are still there, complete, but not this recipe's.
+    report = build_report([run_a], tmp_path, latency=False, stages=["baseline", "l1_0.5/prune"])
+    assert [row["name"] for row in report["rows"]] == ["baseline", "l1_0.5/prune"]
+    [stale] = [entry for entry in report["incomplete"] if entry["stage"] == "l1_0.5/finetune"]
+    assert "earlier recipe" in stale["reason"]
+    assert "l1_0.5/finetune" in (tmp_path / "report.md").read_text().split("| run |")[-1]

@@ -4,6 +4,7 @@ when asked), make the rows, and write report.json, report.md, the plots and repo
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from pathlib import Path
 
 from detector.files import atomic_write_json, atomic_write_text
@@ -33,6 +34,17 @@ def check_arguments(run_dirs: list[Path], out_dir: Path | None, latency_repeats:
 def the_one_value(values: list) -> object:
     """The value all of ``values`` share, else None."""
     return values[0] if values and all(value == values[0] for value in values) else None
+
+
+def _set_aside_other_stages(run: RunArtifacts, names: set[str]) -> None:
+    """Keep only the stages called ``names``; list the others as left by an earlier recipe."""
+    others = [stage for stage in run.stages if stage.name not in names]
+    run.stages = [stage for stage in run.stages if stage.name in names]
+    run.incomplete += [
+        {"run": run.name, "stage": stage.name,
+         "reason": "left by an earlier recipe: not a stage of the current one"}
+        for stage in others
+    ]
 
 
 def run_summary(run: RunArtifacts, figures: list[dict], measured: bool, out_dir: Path) -> dict:
@@ -68,6 +80,7 @@ def build_report(
     latency: bool = True,
     latency_repeats: int = 7,
     threads: int | None = None,
+    stages: Collection[str] | None = None,
 ) -> dict:
     """Build the report of one run, or compare several, from their artifacts alone.
 
@@ -85,6 +98,10 @@ def build_report(
         latency_repeats: when timing, forwards per model after one warm-up.
         threads: CPU threads for timing (torch's setting is restored afterwards); None keeps
             torch's current count. The count used is recorded.
+        stages: the names of the stages to report (`ctprune run` passes its recipe's); a
+            complete stage of another name, left in the folder by an earlier recipe (another
+            ratio, say), is listed under ``incomplete`` instead of reported as a current row.
+            None reports every complete stage.
 
     Returns:
         ``{"runs": [{"name", "path", "recipe_name", "recipe_sha256", "created", "measured",
@@ -107,6 +124,9 @@ def build_report(
     check_arguments(run_dirs, out_dir, latency_repeats, threads)
     out_dir = Path(out_dir) if out_dir is not None else run_dirs[0]
     runs = [read_run(run_dir) for run_dir in run_dirs]
+    if stages is not None:
+        for run in runs:
+            _set_aside_other_stages(run, set(stages))
     incomplete = [entry for run in runs for entry in run.incomplete]
     if not any(run.stages for run in runs):
         raise ValueError(
