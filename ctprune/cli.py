@@ -443,6 +443,15 @@ def _make_split(args: argparse.Namespace) -> None:
     print(f"wrote {train} and {val}")
 
 
+def add_recipe_arguments(parser: argparse.ArgumentParser, set_example: str) -> None:
+    """The arguments of the commands that read a recipe: train, run and check."""
+    parser.add_argument("recipe", type=Path)
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help=f"override a recipe value, e.g. --set {set_example}")
+    parser.add_argument("--out", type=Path, help="run folder (default ./runs/<recipe name>)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from detector.data.shapes import MIN_IMAGE_SIZE
 
@@ -457,23 +466,16 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train", help="train a recipe's baseline (model, data, train, evaluate, sparsity)"
     )
-    train.add_argument("recipe", type=Path)
-    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override a recipe value, e.g. --set train.epochs=10")
-    train.add_argument("--out", type=Path, help="run folder (default ./runs/<recipe name>)")
+    add_recipe_arguments(train, "train.epochs=10")
     train.add_argument("--resume", action="store_true", help="continue the run in the run folder")
     train.add_argument("--overwrite", action="store_true",
                        help="replace the training run already in the run folder")
-    train.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     train.set_defaults(run=_train)
 
     run = commands.add_parser(
         "run", help="run a recipe: baseline -> prune -> fine-tune -> evaluate -> report"
     )
-    run.add_argument("recipe", type=Path)
-    run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                     help="override a recipe value, e.g. --set prune.ratio=0.3")
-    run.add_argument("--out", type=Path, help="run folder (default ./runs/<recipe name>)")
+    add_recipe_arguments(run, "prune.ratio=0.3")
     run.add_argument(
         "--from",
         dest="from_stage",
@@ -482,17 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--only", choices=STAGES,
                      help="run only this stage (the stages before it must be done)")
-    run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     run.set_defaults(run=_run)
 
     check = commands.add_parser(
         "check", help="check a recipe before running it: device, data, checkpoints, disk"
     )
-    check.add_argument("recipe", type=Path)
-    check.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override a recipe value, as for run")
-    check.add_argument("--out", type=Path, help="run folder (default ./runs/<recipe name>)")
-    check.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    add_recipe_arguments(check, "prune.ratio=0.3")
     check.set_defaults(run=_check)
 
     report = commands.add_parser(
