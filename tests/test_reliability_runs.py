@@ -130,6 +130,7 @@ def test_prune_and_export_refuse_to_write_over_their_input(tmp_path, capsys, mon
 def _bare_runner(tmp_path: Path, log: list) -> Runner:
     runner = Runner.__new__(Runner)
     runner.order, runner.rerun_from, runner.only, runner.log = 0, None, None, log.append
+    runner.stage_names = []
     runner.baseline_stage, runner.out_dir = None, tmp_path
     runner.model_config = tiny_config()
     return runner
