@@ -18,12 +18,14 @@ and ``forward_kwargs={"return_features": True}`` for feature distillation.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from detector.data.sources import DataWarning
 from detector.engine.config import TrainConfig, TrainRecipe
 from detector.engine.fit import FitResult, LossFn, fit
 from detector.engine.train import Prepared, prepare_run
@@ -78,9 +80,15 @@ def train(
     then `fit` with sparsity training's callables and distillation's loss when asked for.
     ``teacher_paths``: the checkpoint of each of ``distill.teachers`` (resolved by the caller),
     defaulting to their ``checkpoint``."""
-    if distill is not None and not distill.with_labels and distill.unlabelled_images is not None:
+    unlabelled = (distill is not None and not distill.with_labels
+                  and distill.unlabelled_images is not None)
+    if unlabelled:
         recipe = unlabelled_recipe(recipe, distill.unlabelled_images, out_dir)
-    run = prepare_run(recipe, out_dir, device=device, resume=resume, initial_model=initial_model)
+    with warnings.catch_warnings():
+        if unlabelled:  # a folder of images has no boxes by design: not a class missing in it
+            warnings.filterwarnings("ignore", "classes with boxes in the val split", DataWarning)
+        run = prepare_run(recipe, out_dir, device=device, resume=resume,
+                          initial_model=initial_model)
     after_backward = after_step = None
     if sparsity is not None:
         learning_rate = scheduled_lr(recipe.train, run.steps_per_epoch, run.start_epoch)
