@@ -443,6 +443,13 @@ def _make_split(args: argparse.Namespace) -> None:
     print(f"wrote {train} and {val}")
 
 
+def _make_convert(args: argparse.Namespace) -> None:
+    from detector.data.convert import convert_data
+
+    data_file = convert_data(args.source, args.out_dir, args.to)
+    print(f"wrote a {args.to} data set: {data_file}")
+
+
 def add_recipe_arguments(parser: argparse.ArgumentParser, set_example: str) -> None:
     """The arguments of the commands that read a recipe: train, run and check."""
     parser.add_argument("recipe", type=Path)
@@ -620,6 +627,11 @@ def build_parser() -> argparse.ArgumentParser:
                        default=0.1, help="share of the images put in val, in (0, 1)")
     split.add_argument("--seed", type=non_negative_int, default=0)
     split.set_defaults(run=_make_split)
+    convert = kinds.add_parser("convert", help="convert a data set between COCO and YOLO")
+    convert.add_argument("source", type=Path, help="a data.yaml (coco, voc or yolo)")
+    convert.add_argument("out_dir", type=Path, help="a new (or empty) folder")
+    convert.add_argument("--to", required=True, choices=("coco", "yolo"))
+    convert.set_defaults(run=_make_convert)
     return parser
 
 
