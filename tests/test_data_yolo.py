@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import cv2
@@ -61,6 +62,16 @@ def test_yolo_boxes_in_pixels_names_mapping_and_images_without_labels(tmp_path):
     assert train.records[1].boxes.shape == (0, 4)
     assert load_source(config, "val").records[0].boxes.shape == (0, 4)
     assert train.category_ids == [1, 2]
+
+
+def test_a_split_without_any_label_file_is_warned_once(tmp_path, caplog):
+    data_yaml = write_yolo(tmp_path, {"train/a.jpg": None, "train/b.jpg": None})
+    with caplog.at_level(logging.WARNING, logger="detector.data.yolo"):
+        train = load_source(load_data_yaml(data_yaml), "train")
+    assert len(train.records) == 2
+    [warning] = caplog.records
+    assert str(tmp_path / "labels" / "train" / "a.txt") in warning.getMessage()
+    assert "none of its 2 images has a label file" in warning.getMessage()
 
 
 def test_yolo_split_as_a_list_of_image_paths(tmp_path):

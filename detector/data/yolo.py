@@ -11,6 +11,7 @@ width and height. An image without a label file, or with an empty one, has no bo
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -33,6 +34,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 COORDINATE_TOLERANCE = 1e-3
 
 VALUES_PER_LINE = 5  # class cx cy w h
+
+logger = logging.getLogger(__name__)
 
 
 def class_names_from_yolo(names: object, where: str) -> list[str]:
@@ -179,7 +182,15 @@ def load_yolo(split: str | Path, class_names: list[str]) -> DetectionSource:
     class_names = list(class_names)
     records = []
     skipped: dict[str, int] = {}
-    for image_id, image in enumerate(yolo_image_files(split)):
+    images = yolo_image_files(split)
+    if images and not any(label_path(image).is_file() for image in images):
+        # Each image alone may be background, but a whole split without one label file is
+        # almost always labels that are not where Ultralytics' rule looks for them.
+        logger.warning(
+            "%s: none of its %d images has a label file (the first would be %s); every image "
+            "is read as background", split, len(images), label_path(images[0])
+        )
+    for image_id, image in enumerate(images):
         width, height = _image_size(image)
         labels_file = label_path(image)
         if labels_file.is_file():
