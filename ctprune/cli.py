@@ -504,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="minimum score drawn, in [0, 1]")
     detect.add_argument("--flip", action="store_true", help="flip test")
     detect.add_argument(
-        "--show-heatmap", action="store_true", help="also write the heatmap overlay"
+        "--show-heatmap", action="store_true",
+        help="also write the heatmap overlay (images, not videos)"
     )
     detect.add_argument("--device")
     detect.set_defaults(run=_detect)

@@ -22,21 +22,29 @@ def is_video(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_SUFFIXES
 
 
-def detect_inputs(inputs: list[str | Path]) -> list[Path]:
+def detect_inputs(inputs: list[str | Path], exclude: Path | None = None) -> list[Path]:
     """The files that ``inputs`` name, in order, each once: a file as given, a folder's images
     and videos (recursively, sorted by path), a glob's matching files (``**`` recursive).
+    Files that folders and globs find below ``exclude`` (the output folder) are left out, so a
+    second run into an output folder inside the inputs does not detect on its own drawings.
 
     Raises:
         FileNotFoundError: an input that is no file or folder and matches nothing.
         ValueError: a folder holding no images or videos.
     """
     files: list[Path] = []
+    excluded = exclude.resolve() if exclude is not None else None
+
+    def wanted(path: Path) -> bool:
+        return excluded is None or not path.resolve().is_relative_to(excluded)
+
     for text in map(str, inputs):
         path = Path(text).expanduser()
         if path.is_dir():
             found = sorted(
                 item for item in path.rglob("*")
                 if item.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES and item.is_file()
+                and wanted(item)
             )
             if not found:
                 suffixes = ", ".join(IMAGE_SUFFIXES + VIDEO_SUFFIXES)
@@ -46,7 +54,7 @@ def detect_inputs(inputs: list[str | Path]) -> list[Path]:
             files.append(path)
         else:
             matches = [Path(match) for match in sorted(glob.glob(text, recursive=True))]
-            matches = [match for match in matches if match.is_file()]
+            matches = [match for match in matches if match.is_file() and wanted(match)]
             if not matches:
                 raise FileNotFoundError(f"{text}: no such file or folder, and no file matches it")
             files += matches
@@ -149,7 +157,7 @@ def detect_files(predictor, inputs: list[str | Path], out_dir: Path, *, threshol
     from detector.inference.predictor import read_bgr
     from detector.visualize import draw_detections, heatmap_overlay
 
-    files = detect_inputs(inputs)
+    files = detect_inputs(inputs, exclude=out_dir)
     targets = output_paths(files, out_dir)
     images = [(path, target) for path, target in zip(files, targets, strict=True)
               if not is_video(path)]

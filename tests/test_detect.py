@@ -79,6 +79,8 @@ def test_inputs_are_files_folders_and_globs_once_each(tmp_path):
     found = detect_inputs([tmp_path / "a", str(tmp_path / "*" / "img.jpg")])
     assert found == [tmp_path / "a" / "deep" / "img.png", tmp_path / "a" / "img.jpg",
                      tmp_path / "b" / "img.jpg"]
+    # an output folder inside the inputs is not read back as input
+    assert detect_inputs([tmp_path], exclude=tmp_path / "b") == found[:2]
     with pytest.raises(FileNotFoundError, match=r"nothing\*.jpg: no such file or folder"):
         detect_inputs([str(tmp_path / "nothing*.jpg")])
     (tmp_path / "empty").mkdir()

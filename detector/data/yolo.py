@@ -48,9 +48,9 @@ def class_names_from_yolo(names: object, where: str) -> list[str]:
     """
     if isinstance(names, dict):
         keys = list(names)
-        if sorted(keys, key=str) != sorted(range(len(keys)), key=str) or any(
-            isinstance(key, bool) or not isinstance(key, int) for key in keys
-        ):
+        if any(isinstance(key, bool) or not isinstance(key, int) for key in keys) or sorted(
+            keys
+        ) != list(range(len(keys))):
             raise DataError(
                 f"{where}: the keys of a names mapping must be the class indices "
                 f"0..{len(keys) - 1}, got {keys}"
