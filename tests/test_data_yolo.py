@@ -103,6 +103,14 @@ def test_bad_yolo_label_lines_name_file_and_line(tmp_path, line, message):
     assert str(tmp_path / "labels" / "train" / "a.txt") in str(error.value)
 
 
+def test_binary_label_file_is_named(tmp_path):
+    data_yaml = write_yolo(tmp_path, {"train/a.jpg": ""})
+    (tmp_path / "labels" / "train" / "a.txt").write_bytes(b"\xff\xfe0 0.5")
+    with pytest.raises(DataError, match=r"a.txt: not a UTF-8 text file of labels") as error:
+        load_source(load_data_yaml(data_yaml), "train")
+    assert str(tmp_path / "labels" / "train" / "a.txt") in str(error.value)
+
+
 def test_rounding_just_outside_the_image_is_clipped(tmp_path):
     data_yaml = write_yolo(tmp_path, {"train/a.jpg": "0 0.5 0.5 1.0005 1.0\n"})
     [record] = load_source(load_data_yaml(data_yaml), "train").records

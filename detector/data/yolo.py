@@ -117,7 +117,10 @@ def read_yolo_labels(
             [0, 1] by more than `COORDINATE_TOLERANCE`.
     """
     labels, boxes = [], []
-    text = label_file.read_text(encoding="utf-8")
+    try:
+        text = label_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{label_file}: not a UTF-8 text file of labels ({error})") from None
     for number, line in enumerate(text.splitlines(), start=1):
         values = line.split()
         if not values:
