@@ -12,7 +12,7 @@ import pytest
 
 from ctprune.cli import main
 from detector.data.records import DataError
-from detector.data.sources import load_data_yaml, load_source
+from detector.data.sources import DataConfig, load_data_yaml, load_source
 from detector.data.yolo import label_path
 
 
@@ -72,6 +72,15 @@ def test_a_split_without_any_label_file_is_warned_once(tmp_path, caplog):
     [warning] = caplog.records
     assert str(tmp_path / "labels" / "train" / "a.txt") in warning.getMessage()
     assert "none of its 2 images has a label file" in warning.getMessage()
+
+
+def test_recipe_mapping_form_uses_root_and_class_names(tmp_path):
+    write_yolo(tmp_path, {"train/a.jpg": "1 0.5 0.5 0.5 0.5\n"})
+    config = DataConfig(format="yolo", root=str(tmp_path), train="images/train",
+                        class_names=["cat", "dog"])
+    assert load_source(config, "train").records[0].labels.tolist() == [1]
+    with pytest.raises(DataError, match=r"data.class_names: not set; a YOLO data set needs"):
+        load_source(DataConfig(format="yolo", root=str(tmp_path), train="images/train"), "train")
 
 
 def test_yolo_split_as_a_list_of_image_paths(tmp_path):
