@@ -206,48 +206,15 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(f"per-class table, results json and P-R curves in {out_dir}")
 
 
-def output_stems(images: list[Path]) -> list[str]:
-    """A distinct output name stem per input image: its file stem, or, for images whose stems
-    clash (``a/img.jpg`` and ``b/img.jpg``), its path below the images' common folder joined
-    with "_" (``a_img``); a counter settles what still clashes (the same file given twice).
-    Compared case-insensitively, as on macOS and Windows file systems."""
-    stems = [Path(image).stem for image in images]
-    lowered = [stem.lower() for stem in stems]
-    clashing = {stem for stem in lowered if lowered.count(stem) > 1}
-    if clashing:
-        absolute = [Path(image).resolve() for image in images]
-        common = Path(os.path.commonpath([path.parent for path in absolute]))
-        stems = [
-            "_".join(path.relative_to(common).with_suffix("").parts)
-            if stem.lower() in clashing
-            else stem
-            for stem, path in zip(stems, absolute, strict=True)
-        ]
-    unique, seen = [], set()
-    for stem in stems:
-        candidate, count = stem, 1
-        while candidate.lower() in seen:
-            count += 1
-            candidate = f"{stem}_{count}"
-        seen.add(candidate.lower())
-        unique.append(candidate)
-    return unique
-
-
 def _detect(args: argparse.Namespace) -> None:
     from detector.inference.predictor import Predictor
-    from detector.visualize import draw_detections, heatmap_overlay
+
+    from .detect import detect_files
 
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, flip=args.flip)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for path, stem in zip(args.images, output_stems(args.images), strict=True):
-        [result] = predictor.predict([path], score_threshold=args.threshold)
-        drawn = draw_detections(path, result)
-        target = args.out / f"{stem}_detections.png"
-        write_image(target, drawn)
-        print(f"{path}: {len(result.scores)} detections -> {target}")
-        if args.show_heatmap:
-            write_image(args.out / f"{stem}_heatmap.png", heatmap_overlay(predictor, path))
+    written = detect_files(predictor, args.images, args.out, threshold=args.threshold,
+                           batch_size=args.batch_size, show_heatmap=args.show_heatmap)
+    print(f"wrote {len(written)} files with detections into {args.out}")
 
 
 def _show_data(args: argparse.Namespace) -> None:
@@ -371,13 +338,6 @@ def torch_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def write_image(path: Path, image) -> None:
-    import cv2
-
-    if not cv2.imwrite(str(path), image):
-        raise OSError(f"{path}: could not write the image")
-
-
 def _info(args: argparse.Namespace) -> None:
     import torch
 
@@ -441,6 +401,13 @@ def _make_split(args: argparse.Namespace) -> None:
 
     train, val = split_coco(args.annotations, args.out_dir, args.val_fraction, args.seed)
     print(f"wrote {train} and {val}")
+
+
+def _make_convert(args: argparse.Namespace) -> None:
+    from detector.data.convert import convert_data
+
+    data_file = convert_data(args.source, args.out_dir, args.to)
+    print(f"wrote a {args.to} data set: {data_file}")
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser, set_example: str) -> None:
@@ -521,15 +488,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device")
     evaluate.set_defaults(run=_evaluate)
 
-    detect = commands.add_parser("detect", help="draw a checkpoint's detections on images")
+    detect = commands.add_parser(
+        "detect", help="draw a checkpoint's detections on images, folders, globs and videos"
+    )
     detect.add_argument("checkpoint", type=Path)
-    detect.add_argument("images", nargs="+", type=Path)
-    detect.add_argument("--out", required=True, type=Path)
+    detect.add_argument("images", nargs="+", metavar="INPUT",
+                        help="image or video files (.mp4, .avi, ...), folders (searched "
+                        "recursively) or quoted globs ('shots/**/*.jpg')")
+    detect.add_argument("--out", required=True, type=Path,
+                        help="output folder; outputs mirror the inputs' folders below their "
+                        "common folder, a video comes out as an mp4")
+    detect.add_argument("--batch-size", type=positive_int, default=8,
+                        help="images (or video frames) per forward pass")
     detect.add_argument("--threshold", type=probability, default=0.3,
                         help="minimum score drawn, in [0, 1]")
     detect.add_argument("--flip", action="store_true", help="flip test")
     detect.add_argument(
-        "--show-heatmap", action="store_true", help="also write the heatmap overlay"
+        "--show-heatmap", action="store_true",
+        help="also write the heatmap overlay (images, not videos)"
     )
     detect.add_argument("--device")
     detect.set_defaults(run=_detect)
@@ -620,6 +596,11 @@ def build_parser() -> argparse.ArgumentParser:
                        default=0.1, help="share of the images put in val, in (0, 1)")
     split.add_argument("--seed", type=non_negative_int, default=0)
     split.set_defaults(run=_make_split)
+    convert = kinds.add_parser("convert", help="convert a data set between COCO and YOLO")
+    convert.add_argument("source", type=Path, help="a data.yaml (coco, voc or yolo)")
+    convert.add_argument("out_dir", type=Path, help="a new (or empty) folder")
+    convert.add_argument("--to", required=True, choices=("coco", "yolo"))
+    convert.set_defaults(run=_make_convert)
     return parser
 
 

@@ -29,6 +29,8 @@ OPTION_CASES = [
      "a number in [0, 1], got 2"),
     (["detect", "A.pt", "I.png", "--out", "O", "--threshold", "-0.1"], "--threshold",
      "a number in [0, 1], got -0.1"),
+    (["detect", "A.pt", "I.png", "--out", "O", "--batch-size", "0"], "--batch-size",
+     "an integer >= 1, got 0"),
     (["info", "A.pt", "--input-size", "0", "0"], "--input-size", "a positive multiple of 32"),
     (["export", "A.pt", "--format", "onnx", "--max-detections", "0"], "--max-detections",
      "an integer >= 1, got 0"),

@@ -14,7 +14,7 @@ import pytest
 import torch
 from tiny import tiny_config, tiny_model
 
-from ctprune.cli import main, output_stems
+from ctprune.cli import main
 from ctprune.pruning.api import PruneShortfallWarning, prune
 from ctprune.report.artifacts import read_run
 from detector import load_model, save_checkpoint
@@ -406,21 +406,15 @@ def test_truncated_run_records_are_named(tmp_path, which, damage):
 # ---------------------------------------------------------------- ctprune detect
 
 
-def test_output_stems_are_unique(tmp_path):
-    paths = [tmp_path / "a" / "img.jpg", tmp_path / "b" / "img.jpg", tmp_path / "b" / "x.png",
-             tmp_path / "b" / "x.png", tmp_path / "c" / "IMG.png"]
-    assert output_stems(paths) == ["a_img", "b_img", "b_x", "b_x_2", "c_IMG"]
-    assert output_stems([Path("one.jpg"), Path("two.jpg")]) == ["one", "two"]
-
-
 def test_detect_writes_one_output_per_image(saved, tmp_path, pixels, capsys):
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
         cv2.imwrite(str(tmp_path / folder / "img.jpg"), pixels)
     main(["detect", str(saved), str(tmp_path / "a" / "img.jpg"), str(tmp_path / "b" / "img.jpg"),
           "--out", str(tmp_path / "out")])
-    written = sorted(path.name for path in (tmp_path / "out").iterdir())
-    assert written == ["a_img_detections.png", "b_img_detections.png"]
+    written = sorted(path.relative_to(tmp_path / "out").as_posix()
+                     for path in (tmp_path / "out").rglob("*.png"))
+    assert written == ["a/img_detections.png", "b/img_detections.png"]
 
 
 # ---------------------------------------------------------------- prune shortfall

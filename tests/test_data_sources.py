@@ -444,11 +444,11 @@ def test_common_images_folder_and_crowd_option(tmp_path):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("format: yolo\n", r"data.format: expected 'coco' or 'voc', got 'yolo'"),
+        ("format: yaml\n", r"data.format: expected one of \['coco', 'voc', 'yolo'\], got 'yaml'"),
         ("format: coco\ntrian: a.json\n", r"data.trian: unknown key"),
         ("train: 3\n", r"data.train: expected a path \(a string\), got 3"),
         ("crowd: maybe\n", r"data.crowd: expected 'train' or 'ignore', got 'maybe'"),
-        ("class_names: [a, b]\n", r"data.class_names: only used with format 'voc'"),
+        ("class_names: [a, b]\n", r"data.class_names: only used with formats 'voc' and 'yolo'"),
         ("format: voc\nclass_names: [a, a]\n", r"data.class_names: names listed more than once"),
         ("- format\n", r"expected a mapping"),
         ("format: [coco\n", r"not a valid YAML file"),

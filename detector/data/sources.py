@@ -14,6 +14,17 @@ A Pascal VOC devkit (image and annotation folders follow from VOC's layout)::
     train: VOCdevkit/VOC2007/ImageSets/Main/trainval.txt
     val: VOCdevkit/VOC2007/ImageSets/Main/test.txt
 
+An Ultralytics (YOLO) data.yaml with one line added, ``format: yolo``; ``path`` is the data
+root (relative to the YAML file's folder), ``train``/``val`` image folders or text lists of
+image paths below it, ``names`` a list or an ``{index: name}`` mapping; labels are found by
+Ultralytics' ``/images/`` -> ``/labels/`` rule (see `detector/data/yolo.py`)::
+
+    format: yolo
+    path: ../datasets/coco8
+    train: images/train
+    val: images/val
+    names: {0: person, 1: bicycle}
+
 Relative paths are resolved against the YAML file's folder. `load_data_yaml` reads such a file
 into a `DataConfig`; `load_source(config, "train")` turns it into a `DetectionSource`.
 """
@@ -32,8 +43,13 @@ from ..config import read_yaml_text
 from .coco import CROWD_MODES, load_coco
 from .records import DataError, DetectionSource
 from .voc import load_voc, read_voc_class_names, voc_xml_files
+from .yolo import class_names_from_yolo, load_yolo
 
-FORMATS = ("coco", "voc")
+FORMATS = ("coco", "voc", "yolo")
+ULTRALYTICS_KEYS = ("path", "names", "nc", "test", "download")
+"""Keys of an Ultralytics data.yaml that `load_data_yaml` takes with ``format: yolo``: ``path``
+becomes `DataConfig.root`, ``names`` `DataConfig.class_names`; ``nc`` is checked against the
+names; ``test`` and ``download`` are not used."""
 SPLITS = ("train", "val")
 PATH_FIELDS = ("train", "val", "train_images", "val_images", "images", "annotations", "root")
 
@@ -43,10 +59,12 @@ class DataConfig:
     """Where a dataset lives: the `data` section of a recipe, or a `data.yaml` file."""
 
     format: str = "coco"
-    """Annotation format: "coco" (one json per split) or "voc" (Pascal VOC xml files)."""
+    """Annotation format: "coco" (one json per split), "voc" (Pascal VOC xml files) or "yolo"
+    (Ultralytics txt labels beside an images folder)."""
     train: str | None = None
-    """Training split: a COCO json, or for VOC an image-set file of ids (`ImageSets/Main/
-    train.txt`) or a folder of xml files."""
+    """Training split: a COCO json; for VOC an image-set file of ids (`ImageSets/Main/
+    train.txt`) or a folder of xml files; for YOLO a folder of images or a text file listing
+    image paths."""
     val: str | None = None
     """Validation split, in the same form as `train`."""
     train_images: str | None = None
@@ -60,9 +78,10 @@ class DataConfig:
     """VOC only: folder of the `<id>.xml` files named by an image-set file; may be left out in
     VOC's layout (`<root>/Annotations`)."""
     class_names: list[str] | None = None
-    """VOC only: class index -> name. When not given, the names are read from the xml files of
-    both splits: the 20 VOC classes if every name is one of them, else the sorted names found.
-    (COCO's names always come from the json's categories.)"""
+    """VOC and YOLO: class index -> name. Required for YOLO (an Ultralytics data.yaml's
+    ``names``). For VOC, when not given, the names are read from the xml files of both splits:
+    the 20 VOC classes if every name is one of them, else the sorted names found. (COCO's names
+    always come from the json's categories.)"""
     crowd: str = "train"
     """COCO `iscrowd` boxes: "train" them as ordinary objects (the original CenterNet), or
     "ignore" them (dropped; CenterNet has no ignore regions, so they become background)."""
@@ -73,7 +92,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.format, str) or self.format not in FORMATS:
-            raise DataError(f"data.format: expected 'coco' or 'voc', got {self.format!r}")
+            raise DataError(
+                f"data.format: expected one of {list(FORMATS)}, got {self.format!r}"
+            )
         for name in PATH_FIELDS:
             value = getattr(self, name)
             if isinstance(value, os.PathLike):
@@ -95,10 +116,10 @@ class DataConfig:
             )
             if duplicates:
                 raise DataError(f"data.class_names: names listed more than once: {duplicates}")
-            if self.format != "voc":
+            if self.format == "coco":
                 raise DataError(
-                    "data.class_names: only used with format 'voc'; COCO class names come from "
-                    "the json's categories"
+                    "data.class_names: only used with formats 'voc' and 'yolo'; COCO class "
+                    "names come from the json's categories"
                 )
             self.class_names = list(self.class_names)
         if not isinstance(self.crowd, str) or self.crowd not in CROWD_MODES:
@@ -141,6 +162,13 @@ def load_data_yaml(path: str | Path) -> DataConfig:
     if not isinstance(values, dict):
         raise DataError(f"{path}: expected a mapping of data keys, got {type(values).__name__}")
     values = dict(values)
+    if values.get("format") == "yolo":
+        values = _from_ultralytics(values, path)
+    elif "names" in values:
+        raise DataError(
+            f"{path}: 'names' is a key of an Ultralytics (YOLO) data.yaml; add `format: yolo` "
+            f"to read it as one (format is {values.get('format', 'coco')!r})"
+        )
     root = values.get("root")
     if root is None:
         values["root"] = str(path.parent)
@@ -150,6 +178,28 @@ def load_data_yaml(path: str | Path) -> DataConfig:
         return DataConfig.from_dict(values)
     except DataError as error:
         raise DataError(f"{path}: {error}") from None
+
+
+def _from_ultralytics(values: dict, path: Path) -> dict:
+    """An Ultralytics data.yaml's keys as `DataConfig` keys (see `ULTRALYTICS_KEYS`)."""
+    values = dict(values)
+    if "path" in values:
+        if "root" in values:
+            raise DataError(f"{path}: give 'path' (Ultralytics) or 'root', not both")
+        values["root"] = values.pop("path")
+    if "names" in values:
+        if "class_names" in values:
+            raise DataError(f"{path}: give 'names' (Ultralytics) or 'class_names', not both")
+        values["class_names"] = class_names_from_yolo(values.pop("names"), f"{path}: names")
+    count = values.pop("nc", None)
+    if count is not None and count != len(values.get("class_names") or []):
+        raise DataError(
+            f"{path}: nc is {count!r} but names lists {len(values.get('class_names') or [])} "
+            "classes"
+        )
+    values.pop("test", None)
+    values.pop("download", None)
+    return values
 
 
 def resolve_path(config: DataConfig, key: str) -> Path | None:
@@ -194,6 +244,13 @@ def load_source(config: DataConfig, split: str) -> DetectionSource:
                 f"of the {split} images"
             )
         source = load_coco(annotation_path, image_dir, crowd=config.crowd)
+    elif config.format == "yolo":
+        if config.class_names is None:
+            raise DataError(
+                "data.class_names: not set; a YOLO data set needs its class names (an "
+                "Ultralytics data.yaml's 'names')"
+            )
+        source = load_yolo(annotation_path, config.class_names)
     else:
         annotation_dir = _existing_path(config, "annotations")
         class_names = config.class_names

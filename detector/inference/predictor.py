@@ -118,31 +118,47 @@ class Predictor:
 
     def predict_one(self, image: np.ndarray | str | Path) -> np.ndarray:
         """(N, 6) x1, y1, x2, y2, score, class in image pixels for one image."""
-        image = read_bgr(image)
-        per_scale = []
+        return self.predict_rows([image])[0]
+
+    def predict_rows(self, images: list) -> list[np.ndarray]:
+        """(N, 6) x1, y1, x2, y2, score, class in image pixels for each image (paths or BGR
+        arrays), in input order. Per test scale, the images whose prepared inputs have the same
+        size (all of them at a fixed input size; those of one size with keep_resolution) run
+        through the model in one forward pass."""
+        images = [read_bgr(image) for image in images]
+        per_image: list[list[np.ndarray]] = [[] for _ in images]
         for scale in self.scales:
-            network_input, meta = test_transform(
-                image, self.config.input, scale, self.keep_resolution
-            )
-            batch = torch.from_numpy(network_input)[None].to(self.device)
-            detections = detect(
-                self.model, batch, flip=self.flip, max_detections=self.max_detections,
-                head=self.config.head,
-            )
-            per_scale.append(
-                detections_to_image(detections[0].cpu().numpy(), meta["inverse_affine"])
-            )
-        if len(per_scale) == 1:
-            return per_scale[0].astype(np.float32)
-        return merge_multiscale(
-            per_scale, self.config.num_classes, self.max_detections, self.soft_nms
-        )
+            prepared = [
+                test_transform(image, self.config.input, scale, self.keep_resolution)
+                for image in images
+            ]
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for position, (network_input, _) in enumerate(prepared):
+                groups.setdefault(network_input.shape, []).append(position)
+            for positions in groups.values():
+                batch = torch.from_numpy(
+                    np.stack([prepared[position][0] for position in positions])
+                ).to(self.device)
+                detections = detect(
+                    self.model, batch, flip=self.flip, max_detections=self.max_detections,
+                    head=self.config.head,
+                ).cpu().numpy()
+                for position, rows in zip(positions, detections, strict=True):
+                    inverse_affine = prepared[position][1]["inverse_affine"]
+                    per_image[position].append(detections_to_image(rows, inverse_affine))
+        if len(self.scales) == 1:
+            return [per_scale[0].astype(np.float32) for per_scale in per_image]
+        return [
+            merge_multiscale(per_scale, self.config.num_classes, self.max_detections,
+                             self.soft_nms)
+            for per_scale in per_image
+        ]
 
     def predict(self, images: list, score_threshold: float = 0.0) -> list[Detections]:
-        """Detections for each image (paths or BGR arrays), keeping scores >= threshold."""
+        """Detections for each image (paths or BGR arrays), keeping scores >= threshold, in
+        input order; images of one prepared size share one forward pass (`predict_rows`)."""
         results = []
-        for image in images:
-            rows = self.predict_one(image)
+        for rows in self.predict_rows(images):
             rows = rows[rows[:, 4] >= score_threshold]
             labels = rows[:, 5].astype(np.int64)
             results.append(
