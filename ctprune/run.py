@@ -19,6 +19,11 @@ completes and put back if it fails. A failure leaves the folders of the finished
 untouched. Before any work `ctprune.preflight.preflight` checks every stage's inputs, and
 ``RUN/.lock`` (`ctprune.lock`) keeps a second run out while this one writes. A fine-tune
 whose `distill` names no teacher checkpoint learns from ``baseline/checkpoint.pt``.
+
+Under torchrun every process runs the same stages on its own device (``cuda:LOCAL_RANK``);
+rank 0 alone takes the lock, decides what each stage does, writes and moves the run folder's
+files, and prunes (the others load its pruned checkpoint, and every rank's plan digest is
+compared with rank 0's); see docs/distributed.md.
 """
 
 from __future__ import annotations
