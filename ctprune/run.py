@@ -195,12 +195,12 @@ class Runner:
                 raise RunError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
         # This process's device: cuda:LOCAL_RANK under torchrun (joining its process group).
         self.device = str(distributed.setup(device))
-        self.main = distributed.is_main_process()
         # The synthetic benchmark is generated here (by rank 0), before anything reads the data.
         self.recipe = distributed.run_on_main(lambda: prepare_data(recipe))
         self.out_dir = Path(out_dir)
         self.rerun_from, self.only = rerun_from, only
-        self.log = log if self.main else _quiet  # one copy of each line under torchrun
+        # One copy of each line under torchrun: rank 0's.
+        self.log = log if distributed.is_main_process() else _quiet
         self.on_epoch_end = on_epoch_end
         self.order = 0
         self.stage_names: list[str] = []  # this recipe's stages, in order: what the report shows
@@ -209,6 +209,11 @@ class Runner:
         if self.val_source is None:
             raise RunError("data.val: a run evaluates every stage, so it needs a val split")
         self.model_config = resolve_model_config(self.recipe.model, self.train_source.class_names)
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the run folder: rank 0 (or the only process)."""
+        return distributed.is_main_process()
 
     # --- stage bookkeeping -------------------------------------------------------------------
     def _wanted(self, kind: str) -> bool:
