@@ -19,11 +19,18 @@ completes and put back if it fails. A failure leaves the folders of the finished
 untouched. Before any work `ctprune.preflight.preflight` checks every stage's inputs, and
 ``RUN/.lock`` (`ctprune.lock`) keeps a second run out while this one writes. A fine-tune
 whose `distill` names no teacher checkpoint learns from ``baseline/checkpoint.pt``.
+
+Under torchrun every process runs the same stages on its own device (``cuda:LOCAL_RANK``);
+rank 0 alone takes the lock, decides what each stage does, writes and moves the run folder's
+files, and prunes (the others load its pruned checkpoint, and every rank's plan digest is
+compared with rank 0's); see docs/distributed.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import platform
 import shutil
@@ -38,7 +45,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from detector import load_model, save_checkpoint
+from detector import distributed, load_model, save_checkpoint
 from detector.config import ModelConfig, to_dict
 from detector.data.dataset import CenterNetDataset, collate
 from detector.data.sources import load_splits
@@ -186,10 +193,14 @@ class Runner:
         for stage in (rerun_from, only):
             if stage is not None and stage not in STAGES:
                 raise RunError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-        # The synthetic benchmark is generated here, before anything reads the data.
-        self.recipe, self.out_dir = prepare_data(recipe), Path(out_dir)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.rerun_from, self.only, self.log = rerun_from, only, log
+        # This process's device: cuda:LOCAL_RANK under torchrun (joining its process group).
+        self.device = str(distributed.setup(device))
+        # The synthetic benchmark is generated here (by rank 0), before anything reads the data.
+        self.recipe = distributed.run_on_main(lambda: prepare_data(recipe))
+        self.out_dir = Path(out_dir)
+        self.rerun_from, self.only = rerun_from, only
+        # One copy of each line under torchrun: rank 0's.
+        self.log = log if distributed.is_main_process() else _quiet
         self.on_epoch_end = on_epoch_end
         self.order = 0
         self.stage_names: list[str] = []  # this recipe's stages, in order: what the report shows
@@ -198,6 +209,11 @@ class Runner:
         if self.val_source is None:
             raise RunError("data.val: a run evaluates every stage, so it needs a val split")
         self.model_config = resolve_model_config(self.recipe.model, self.train_source.class_names)
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the run folder: rank 0 (or the only process)."""
+        return distributed.is_main_process()
 
     # --- stage bookkeeping -------------------------------------------------------------------
     def _wanted(self, kind: str) -> bool:
@@ -209,34 +225,19 @@ class Runner:
         return self.rerun_from is not None and STAGES.index(kind) >= STAGES.index(self.rerun_from)
 
     def _run_stage(self, stage: Stage, work: Callable[[Stage, bool], dict]) -> dict | None:
-        """Run ``stage`` unless it is done; None when it comes after the `--only` stage."""
+        """Run ``stage`` unless it is done; None when it comes after the `--only` stage. Under
+        torchrun rank 0 alone reads and moves the stage's folders and writes its files; every
+        rank follows its decision and does the stage's work."""
         self.order += 1
         self.stage_names.append(stage.name)
-        _recover_aside(stage)
-        if stage.is_done() and not self._forced(stage.kind):
-            self.log(f"[skip] {stage.name}: done, unchanged")
-            return stage.info()
-        if not self._wanted(stage.kind):
-            if STAGES.index(stage.kind) > STAGES.index(self.only):
-                return None  # after the --only stage: left for a later run
-            raise RunError(
-                f"{stage.name}: needed by --only {self.only} but not done; run without --only first"
-            )
-        previous = stage.info()
-        resume = (previous is not None and previous.get("fingerprint") == stage.fingerprint
-                  and not self._forced(stage.kind) and (stage.folder / RESUME_FILE).is_file())
+        action, info = distributed.run_on_main(lambda: self._claim_stage(stage))
+        if action in ("skip", "later"):
+            return info
         aside = _aside_folder(stage.folder)
-        if not resume and stage.folder.exists():
-            # Another configuration's results: kept aside until the new stage completes, and put
-            # back if it fails, so a rerun with impossible settings loses nothing.
-            if aside.exists():
-                shutil.rmtree(stage.folder)  # an interrupted replacement; the aside is older
-            else:
-                stage.folder.rename(aside)
         try:
-            info = self._do_stage(stage, work, resume)
+            info = self._do_stage(stage, work, action == "resume")
         except Exception as error:
-            if not aside.exists():
+            if not self.main or not aside.exists():
                 raise
             shutil.rmtree(stage.folder, ignore_errors=True)
             aside.rename(stage.folder)
@@ -251,12 +252,40 @@ class Runner:
             raise
         # KeyboardInterrupt is not caught: the new stage's progress stays for the resume, the
         # previous results stay aside until the new stage completes.
-        if aside.exists():
+        if self.main and aside.exists():
             shutil.rmtree(aside)
         return info
 
+    def _claim_stage(self, stage: Stage) -> tuple[str, dict | None]:
+        """What to do with ``stage`` (rank 0's decision): ("skip", its info) when it is done,
+        ("later", None) after the `--only` stage, ("resume", None) to continue its interrupted
+        training, ("fresh", None) to run it from scratch (its folder of other settings moved
+        aside first)."""
+        _recover_aside(stage)
+        if stage.is_done() and not self._forced(stage.kind):
+            self.log(f"[skip] {stage.name}: done, unchanged")
+            return "skip", stage.info()
+        if not self._wanted(stage.kind):
+            if STAGES.index(stage.kind) > STAGES.index(self.only):
+                return "later", None  # after the --only stage: left for a later run
+            raise RunError(
+                f"{stage.name}: needed by --only {self.only} but not done; run without --only first"
+            )
+        previous = stage.info()
+        resume = (previous is not None and previous.get("fingerprint") == stage.fingerprint
+                  and not self._forced(stage.kind) and (stage.folder / RESUME_FILE).is_file())
+        aside = _aside_folder(stage.folder)
+        if not resume and stage.folder.exists():
+            # Another configuration's results: kept aside until the new stage completes, and put
+            # back if it fails, so a rerun with impossible settings loses nothing.
+            if aside.exists():
+                shutil.rmtree(stage.folder)  # an interrupted replacement; the aside is older
+            else:
+                stage.folder.rename(aside)
+        return ("resume" if resume else "fresh"), None
+
     def _do_stage(self, stage: Stage, work: Callable[[Stage, bool], dict], resume: bool) -> dict:
-        stage.folder.mkdir(parents=True, exist_ok=True)
+        distributed.run_on_main(lambda: stage.folder.mkdir(parents=True, exist_ok=True))
         base = {
             "name": stage.name,
             "stage": stage.kind,
@@ -265,11 +294,16 @@ class Runner:
             "fingerprint": stage.fingerprint,
             "input_size": list(self.model_config.input.input_size),
         }
-        atomic_write_json(stage.folder / STAGE_FILE, {**base, "complete": False}, default=str)
+        distributed.run_on_main(lambda: atomic_write_json(
+            stage.folder / STAGE_FILE, {**base, "complete": False}, default=str))
         self.log(f"[{'resume' if resume else 'run'}] {stage.name}")
         started = time.perf_counter()
         extra = work(stage, resume)
         seconds = time.perf_counter() - started
+        return distributed.run_on_main(lambda: self._finish_stage(stage, base, extra, seconds))
+
+    def _finish_stage(self, stage: Stage, base: dict, extra: dict, seconds: float) -> dict:
+        """The finished stage's figures and its complete stage.json (rank 0)."""
         # Measured once here, each model timed interleaved with the baseline; reports read it.
         settings = self.recipe.report
         baseline = self.baseline_stage.folder if self.baseline_stage is not None else None
@@ -310,8 +344,8 @@ class Runner:
               resume=resume, device=self.device, initial_model=initial_model,
               on_epoch_end=self.on_epoch_end)
         best = stage.folder / BEST_CHECKPOINT
-        chosen = best if best.is_file() else stage.folder / LAST_CHECKPOINT
-        atomic_copy(chosen, stage.folder / CHECKPOINT)
+        distributed.run_on_main(lambda: atomic_copy(
+            best if best.is_file() else stage.folder / LAST_CHECKPOINT, stage.folder / CHECKPOINT))
         model, _ = load_model(stage.folder / CHECKPOINT)
         return model
 
@@ -352,9 +386,8 @@ class Runner:
 
         def work(stage: Stage, resume: bool) -> dict:
             if recipe.baseline.checkpoint is not None:
-                atomic_copy(
-                    resolve_path(recipe, recipe.baseline.checkpoint), stage.folder / CHECKPOINT
-                )
+                distributed.run_on_main(lambda: atomic_copy(
+                    resolve_path(recipe, recipe.baseline.checkpoint), stage.folder / CHECKPOINT))
                 model, checkpoint = load_model(stage.folder / CHECKPOINT)
                 config = checkpoint.model_config
                 if config.arch != self.model_config.arch:
@@ -364,12 +397,12 @@ class Runner:
                         "them agree"
                     )
             elif recipe.baseline.original is not None:
-                import_original_checkpoint(
+                distributed.run_on_main(lambda: import_original_checkpoint(
                     resolve_path(recipe, recipe.baseline.original),
                     self.model_config.arch,
                     stage.folder / CHECKPOINT,
                     tuple(self.model_config.input.input_size),
-                )
+                ))
                 model, checkpoint = load_model(stage.folder / CHECKPOINT)
                 config = checkpoint.model_config
             else:
@@ -399,7 +432,7 @@ class Runner:
             branch.name,
         )
 
-        def work(stage: Stage, resume: bool) -> dict:
+        def prune_and_save() -> dict:
             model, checkpoint = load_model(source.folder / CHECKPOINT)
             size = tuple(checkpoint.model_config.input.input_size)
             result = prune_with(model, options, example_inputs=torch.zeros(1, 3, *size),
@@ -411,9 +444,18 @@ class Runner:
                             meta={"pruned_from": str(source.folder / CHECKPOINT)})
             stats = dataclasses.asdict(result.stats)
             stats.pop("groups", None)  # per-group details stay out of the report's input
+            return stats
+
+        def work(stage: Stage, resume: bool) -> dict:
+            # Under torchrun rank 0 prunes and the others load its pruned checkpoint; every
+            # rank's plan digest is then compared with rank 0's.
+            stats = distributed.run_on_main(prune_and_save)
+            model, checkpoint = load_model(stage.folder / CHECKPOINT)
+            digests = _same_plan_on_every_rank(stage, checkpoint.channel_plan)
             return {
                 "prune": stats,
-                "metrics": self._evaluate(result.model, checkpoint.model_config, stage),
+                "plan_sha256_per_rank": digests,
+                "metrics": self._evaluate(model, checkpoint.model_config, stage),
             }
 
         self._run_stage(stage, work)
@@ -456,9 +498,10 @@ class Runner:
     def report(self) -> dict:
         """The run's report from the figures its stages stored (nothing is timed again)."""
         config = self.recipe.report
-        return build_report([self.out_dir], self.out_dir, latency=config.latency,
-                            latency_repeats=config.latency_repeats, threads=config.threads,
-                            stages=self.stage_names)
+        return distributed.run_on_main(lambda: build_report(
+            [self.out_dir], self.out_dir, latency=config.latency,
+            latency_repeats=config.latency_repeats, threads=config.threads,
+            stages=self.stage_names))
 
     def run(self) -> dict | None:
         baseline = self.baseline()
@@ -475,8 +518,33 @@ class Runner:
                 suffix = "" if self.recipe.prune.rounds == 1 else f"_{round_index}"
                 source = self.finetune_stage(pruned, f"{branch.name}/finetune{suffix}", branch.name)
         if self.only in (None, "report"):
-            return self.report()
+            report = self.report()
+            return report if self.main else None
         return None
+
+
+def _quiet(line: str) -> None:
+    """The log of ranks other than 0."""
+
+
+def plan_digest(channel_plan: dict | None) -> str:
+    """sha256 of a channel plan (module path -> widths), independent of key order."""
+    text = json.dumps(channel_plan, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _same_plan_on_every_rank(stage: Stage, channel_plan: dict | None) -> list[str]:
+    """Every rank's plan digest (rank order), all equal to rank 0's; a rank that loaded
+    another plan (a run folder not shared between the machines, say) is an error."""
+    digests = distributed.gather_to_all(plan_digest(channel_plan))
+    different = [rank for rank, digest in enumerate(digests) if digest != digests[0]]
+    if different:
+        raise RunError(
+            f"{stage.folder / CHECKPOINT}: ranks {different} loaded another channel plan than "
+            "rank 0 (sha256 " + ", ".join(digests) + "); every machine of a multi-node run must "
+            "see one run folder (a shared file system)"
+        )
+    return digests
 
 
 def _read_json(path: Path, remedy: str) -> dict:
@@ -529,12 +597,32 @@ def run_recipe(
     """Run every stage of ``recipe`` into ``out_dir`` and return the report (None with ``only``
     a stage other than report). ``on_epoch_end`` is given to every training stage's `fit`."""
     out_dir = Path(out_dir)
+    # Under torchrun every process runs this; each joins the process group and takes its own
+    # device (cuda:LOCAL_RANK); rank 0 alone takes the lock and writes the run folder's files.
+    joined = distributed.launched_by_torchrun() and not torch.distributed.is_initialized()
+    device = str(distributed.setup(device))
+    try:
+        return _run_locked(recipe, out_dir, device, command, rerun_from, only, on_epoch_end, log)
+    finally:
+        if joined:  # the group this call joined, it leaves (a process exiting inside it aborts)
+            distributed.cleanup()
+
+
+def _run_locked(recipe: Recipe, out_dir: Path, device: str, command: list[str] | None,
+                rerun_from: str | None, only: str | None,
+                on_epoch_end: Callable[[int, torch.nn.Module, dict], None] | None,
+                log: Callable[[str], None]) -> dict | None:
     # Everything checkable is checked before the lock, the data generation or any folder.
     preflight(recipe, out_dir, device)
-    with run_lock(out_dir, command):
-        remove_stale_temporaries(out_dir)  # a killed run's half-written report or manifest
+    with contextlib.ExitStack() as held:
+
+        def take_lock() -> None:
+            held.enter_context(run_lock(out_dir, command))
+            remove_stale_temporaries(out_dir)  # a killed run's half-written report or manifest
+
+        distributed.run_on_main(take_lock)
         # Reads the data: errors surface before any work.
         runner = Runner(recipe, out_dir, device=device, rerun_from=rerun_from, only=only,
                         on_epoch_end=on_epoch_end, log=log)
-        write_manifest(runner.recipe, out_dir, command)
+        distributed.run_on_main(lambda: write_manifest(runner.recipe, out_dir, command))
         return runner.run()

@@ -8,11 +8,16 @@ Backends: nccl on CUDA, gloo on CPU.
 from __future__ import annotations
 
 import os
+import pickle
+from collections.abc import Callable
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+T = TypeVar("T")
 
 
 def launched_by_torchrun() -> bool:
@@ -84,6 +89,16 @@ def gather_to_main(value: object) -> list[object] | None:
     return gathered
 
 
+def gather_to_all(value: object) -> list[object]:
+    """Every rank's ``value`` on every rank (a list in rank order); ``[value]`` outside
+    torch.distributed."""
+    if not dist.is_initialized():
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def broadcast_from_main(value: object) -> object:
     """Rank 0's ``value`` on every rank."""
     if not dist.is_initialized():
@@ -91,6 +106,37 @@ def broadcast_from_main(value: object) -> object:
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def run_on_main(work: Callable[[], T]) -> T:
+    """``work()`` on rank 0 only, its result on every rank; an error it raises is raised on
+    every rank, so that the others stop with rank 0's message instead of waiting for it in
+    their next collective. Also a barrier: no rank goes on before rank 0 has finished. Outside
+    torch.distributed it is ``work()``."""
+    if not dist.is_initialized():
+        return work()
+    if dist.get_rank() != 0:
+        ok, value = broadcast_from_main(None)
+        if not ok:
+            raise value
+        return value
+    try:
+        value = work()
+    except Exception as error:
+        broadcast_from_main((False, _sendable(error)))
+        raise
+    broadcast_from_main((True, value))
+    return value
+
+
+def _sendable(error: Exception) -> Exception:
+    """``error`` when it survives pickling (to reach the other ranks), else a RuntimeError
+    with its message."""
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:  # an exception holding an open file, a lock, a lambda
+        return RuntimeError(f"rank 0: {type(error).__name__}: {error}")
+    return error
 
 
 def barrier() -> None:

@@ -149,7 +149,7 @@ AVERAGE_GRADIENTS = """
 import sys
 import torch
 import torch.distributed as dist
-from detector.distributed import average_gradients
+from detector.distributed import average_gradients, run_on_main
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -160,11 +160,23 @@ if rank == 1:
     only_on_rank_1.grad = torch.full((2,), 4.0)
 average_gradients([with_gradient, only_on_rank_1])
 print(f"RANK{rank} {with_gradient.grad.tolist()} {only_on_rank_1.grad.tolist()}")
+print(f"RANK{rank} got {run_on_main(lambda: f'rank {rank} was here')!r}")
+
+
+def refuse():
+    raise ValueError("manifest.json: recipe_name 'other', expected 'smoke'")
+
+
+try:
+    run_on_main(refuse)
+except ValueError as error:
+    print(f"RANK{rank} raised {error}")
 dist.destroy_process_group()
 """
 
 
 def test_extra_parameters_get_the_average_gradient_on_every_process(tmp_path):
+    """Also `run_on_main`: rank 0's result, and rank 0's error, on every rank."""
     script = tmp_path / "average.py"
     script.write_text(AVERAGE_GRADIENTS)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -174,3 +186,6 @@ def test_extra_parameters_get_the_average_gradient_on_every_process(tmp_path):
     assert finished.returncode == 0, finished.stderr[-3000:]
     for rank in (0, 1):
         assert f"RANK{rank} [1.5, 1.5, 1.5] [2.0, 2.0]" in finished.stdout
+        assert f"RANK{rank} got 'rank 0 was here'" in finished.stdout
+        assert (f"RANK{rank} raised manifest.json: recipe_name 'other', expected 'smoke'"
+                in finished.stdout)
