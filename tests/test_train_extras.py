@@ -1,8 +1,12 @@
 """Training extras: gradient accumulation (train.accumulate) and the weight average
 (train.ema_decay), both resumable."""
 
+import os
+import re
+
 import pytest
 import torch
+import yaml
 from tiny import TinyDetectionData, tiny_config
 from torch import nn
 from torch.utils.data import default_collate
@@ -142,3 +146,34 @@ def test_resume_without_a_saved_average_starts_it_from_the_resumed_weights(tmp_p
     with pytest.warns(UserWarning, match=r"resume\.pt holds no weight average \(train\.ema_"):
         _run(tmp_path / "run", _config(epochs=2, eval_interval=0, ema_decay=0.9), resume=True)
     assert (tmp_path / "run" / "last_ema.pt").is_file()
+
+
+@pytest.mark.skipif(
+    not os.environ.get("CTPRUNE_SLOW_TESTS"),
+    reason="two torchrun jobs (about 30 s on 2 cores); set CTPRUNE_SLOW_TESTS=1",
+)
+def test_two_processes_accumulate_and_average_as_one_model(tmp_path, tmp_path_factory):
+    """Under torchrun the ranks skip the gradient all-reduce inside a group (no_sync) and
+    average on its last backward: both ranks end with one model, and a kill-and-resume of the
+    distributed run with EMA and accumulation finishes its epochs."""
+    from test_distributed import _torchrun
+    from test_distributed import recipe as recipe_fixture
+
+    raw = yaml.safe_load(recipe_fixture.__wrapped__(tmp_path_factory).read_text())
+    raw["train"].update(accumulate=2, ema_decay=0.9)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    finished = _torchrun(path, tmp_path / "ddp")
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    checksums = re.findall(r"FINAL epochs=\d+ checksum=(-?\d+\.\d{6})", finished.stdout)
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    killed = _torchrun(path, tmp_path / "run", kill_rank=1, kill_epoch=1)
+    assert killed.returncode != 0
+    resumed = _torchrun(path, tmp_path / "run", mode="resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for file in ("last.pt", "last_ema.pt"):
+        straight, _ = load_model(tmp_path / "ddp" / file)
+        again, _ = load_model(tmp_path / "run" / file)
+        for name, value in straight.state_dict().items():
+            torch.testing.assert_close(again.state_dict()[name], value, rtol=1e-5, atol=1e-6,
+                                       msg=f"{file}: {name}")
