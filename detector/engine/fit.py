@@ -7,7 +7,9 @@ distillation), an after-backward callable (sparsity regularisation), an after-st
 end-of-epoch callables (logging, averaging weights). Every epoch ends with two atomic files in
 ``out_dir``: ``last.pt`` (the model, in the checkpoint format) and ``resume.pt`` (optimiser,
 scheduler, scaler, RNG, extra parameters and progress), then ``best.pt`` when the selection
-metric improved.
+metric improved. With ``train.accumulate`` the optimiser steps once per group of batches (the
+callables, the schedule and the weight average count those steps); with ``train.ema_decay`` a
+weight average is evaluated and saved (``last_ema.pt``, ``best.pt``) beside the raw weights.
 """
 
 from __future__ import annotations
