@@ -141,6 +141,13 @@ def test_resume_with_ema_and_accumulation_matches_an_uninterrupted_run(tmp_path)
                                        msg=f"{file}: {name}")
 
 
+def test_resume_with_another_accumulation_is_refused(tmp_path):
+    _run(tmp_path / "run", _config(epochs=1, accumulate=2, eval_interval=0))
+    with pytest.raises(ValueError, match=r"resume\.pt: trained with train\.accumulate=2, this "
+                                         r"run has 1; .* resume with train\.accumulate=2"):
+        _run(tmp_path / "run", _config(epochs=2, eval_interval=0), resume=True)
+
+
 def test_resume_without_a_saved_average_starts_it_from_the_resumed_weights(tmp_path):
     _run(tmp_path / "run", _config(epochs=1, eval_interval=0))
     with pytest.warns(UserWarning, match=r"resume\.pt holds no weight average \(train\.ema_"):

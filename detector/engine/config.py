@@ -42,7 +42,7 @@ class TrainConfig:
     """Gradient accumulation (>= 1): the optimiser steps once every this many batches, on
     their mean loss, so the effective batch is batch_size x accumulate (what the lr rule and
     the schedule's steps count). A partial group at the end of an epoch steps on its own (its
-    mean); groups never span epochs, the unit a resume restarts from."""
+    mean); groups never span epochs, the unit a resume restarts from (with the same value)."""
     optimizer: Literal["adam", "sgd"] = "adam"
     """Adam (the original's choice, robust for CenterNet) or SGD with momentum."""
     lr: float = 1.25e-4

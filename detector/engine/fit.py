@@ -311,7 +311,7 @@ def check_resumable(out_dir: Path) -> None:
 
 def _resume(out_dir: Path, model_config: ModelConfig, plain_model: nn.Module,
             extra_parameters: list[nn.Parameter], optimizer, scheduler, scaler,
-            average: WeightAverage | None = None) -> FitResult:
+            average: WeightAverage | None = None, accumulate: int = 1) -> FitResult:
     """Put ``out_dir``'s resume.pt back into the model, the extra parameters, the optimiser,
     the schedule, the scaler, the weight average and the RNGs; the progress so far. Temporary
     files of writes a kill interrupted are removed."""
@@ -341,6 +341,13 @@ def _resume(out_dir: Path, model_config: ModelConfig, plain_model: nn.Module,
     _restore_extra_parameters(
         extra_parameters, state.get("extra_parameters"), out_dir / RESUME_FILE
     )
+    saved_accumulate = state.get("accumulate", 1)  # resume.pt from before the key: 1
+    if saved_accumulate != accumulate:
+        raise ValueError(
+            f"{out_dir / RESUME_FILE}: trained with train.accumulate={saved_accumulate}, this run "
+            f"has {accumulate}; its schedule counts optimiser steps, so resume with "
+            f"train.accumulate={saved_accumulate}"
+        )
     if average is not None:
         _restore_average(average, state.get("ema"), plain_model, out_dir / RESUME_FILE)
     optimizer.load_state_dict(state["optimizer"])
@@ -386,6 +393,7 @@ def _save_epoch(out_dir: Path, plain_model: nn.Module, model_config: ModelConfig
             "rng": _rng_state(),
             "extra_parameters": [parameter.detach().cpu() for parameter in extra_parameters],
             "ema": None if average is None else average.state_dict(),
+            "accumulate": config.accumulate,
             "best_value": result.best_value,
             "best_epoch": result.best_epoch,
             "history": result.history,
@@ -486,7 +494,7 @@ def fit(
     result = FitResult(epochs=0)
     if resume:
         result = _resume(out_dir, model_config, plain_model, extra_parameters, optimizer,
-                         scheduler, scaler, average)
+                         scheduler, scaler, average, config.accumulate)
     log = MetricsLog(out_dir, enabled=main)
     log.start(result.epochs)
     global_step = result.epochs * len(train_loader)
