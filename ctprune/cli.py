@@ -17,6 +17,7 @@ from detector.layout import (
     EVAL_FOLDER,
     HISTORY_FILE,
     LAST_CHECKPOINT,
+    LAST_EMA_CHECKPOINT,
     RECIPE_FILE,
     RESUME_FILE,
 )
@@ -44,7 +45,8 @@ def _print_notes(lines: list[str], prefix: str = "") -> None:
         print(f"{prefix}{line}")
 
 
-TRAINING_OUTPUTS = (LAST_CHECKPOINT, BEST_CHECKPOINT, RESUME_FILE, HISTORY_FILE)
+TRAINING_OUTPUTS = (LAST_CHECKPOINT, LAST_EMA_CHECKPOINT, BEST_CHECKPOINT, RESUME_FILE,
+                    HISTORY_FILE)
 """The files that mark a folder as holding a training run (finished or partial)."""
 TRAINING_FILES = (*TRAINING_OUTPUTS, RECIPE_FILE, EVAL_FOLDER, "tensorboard",
                   "unlabelled_images.json")

@@ -90,6 +90,25 @@ class InputSpec:
             )
 
 
+    @staticmethod
+    def expand_shorthand(data: dict, path: str) -> dict:
+        """``{preset: centernet, ...}`` (a recipe's ``model.input``) as the preset's keys with
+        the keys given beside ``preset`` on top; other mappings unchanged."""
+        if "preset" not in data:
+            return data
+        name = data["preset"]
+        if name not in INPUT_PRESETS:
+            raise ConfigError(
+                f"{path}.preset: expected one of {', '.join(INPUT_PRESETS)}, got {name!r}"
+            )
+        rest = {key: value for key, value in data.items() if key != "preset"}
+        return {**to_dict(input_preset(name)), **rest}
+
+
+INPUT_PRESETS = ("centernet", "imagenet")
+"""The names `input_preset` knows (and a recipe's ``model.input.preset`` takes)."""
+
+
 def input_preset(name: str, input_size: tuple[int, int] = (512, 512)) -> InputSpec:
     """Named input conventions.
 
@@ -109,7 +128,7 @@ def input_preset(name: str, input_size: tuple[int, int] = (512, 512)) -> InputSp
             keep_resolution=True,
             pad=31,
         )
-    raise ValueError(f"unknown input preset {name!r}; known presets: centernet, imagenet")
+    raise ValueError(f"unknown input preset {name!r}; known presets: {', '.join(INPUT_PRESETS)}")
 
 
 @dataclass
@@ -134,7 +153,9 @@ class ModelConfig:
     class_names: list[str] | None = None
     """Names of the classes in heatmap-channel order, when known."""
     input: InputSpec = field(default_factory=InputSpec)
-    """How images are prepared for this model."""
+    """How images are prepared for this model. In a recipe, ``{preset: centernet}`` (or
+    ``imagenet``) stands for that preset's keys (see `input_preset`); keys beside ``preset``
+    override it, e.g. ``{preset: centernet, input_size: [384, 384]}``."""
 
     def __post_init__(self) -> None:
         try:
@@ -331,6 +352,8 @@ def from_dict(cls: type, data: dict | None, path: str) -> Any:
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path or 'recipe'}: expected a mapping, got {data!r}")
+    if hasattr(cls, "expand_shorthand"):  # e.g. InputSpec's ``preset``
+        data = cls.expand_shorthand(data, path or "recipe")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))

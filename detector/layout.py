@@ -3,6 +3,8 @@ evaluation and `ctprune`'s run folders (`ctprune.layout`) all use these names.
 
     OUT/recipe.yaml            the resolved recipe the run trained with
     OUT/last.pt, OUT/best.pt   the model after the latest epoch / the best by train.best_metric
+    OUT/last_ema.pt            with train.ema_decay: the weight average after the latest epoch
+                               (best.pt is then chosen among, and holds, the averages)
     OUT/resume.pt              optimiser, schedule, scaler, RNG state and progress for --resume
     OUT/metrics.jsonl          one JSON line per logged step and per epoch
     OUT/eval/metrics.json      the latest evaluation's metrics (with results.json,
@@ -20,6 +22,7 @@ RECIPE_FILE = "recipe.yaml"
 MANIFEST_FILE = "manifest.json"
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
+LAST_EMA_CHECKPOINT = "last_ema.pt"
 RESUME_FILE = "resume.pt"
 HISTORY_FILE = "metrics.jsonl"
 EVAL_FOLDER = "eval"

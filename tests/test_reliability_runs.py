@@ -65,10 +65,11 @@ def test_train_into_a_training_run_is_refused_unless_resume_or_overwrite(smoke, 
     out = tmp_path / "t"
     out.mkdir()
     (out / "best.pt").write_text("an earlier run")
+    (out / "last_ema.pt").write_text("an earlier run's weight average (train.ema_decay)")
     (out / "metrics.jsonl").write_text('{"kind": "epoch", "epoch": 7}\n')
     code, _, err = _main(capsys, "train", smoke, "--out", out, *FAST)
     assert code == 2
-    assert f"{out}: holds a training run (best.pt, metrics.jsonl)" in err
+    assert f"{out}: holds a training run (last_ema.pt, best.pt, metrics.jsonl)" in err
     assert "--resume" in err and "--overwrite" in err
     assert (out / "best.pt").read_text() == "an earlier run"
     code, out_text, err = _main(capsys, "train", smoke, "--out", out, "--overwrite", *FAST)
@@ -77,6 +78,7 @@ def test_train_into_a_training_run_is_refused_unless_resume_or_overwrite(smoke, 
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["kind"] == "epoch"]
     assert epochs == [1]  # the old run's epoch 7 is gone, not mixed in
+    assert not (out / "last_ema.pt").exists()  # this run keeps no average: nothing stale stays
     assert not (out / LOCK_FILE).exists()
     code, _, err = _main(capsys, "train", smoke, "--out", out, "--resume", "--overwrite")
     assert code == 2 and "--resume and --overwrite" in err

@@ -36,12 +36,18 @@ class TrainConfig:
     epochs: int = 140
     """Number of passes over the training set (>= 1)."""
     batch_size: int = 32
-    """Images per step, summed over all processes (>= 1)."""
+    """Images per forward pass, summed over all processes (>= 1); the optimiser steps once per
+    `accumulate` of them."""
+    accumulate: int = 1
+    """Gradient accumulation (>= 1): the optimiser steps once every this many batches, on
+    their mean loss, so the effective batch is batch_size x accumulate (what the lr rule and
+    the schedule's steps count). A partial group at the end of an epoch steps on its own (its
+    mean); groups never span epochs, the unit a resume restarts from (with the same value)."""
     optimizer: Literal["adam", "sgd"] = "adam"
     """Adam (the original's choice, robust for CenterNet) or SGD with momentum."""
     lr: float = 1.25e-4
     """Learning rate for a batch of 32 images (finite, > 0); the optimiser uses
-    lr x batch_size / 32."""
+    lr x batch_size x accumulate / 32 (the effective batch)."""
     momentum: float = 0.9
     """SGD momentum, in [0, 1) (ignored by Adam)."""
     weight_decay: float = 0.0
@@ -61,6 +67,11 @@ class TrainConfig:
     """Starting fraction of the lr during warm-up, in (0, 1]."""
     min_lr_ratio: float = 0.0
     """Cosine schedule: final lr as a fraction of the peak lr, in [0, 1]."""
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the weights with this decay per optimiser step,
+    in (0, 1), e.g. 0.9998 (early steps use min(decay, (1 + n) / (10 + n)) after n steps);
+    None = off. When on, evaluation and best.pt use the averaged weights, last.pt keeps the
+    raw ones and last_ema.pt the averaged ones; resume.pt holds both."""
     grad_clip: float | None = None
     """Clip the gradient norm to this value (> 0); None disables clipping (the original does not
     clip)."""
@@ -98,8 +109,9 @@ class TrainConfig:
     """Local file with torchvision ImageNet weights for the backbone; None trains from scratch."""
 
     def __post_init__(self) -> None:
-        for name, minimum in (("epochs", 1), ("batch_size", 1), ("seed", 0), ("workers", 0),
-                              ("eval_interval", 0), ("max_objects", 1), ("log_interval", 1)):
+        for name, minimum in (("epochs", 1), ("batch_size", 1), ("accumulate", 1), ("seed", 0),
+                              ("workers", 0), ("eval_interval", 0), ("max_objects", 1),
+                              ("log_interval", 1)):
             require_int(getattr(self, name), name, minimum)
         # No upper bound on lr: a rate that makes the loss explode is caught by fit's check of
         # the loss, not guessed here.
@@ -111,6 +123,8 @@ class TrainConfig:
         require_number(self.warmup_factor, "warmup_factor", above=0, at_most=1)
         require_number(self.min_lr_ratio, "min_lr_ratio", at_least=0, at_most=1)
         require_number(self.min_overlap, "min_overlap", above=0, below=1)
+        if self.ema_decay is not None:
+            require_number(self.ema_decay, "ema_decay", above=0, below=1)
         if self.grad_clip is not None:
             # A negative clip norm multiplies the gradient by a negative factor: it reverses it.
             require_number(self.grad_clip, "grad_clip", above=0)
@@ -124,7 +138,9 @@ class TrainConfig:
             raise ValueError(f"pretrained: expected a file path or null, got {self.pretrained!r}")
 
     def scaled_lr(self) -> float:
-        return self.lr * self.batch_size / REFERENCE_BATCH
+        """The optimiser's peak lr: `lr` scaled linearly by the effective batch (batch_size x
+        accumulate images per optimiser step) over the reference batch of 32."""
+        return self.lr * self.batch_size * self.accumulate / REFERENCE_BATCH
 
 
 @dataclass

@@ -7,7 +7,9 @@ distillation), an after-backward callable (sparsity regularisation), an after-st
 end-of-epoch callables (logging, averaging weights). Every epoch ends with two atomic files in
 ``out_dir``: ``last.pt`` (the model, in the checkpoint format) and ``resume.pt`` (optimiser,
 scheduler, scaler, RNG, extra parameters and progress), then ``best.pt`` when the selection
-metric improved.
+metric improved. With ``train.accumulate`` the optimiser steps once per group of batches (the
+callables, the schedule and the weight average count those steps); with ``train.ema_decay`` a
+weight average is evaluated and saved (``last_ema.pt``, ``best.pt``) beside the raw weights.
 """
 
 from __future__ import annotations
@@ -40,9 +42,16 @@ from ..config import ModelConfig, to_dict
 from ..distributed import average_gradients, barrier, is_main_process
 from ..files import atomic_write_text, remove_stale_temporaries
 from ..heads import head_type
-from ..layout import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT, RESUME_FILE
+from ..layout import (
+    BEST_CHECKPOINT,
+    HISTORY_FILE,
+    LAST_CHECKPOINT,
+    LAST_EMA_CHECKPOINT,
+    RESUME_FILE,
+)
 from .config import TrainConfig
-from .optim import build_optimizer, build_scheduler
+from .ema import WeightAverage
+from .optim import build_optimizer, build_scheduler, optimizer_steps_per_epoch
 
 LossFn = Callable[
     [list[dict[str, torch.Tensor]], dict], tuple[torch.Tensor, dict[str, torch.Tensor]]
@@ -124,6 +133,59 @@ def _restore_extra_parameters(
     with torch.no_grad():
         for parameter, value in zip(parameters, saved, strict=True):
             parameter.copy_(value)
+
+
+def _restore_average(average: WeightAverage, saved: dict | None, plain_model: nn.Module,
+                     path: Path) -> None:
+    """Put back the weight average of resume.pt; one written without it (train.ema_decay was
+    off) restarts the average from the resumed weights."""
+    if saved is None:
+        warnings.warn(f"{path} holds no weight average (train.ema_decay was off): the average "
+                      "starts from the resumed weights", stacklevel=3)
+        average.model.load_state_dict(plain_model.state_dict())
+        return
+    try:
+        average.load_state_dict(saved)
+    except RuntimeError as error:
+        raise ValueError(f"{path}: its weight average does not fit this run's model "
+                         f"({str(error).splitlines()[0]})") from None
+
+
+def _accumulation_group(step: int, batches: int, accumulate: int) -> tuple[int, bool]:
+    """For batch ``step`` (0-based) of an epoch of ``batches``: the size of its accumulation
+    group (``accumulate``, or fewer for the epoch's last, partial group) and whether the
+    optimiser steps after it. Groups never span epochs, so a resume starts a fresh one."""
+    start = step - step % accumulate
+    return min(accumulate, batches - start), (step + 1) % accumulate == 0 or step + 1 == batches
+
+
+def _gradient_sync(model: nn.Module, stepping: bool):
+    """DistributedDataParallel averages gradients only on a group's last backward: the sum of
+    the group's averaged gradients equals the average of their sums."""
+    return nullcontext() if stepping or not hasattr(model, "no_sync") else model.no_sync()
+
+
+def _optimizer_step(model: nn.Module, plain_model: nn.Module,
+                    extra_parameters: list[nn.Parameter], config: TrainConfig, optimizer,
+                    scheduler, scaler, after_backward, after_step,
+                    average: WeightAverage | None) -> None:
+    """One optimiser step on the accumulated gradients: the callables, clipping, the schedule
+    and the weight average all count optimiser steps."""
+    average_gradients(extra_parameters)  # DDP averages the model's gradients only
+    if after_backward is not None or config.grad_clip is not None:
+        scaler.unscale_(optimizer)  # hooks and clipping see true gradients under AMP
+    if after_backward is not None:
+        after_backward(plain_model)
+    if config.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_([*model.parameters(), *extra_parameters],
+                                       config.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    _advance(scheduler, quiet=scaler.is_enabled())
+    if after_step is not None:
+        after_step(plain_model)
+    if average is not None:
+        average.update(plain_model)
 
 
 def _improved(metric: str, value: float, best: float | None) -> bool:
@@ -248,10 +310,11 @@ def check_resumable(out_dir: Path) -> None:
 
 
 def _resume(out_dir: Path, model_config: ModelConfig, plain_model: nn.Module,
-            extra_parameters: list[nn.Parameter], optimizer, scheduler, scaler) -> FitResult:
+            extra_parameters: list[nn.Parameter], optimizer, scheduler, scaler,
+            average: WeightAverage | None = None, accumulate: int = 1) -> FitResult:
     """Put ``out_dir``'s resume.pt back into the model, the extra parameters, the optimiser,
-    the schedule, the scaler and the RNGs; the progress so far. Temporary files of writes a
-    kill interrupted are removed."""
+    the schedule, the scaler, the weight average and the RNGs; the progress so far. Temporary
+    files of writes a kill interrupted are removed."""
     check_resumable(out_dir)
     remove_stale_temporaries(out_dir)
     # On the CPU: RNG states must stay CPU byte tensors; the optimiser moves its own state to its
@@ -278,6 +341,15 @@ def _resume(out_dir: Path, model_config: ModelConfig, plain_model: nn.Module,
     _restore_extra_parameters(
         extra_parameters, state.get("extra_parameters"), out_dir / RESUME_FILE
     )
+    saved_accumulate = state.get("accumulate", 1)  # resume.pt from before the key: 1
+    if saved_accumulate != accumulate:
+        raise ValueError(
+            f"{out_dir / RESUME_FILE}: trained with train.accumulate={saved_accumulate}, this run "
+            f"has {accumulate}; its schedule counts optimiser steps, so resume with "
+            f"train.accumulate={saved_accumulate}"
+        )
+    if average is not None:
+        _restore_average(average, state.get("ema"), plain_model, out_dir / RESUME_FILE)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
@@ -287,9 +359,12 @@ def _resume(out_dir: Path, model_config: ModelConfig, plain_model: nn.Module,
 
 def _save_epoch(out_dir: Path, plain_model: nn.Module, model_config: ModelConfig,
                 config: TrainConfig, record: dict, result: FitResult, improved: bool,
-                optimizer, scheduler, scaler, extra_parameters: list[nn.Parameter]) -> None:
+                optimizer, scheduler, scaler, extra_parameters: list[nn.Parameter],
+                average: WeightAverage | None = None) -> None:
     """The end-of-epoch files: last.pt (checkpoint format), best.pt when the selection metric
-    improved, then resume.pt (the model again and everything else a resume needs).
+    improved, then resume.pt (the model again and everything else a resume needs). With a
+    weight average (train.ema_decay), last_ema.pt holds it and best.pt is it (the weights that
+    were evaluated); last.pt keeps the raw weights; resume.pt holds both.
 
     resume.pt is written last and alone decides where a resume starts: a kill between the
     files leaves it at the previous epoch, with that epoch's model, so the resume redoes the
@@ -301,8 +376,11 @@ def _save_epoch(out_dir: Path, plain_model: nn.Module, model_config: ModelConfig
         "train_config": to_dict(config),
     }
     save_checkpoint(out_dir / LAST_CHECKPOINT, plain_model, model_config, meta=meta)
+    evaluated = plain_model if average is None else average.model
+    if average is not None:
+        save_checkpoint(out_dir / LAST_EMA_CHECKPOINT, evaluated, model_config, meta=meta)
     if improved:
-        save_checkpoint(out_dir / BEST_CHECKPOINT, plain_model, model_config, meta=meta)
+        save_checkpoint(out_dir / BEST_CHECKPOINT, evaluated, model_config, meta=meta)
     atomic_save(
         {
             "format": RESUME_FORMAT,
@@ -314,6 +392,8 @@ def _save_epoch(out_dir: Path, plain_model: nn.Module, model_config: ModelConfig
             "scaler": scaler.state_dict(),
             "rng": _rng_state(),
             "extra_parameters": [parameter.detach().cpu() for parameter in extra_parameters],
+            "ema": None if average is None else average.state_dict(),
+            "accumulate": config.accumulate,
             "best_value": result.best_value,
             "best_epoch": result.best_epoch,
             "history": result.history,
@@ -406,12 +486,15 @@ def fit(
     model.to(device=device, memory_format=memory_format)
     extra_parameters = list(extra_parameters)
     optimizer = build_optimizer([*model.parameters(), *extra_parameters], config)
-    scheduler = build_scheduler(optimizer, config, len(train_loader))
+    scheduler = build_scheduler(
+        optimizer, config, optimizer_steps_per_epoch(len(train_loader), config.accumulate)
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "amp")
+    average = None if config.ema_decay is None else WeightAverage(plain_model, config.ema_decay)
     result = FitResult(epochs=0)
     if resume:
         result = _resume(out_dir, model_config, plain_model, extra_parameters, optimizer,
-                         scheduler, scaler)
+                         scheduler, scaler, average, config.accumulate)
     log = MetricsLog(out_dir, enabled=main)
     log.start(result.epochs)
     global_step = result.epochs * len(train_loader)
@@ -447,22 +530,14 @@ def fit(
                                 f"{_number(first_loss)})",
                                 f"epoch {epoch + 1}, step {step + 1}", out_dir, result)
             first_loss = loss_value if first_loss is None else first_loss
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            average_gradients(extra_parameters)  # DDP averages the model's gradients only
-            if after_backward is not None or config.grad_clip is not None:
-                scaler.unscale_(optimizer)  # hooks and clipping see true gradients under AMP
-            if after_backward is not None:
-                after_backward(plain_model)
-            if config.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(
-                    [*model.parameters(), *extra_parameters], config.grad_clip
-                )
-            scaler.step(optimizer)
-            scaler.update()
-            _advance(scheduler, quiet=scaler.is_enabled())
-            if after_step is not None:
-                after_step(plain_model)
+            group_size, stepping = _accumulation_group(step, len(train_loader), config.accumulate)
+            if step % config.accumulate == 0:
+                optimizer.zero_grad(set_to_none=True)
+            with _gradient_sync(model, stepping):  # the group's gradient: its mean loss's
+                scaler.scale(loss / group_size).backward()
+            if stepping:
+                _optimizer_step(model, plain_model, extra_parameters, config, optimizer,
+                                scheduler, scaler, after_backward, after_step, average)
             global_step += 1
             images_seen += len(batch["image"])
             loss_sum += loss_value
@@ -484,7 +559,7 @@ def fit(
                   "lr": scheduler.get_last_lr()[0],
                   "data_wait_share": data_wait / max(seconds, 1e-9)}
         if evaluate is not None and _wants_evaluation(config, done):
-            record.update(evaluate(plain_model))
+            record.update(evaluate(plain_model if average is None else average.model))
             validation_loss = record.get("loss")
             if isinstance(validation_loss, float) and _exploded(validation_loss, first_loss):
                 # Before the epoch's files: a diverged model never becomes last.pt or best.pt.
@@ -496,7 +571,7 @@ def fit(
         log.write(record, global_step)
         if main:
             _save_epoch(out_dir, plain_model, model_config, config, record, result, improved,
-                        optimizer, scheduler, scaler, extra_parameters)
+                        optimizer, scheduler, scaler, extra_parameters, average)
         barrier()  # every process leaves the epoch only once its checkpoint is on disk
         if on_epoch_end is not None:
             on_epoch_end(done, plain_model, record)

@@ -38,10 +38,17 @@ def lr_factor(config: TrainConfig, epoch: float) -> float:
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
 
 
+def optimizer_steps_per_epoch(batches: int, accumulate: int) -> int:
+    """Optimiser steps in an epoch of ``batches`` batches, stepping every ``accumulate`` of them
+    and once more on a partial group at the epoch's end (groups never span epochs)."""
+    return math.ceil(batches / accumulate)
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-step schedule; epoch-denominated settings become steps here."""
+    """A per-optimiser-step schedule; epoch-denominated settings become steps here.
+    ``steps_per_epoch`` counts optimiser steps (`optimizer_steps_per_epoch`), not batches."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(config, step / max(steps_per_epoch, 1))
     )

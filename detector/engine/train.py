@@ -23,6 +23,7 @@ from ..layout import EVAL_FOLDER, MANIFEST_FILE, RECIPE_FILE
 from ..models import build_model
 from .config import TrainConfig, TrainRecipe
 from .fit import FitResult, check_resumable, completed_epochs, fit
+from .optim import optimizer_steps_per_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ class Prepared:
     """This process's device."""
     start_epoch: int
     """Epochs already done: those `fit` resumes from (0 for a fresh run)."""
+    accumulate: int = 1
+    """Batches per optimiser step (the recipe's train.accumulate)."""
 
     @property
     def plain_model(self) -> nn.Module:
@@ -96,7 +99,9 @@ class Prepared:
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.train_loader)
+        """Optimiser steps per epoch (fewer than batches with train.accumulate > 1): what the
+        lr schedule counts."""
+        return optimizer_steps_per_epoch(len(self.train_loader), self.accumulate)
 
 
 def prepare_run(
@@ -174,7 +179,7 @@ def prepare_run(
     loader = train_loader(dataset, config)
     start_epoch = completed_epochs(out_dir) if resume else 0
     model = distributed.wrap(model, device, config.sync_batchnorm)
-    return Prepared(model, model_config, loader, evaluate, device, start_epoch)
+    return Prepared(model, model_config, loader, evaluate, device, start_epoch, config.accumulate)
 
 
 def train_from_recipe(

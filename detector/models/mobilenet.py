@@ -22,7 +22,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models.mobilenetv3 import MobileNetV3, _mobilenet_v3_conf
+
+try:  # a private torchvision function: guarded so that importing detector never fails
+    from torchvision.models.mobilenetv3 import MobileNetV3, _mobilenet_v3_conf
+except ImportError:  # pragma: no cover - depends on the installed torchvision
+    MobileNetV3 = _mobilenet_v3_conf = None
 
 from .centernet import CenterNet, build_heads
 from .pretrained import load_trunk_weights
@@ -31,6 +35,23 @@ from .widths import merge_widths
 # The neck's three x2 stages take the trunk's stride 32 to the output stride 4.
 DEFAULT_WIDTHS = {"width_mult": 1.0, "neck": [128, 64, 64]}
 DEFAULT_HEAD_CONV = 64
+# The torchvision releases whose private `_mobilenet_v3_conf(arch, width_mult=...)` the trunk is
+# built with (pyproject's torchvision>=0.19; tested with 0.29).
+TORCHVISION_NEEDED = "torchvision >= 0.19 with torchvision.models.mobilenetv3._mobilenet_v3_conf"
+
+
+def mobilenet_v3_parts():
+    """torchvision's `MobileNetV3` class and its private `_mobilenet_v3_conf`; an ImportError
+    naming the torchvision version needed when the installed one lacks them."""
+    if _mobilenet_v3_conf is None or MobileNetV3 is None:
+        import torchvision
+
+        raise ImportError(
+            f"mobilenet_v3_large needs {TORCHVISION_NEEDED}; the installed torchvision "
+            f"{torchvision.__version__} lacks it. Install torchvision>=0.19 (the version that "
+            f"matches your torch), or choose another model.arch"
+        )
+    return MobileNetV3, _mobilenet_v3_conf
 
 
 class MobileNetV3Trunk(nn.Module):
@@ -39,9 +60,10 @@ class MobileNetV3Trunk(nn.Module):
 
     def __init__(self, width_mult: float = 1.0):
         super().__init__()
-        settings, last_channel = _mobilenet_v3_conf("mobilenet_v3_large", width_mult=width_mult)
+        network, configuration = mobilenet_v3_parts()
+        settings, last_channel = configuration("mobilenet_v3_large", width_mult=width_mult)
         # Built through torchvision's class so blocks, initialisation and names are its own.
-        self.features = MobileNetV3(settings, last_channel).features
+        self.features = network(settings, last_channel).features
         self.out_channels = self.features[-1].out_channels  # read by the builder, never in forward
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
