@@ -5,6 +5,9 @@ evaluation and `ctprune`'s run folders (`ctprune.layout`) all use these names.
     OUT/last.pt, OUT/best.pt   the model after the latest epoch / the best by train.best_metric
     OUT/resume.pt              optimiser, schedule, scaler, RNG state and progress for --resume
     OUT/metrics.jsonl          one JSON line per logged step and per epoch
+    OUT/metrics.csv            one row per epoch (the epoch lines of metrics.jsonl)
+    OUT/train.log              the run's console lines, warnings and error, appended on resume
+    OUT/tensorboard/           TensorBoard scalars (with the `tensorboard` extra)
     OUT/eval/metrics.json      the latest evaluation's metrics (with results.json,
                                per_class_ap.md and pr_curves/ beside it)
 
@@ -22,6 +25,9 @@ LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
 RESUME_FILE = "resume.pt"
 HISTORY_FILE = "metrics.jsonl"
+HISTORY_TABLE = "metrics.csv"
+LOG_FILE = "train.log"
+TENSORBOARD_FOLDER = "tensorboard"
 EVAL_FOLDER = "eval"
 EVAL_METRICS_FILE = "metrics.json"
 EVAL_RESULTS_FILE = "results.json"
