@@ -156,7 +156,7 @@ class TrainingLog:
         old run's lines never mix in), those up to the resumed epoch for a resume (steps
         logged after the last saved epoch, and a line cut by a kill, are dropped); metrics.csv
         is rewritten from the kept epochs, so it always agrees with metrics.jsonl."""
-        self.total_epochs = total_epochs
+        self.total_epochs, self.epochs = total_epochs, []
         self._started, self._epochs_this_run = time.perf_counter(), 0
         if not self.enabled:
             return
