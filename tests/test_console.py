@@ -168,3 +168,15 @@ def test_other_ranks_write_nothing(tmp_path):
         log.start(0, 1)
         log.write({"kind": "epoch", "epoch": 1, "train_loss": 1.0, "lr": 0.1, "seconds": 1.0}, 1)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_removes_the_record_of_the_replaced_run(tmp_path, capsys):
+    from ctprune.cli import _claim_training_folder
+
+    for name in ("last.pt", "metrics.jsonl", "metrics.csv", "train.log"):
+        (tmp_path / name).write_text("old run")
+    (tmp_path / "tensorboard").mkdir()
+    with pytest.raises(ValueError, match=r"holds a training run \(last.pt, metrics.jsonl\)"):
+        _claim_training_folder(tmp_path, resume=False, overwrite=False)
+    _claim_training_folder(tmp_path, resume=False, overwrite=True)
+    assert list(tmp_path.iterdir()) == []
