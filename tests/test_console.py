@@ -111,8 +111,14 @@ def test_train_log_and_csv_agree_with_the_jsonl_after_a_resume(tmp_path):
     with console_logging():
         with pytest.raises(_Interrupt), run_log(tmp_path) as log:
             _fit(tmp_path, _config(), log=log, on_epoch_end=_interrupt_after_epoch_1)
+        # A kill after epoch 2's lines were written but before its resume.pt: a resume redoes
+        # epoch 2, so these lines (and the cut one) must go from both files.
+        unsaved = {"kind": "epoch", "epoch": 2, "train_loss": 9.0, "lr": 0.1, "seconds": 1.0}
         with (tmp_path / "metrics.jsonl").open("a") as file:
-            file.write(json.dumps({"kind": "train", "epoch": 2, "step": 3}) + '\n{"kind": "ep')
+            file.write(json.dumps({"kind": "train", "epoch": 2, "step": 3}) + "\n")
+            file.write(json.dumps(unsaved) + '\n{"kind": "ep')
+        with (tmp_path / "metrics.csv").open("a") as file:
+            file.write("2,,9.0\n")
         with run_log(tmp_path) as log:
             _fit(tmp_path, _config(), log=log, resume=True)
     text = (tmp_path / "train.log").read_text()
