@@ -6,19 +6,13 @@ fine-tune -> evaluate -> report (`load_recipe`, `run_recipe`) and the `ctprune` 
 and knowledge distillation from the unpruned model or other teachers (`distillation_loss`).
 """
 
+import importlib
 from importlib.metadata import PackageNotFoundError, version
 
 try:
     __version__ = version("ctprune")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+source"
-
-from .distill import DistillConfig, TeacherConfig, distillation_loss
-from .pruning import CRITERIA, PruneOptions, PruneResult, PruneStats, prune, prune_with
-from .pruning.recalibrate import recalibrate_bn
-from .pruning.slimming import SparsityConfig, bn_gamma_statistics, sparsity_callbacks
-from .recipe import Recipe, load_recipe
-from .run import run_recipe
 
 __all__ = [
     "CRITERIA",
@@ -39,3 +33,34 @@ __all__ = [
     "run_recipe",
     "sparsity_callbacks",
 ]
+
+# Each public name -> the module that defines it, imported on first use (PEP 562), so that
+# importing the package (for `ctprune --help`, the layout constants) does not import torch.
+_EXPORTS = {
+    "DistillConfig": ".distill",
+    "TeacherConfig": ".distill",
+    "distillation_loss": ".distill",
+    "CRITERIA": ".pruning",
+    "PruneOptions": ".pruning",
+    "PruneResult": ".pruning",
+    "PruneStats": ".pruning",
+    "prune": ".pruning",
+    "prune_with": ".pruning",
+    "recalibrate_bn": ".pruning.recalibrate",
+    "SparsityConfig": ".pruning.slimming",
+    "bn_gamma_statistics": ".pruning.slimming",
+    "sparsity_callbacks": ".pruning.slimming",
+    "Recipe": ".recipe",
+    "load_recipe": ".recipe",
+    "run_recipe": ".run",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -16,10 +16,13 @@ from detector.layout import (
     BEST_CHECKPOINT,
     EVAL_FOLDER,
     HISTORY_FILE,
+    HISTORY_TABLE,
     LAST_CHECKPOINT,
     LAST_EMA_CHECKPOINT,
+    LOG_FILE,
     RECIPE_FILE,
     RESUME_FILE,
+    TENSORBOARD_FOLDER,
 )
 
 from .cli_types import (
@@ -48,8 +51,8 @@ def _print_notes(lines: list[str], prefix: str = "") -> None:
 TRAINING_OUTPUTS = (LAST_CHECKPOINT, LAST_EMA_CHECKPOINT, BEST_CHECKPOINT, RESUME_FILE,
                     HISTORY_FILE)
 """The files that mark a folder as holding a training run (finished or partial)."""
-TRAINING_FILES = (*TRAINING_OUTPUTS, RECIPE_FILE, EVAL_FOLDER, "tensorboard",
-                  "unlabelled_images.json")
+TRAINING_FILES = (*TRAINING_OUTPUTS, RECIPE_FILE, EVAL_FOLDER, TENSORBOARD_FOLDER, HISTORY_TABLE,
+                  LOG_FILE, "unlabelled_images.json")
 """Everything a training run writes into its folder: what --overwrite removes."""
 
 
@@ -611,11 +614,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     from detector.engine.fit import TrainingDiverged
+    from detector.engine.logs import console_logging
 
     from .lock import RunLocked
 
     try:
-        args.run(args)
+        with console_logging():
+            args.run(args)
     except (ValueError, OSError, KeyError, TrainingDiverged, RunLocked) as error:
         # User mistakes (bad paths, files and values) and a diverged training run surface as
         # one clear line; set CTPRUNE_DEBUG=1 for the traceback.

@@ -28,6 +28,7 @@ from torch import nn
 from detector.data.sources import DataWarning
 from detector.engine.config import TrainConfig, TrainRecipe
 from detector.engine.fit import FitResult, LossFn, fit
+from detector.engine.logs import run_log
 from detector.engine.train import Prepared, prepare_run
 from detector.heads import head_type
 
@@ -98,10 +99,12 @@ def train(
         loss_fn, extra_parameters, forward_kwargs = _distillation(
             run, recipe.train, distill, teacher_paths
         )
-    return fit(run.model, run.model_config, recipe.train, run.train_loader, out_dir,
-               evaluate=run.evaluate, loss_fn=loss_fn, forward_kwargs=forward_kwargs,
-               after_backward=after_backward, after_step=after_step, on_epoch_end=on_epoch_end,
-               extra_parameters=extra_parameters, resume=resume, device=run.device)
+    with run_log(out_dir) as log:
+        return fit(run.model, run.model_config, recipe.train, run.train_loader, out_dir,
+                   evaluate=run.evaluate, loss_fn=loss_fn, forward_kwargs=forward_kwargs,
+                   after_backward=after_backward, after_step=after_step,
+                   on_epoch_end=on_epoch_end, extra_parameters=extra_parameters, resume=resume,
+                   device=run.device, log=log)
 
 
 def _distillation(

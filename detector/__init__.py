@@ -1,18 +1,7 @@
 """The CenterNet ("Objects as Points") detector: models, targets, losses, decoding, data,
 training and evaluation. It depends only on `cuda_ops`; `ctprune` builds on it."""
 
-from .channel_plan import apply_channel_plan, channel_plan_of, layer_widths
-from .checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    load_model,
-    model_from_checkpoint,
-    read_checkpoint,
-    save_checkpoint,
-)
-from .config import InputSpec, ModelConfig, input_preset
-from .models import ARCHITECTURES, CenterNet, build_model, output_layers
-from .stats import count_macs, count_parameters, state_dict_mib
+import importlib
 
 __all__ = [
     "ARCHITECTURES",
@@ -35,3 +24,37 @@ __all__ = [
     "save_checkpoint",
     "state_dict_mib",
 ]
+
+# Each public name -> the module that defines it, imported on first use (PEP 562), so that
+# importing the package (for `ctprune --help`, the layout constants) does not import torch.
+_EXPORTS = {
+    "apply_channel_plan": ".channel_plan",
+    "channel_plan_of": ".channel_plan",
+    "layer_widths": ".channel_plan",
+    "Checkpoint": ".checkpoint",
+    "CheckpointError": ".checkpoint",
+    "load_model": ".checkpoint",
+    "model_from_checkpoint": ".checkpoint",
+    "read_checkpoint": ".checkpoint",
+    "save_checkpoint": ".checkpoint",
+    "InputSpec": ".config",
+    "ModelConfig": ".config",
+    "input_preset": ".config",
+    "ARCHITECTURES": ".models",
+    "CenterNet": ".models",
+    "build_model": ".models",
+    "output_layers": ".models",
+    "count_macs": ".stats",
+    "count_parameters": ".stats",
+    "state_dict_mib": ".stats",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

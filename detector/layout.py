@@ -7,6 +7,9 @@ evaluation and `ctprune`'s run folders (`ctprune.layout`) all use these names.
                                (best.pt is then chosen among, and holds, the averages)
     OUT/resume.pt              optimiser, schedule, scaler, RNG state and progress for --resume
     OUT/metrics.jsonl          one JSON line per logged step and per epoch
+    OUT/metrics.csv            one row per epoch (the epoch lines of metrics.jsonl)
+    OUT/train.log              the run's console lines, warnings and error, appended on resume
+    OUT/tensorboard/           TensorBoard scalars (with the `tensorboard` extra)
     OUT/eval/metrics.json      the latest evaluation's metrics (with results.json,
                                per_class_ap.md and pr_curves/ beside it)
 
@@ -25,6 +28,9 @@ BEST_CHECKPOINT = "best.pt"
 LAST_EMA_CHECKPOINT = "last_ema.pt"
 RESUME_FILE = "resume.pt"
 HISTORY_FILE = "metrics.jsonl"
+HISTORY_TABLE = "metrics.csv"
+LOG_FILE = "train.log"
+TENSORBOARD_FOLDER = "tensorboard"
 EVAL_FOLDER = "eval"
 EVAL_METRICS_FILE = "metrics.json"
 EVAL_RESULTS_FILE = "results.json"

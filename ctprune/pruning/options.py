@@ -7,9 +7,7 @@ it, so each default is written once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from .criteria import check_criterion
+from dataclasses import MISSING, dataclass, field, fields
 
 SCOPES = ("layer", "global")
 # Chosen from experiments/bench/prune/report.md: on CPU (oneDNN blocks channels by 16) widths
@@ -53,6 +51,8 @@ def _is_number(value) -> bool:
 def check_options(criterion, ratio, target_macs, scope, max_layer_ratio, round_to,
                   ratio_overrides=None) -> None:
     """The checks every set of pruning options passes; errors start with the field's name."""
+    from .criteria import check_criterion  # here, not at the top: `ctprune --help` needs no torch
+
     try:
         check_criterion(criterion)
     except ValueError as error:
@@ -94,5 +94,19 @@ def check_options(criterion, ratio, target_macs, scope, max_layer_ratio, round_t
             )
 
 
-DEFAULTS = PruneOptions()
+
+
+def _defaults() -> PruneOptions:
+    """`PruneOptions()` without running its checks: checking the criterion imports the criteria
+    and torch, which `ctprune --help` (it shows these defaults) must not. The defaults are the
+    literals above; tests/test_console.py checks that they equal a checked `PruneOptions()`."""
+    defaults = object.__new__(PruneOptions)
+    for option in fields(PruneOptions):
+        factory = option.default_factory
+        value = option.default if factory is MISSING else factory()
+        object.__setattr__(defaults, option.name, value)
+    return defaults
+
+
+DEFAULTS = _defaults()
 """The defaults, for signatures and command-line flags."""

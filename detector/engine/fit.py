@@ -14,7 +14,6 @@ weight average is evaluated and saved (``last_ema.pt``, ``best.pt``) beside the 
 
 from __future__ import annotations
 
-import json
 import math
 import pickle
 import random
@@ -40,17 +39,12 @@ from ..checkpoint import (
 )
 from ..config import ModelConfig, to_dict
 from ..distributed import average_gradients, barrier, is_main_process
-from ..files import atomic_write_text, remove_stale_temporaries
+from ..files import remove_stale_temporaries
 from ..heads import head_type
-from ..layout import (
-    BEST_CHECKPOINT,
-    HISTORY_FILE,
-    LAST_CHECKPOINT,
-    LAST_EMA_CHECKPOINT,
-    RESUME_FILE,
-)
+from ..layout import BEST_CHECKPOINT, LAST_CHECKPOINT, LAST_EMA_CHECKPOINT, RESUME_FILE
 from .config import TrainConfig
 from .ema import WeightAverage
+from .logs import TrainingLog
 from .optim import build_optimizer, build_scheduler, optimizer_steps_per_epoch
 
 LossFn = Callable[
@@ -213,48 +207,6 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy(), *rest))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-
-
-class MetricsLog:
-    """JSON lines in ``metrics.jsonl`` (and TensorBoard scalars when it is installed)."""
-
-    def __init__(self, out_dir: Path, enabled: bool):
-        self.enabled = enabled
-        self.path = out_dir / HISTORY_FILE
-        self.writer = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(out_dir / "tensorboard"))
-            except ImportError:
-                pass
-
-    def start(self, epochs_done: int) -> None:
-        """Keep only the records of the epochs a run starts after: none for a fresh run (an
-        old run's lines never mix in), those up to the resumed epoch for a resume (steps
-        logged after the last saved epoch, and a line cut by a kill, are dropped)."""
-        if not self.enabled or not self.path.is_file():
-            return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and record.get("epoch", epochs_done + 1) <= epochs_done:
-                kept.append(line + "\n")
-        atomic_write_text(self.path, "".join(kept))
-
-    def write(self, record: dict, step: int) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as file:
-            file.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("epoch", "step"):
-                    self.writer.add_scalar(f"{record['kind']}/{key}", value, step)
 
 
 RESUME_KEYS = ("epoch", "optimizer", "scheduler", "scaler", "rng", "best_value", "best_epoch",
@@ -462,6 +414,7 @@ def fit(
     extra_parameters: Iterable[nn.Parameter] = (),
     resume: bool = False,
     device: str | torch.device = "cpu",
+    log: TrainingLog | None = None,
 ) -> FitResult:
     """Train ``model`` for ``config.epochs`` epochs (from where ``out_dir`` left off when
     ``resume``), evaluating every ``config.eval_interval`` epochs with ``evaluate(model) ->
@@ -474,7 +427,9 @@ def fit(
     model's head type, `detector.heads`). The callables get the plain
     model: ``after_backward`` with true gradients, ``after_step`` after the optimiser step,
     ``on_step_end(step, model, parts)`` at the end of every step, ``on_epoch_end(epoch, model,
-    record)`` once the epoch's files are written.
+    record)`` once the epoch's files are written. ``log`` records the run (metrics.jsonl and
+    .csv, the console line per epoch; TensorBoard and train.log when it was opened with them,
+    see `detector.engine.logs`): its opener closes it; default: the jsonl, csv and console line.
     """
     out_dir, device, forward_kwargs = Path(out_dir), torch.device(device), forward_kwargs or {}
     loss_fn = loss_fn or head_type(model_config.head).loss
@@ -495,8 +450,8 @@ def fit(
     if resume:
         result = _resume(out_dir, model_config, plain_model, extra_parameters, optimizer,
                          scheduler, scaler, average, config.accumulate)
-    log = MetricsLog(out_dir, enabled=main)
-    log.start(result.epochs)
+    log = log or TrainingLog(out_dir, enabled=main)
+    log.start(result.epochs, config.epochs)
     global_step = result.epochs * len(train_loader)
     first_loss = None  # this process's first loss: the scale `_exploded` compares with
 
@@ -541,6 +496,7 @@ def fit(
             global_step += 1
             images_seen += len(batch["image"])
             loss_sum += loss_value
+            log.add_step(parts)
             step_ended = time.perf_counter()
             rate = images_seen / (step_ended - started)
             # refresh=False: the bar redraws at tqdm's own pace, not once per step (log files)
@@ -557,7 +513,8 @@ def fit(
         record = {"kind": "epoch", "epoch": done, "step": global_step,
                   "train_loss": loss_sum / max(len(train_loader), 1), "seconds": seconds,
                   "lr": scheduler.get_last_lr()[0],
-                  "data_wait_share": data_wait / max(seconds, 1e-9)}
+                  "data_wait_share": data_wait / max(seconds, 1e-9),
+                  "images_per_s": images_seen / max(seconds, 1e-9), **log.epoch_losses()}
         if evaluate is not None and _wants_evaluation(config, done):
             record.update(evaluate(plain_model if average is None else average.model))
             validation_loss = record.get("loss")

@@ -23,6 +23,7 @@ from ..layout import EVAL_FOLDER, MANIFEST_FILE, RECIPE_FILE
 from ..models import build_model
 from .config import TrainConfig, TrainRecipe
 from .fit import FitResult, check_resumable, completed_epochs, fit
+from .logs import run_log
 from .optim import optimizer_steps_per_epoch
 
 logger = logging.getLogger(__name__)
@@ -195,5 +196,7 @@ def train_from_recipe(
     runs this and they train one model together. For another loss or callables, call
     `prepare_run` and `fit` yourself (as `ctprune.train.train` does)."""
     run = prepare_run(recipe, out_dir, device=device, resume=resume)
-    return fit(run.model, run.model_config, recipe.train, run.train_loader, out_dir,
-               evaluate=run.evaluate, on_epoch_end=on_epoch_end, resume=resume, device=run.device)
+    with run_log(out_dir) as log:
+        return fit(run.model, run.model_config, recipe.train, run.train_loader, out_dir,
+                   evaluate=run.evaluate, on_epoch_end=on_epoch_end, resume=resume,
+                   device=run.device, log=log)
