@@ -268,7 +268,8 @@ def _resume(out_dir: Path, model_config: ModelConfig, plain_model: nn.Module,
     the schedule, the scaler, the weight average and the RNGs; the progress so far. Temporary
     files of writes a kill interrupted are removed."""
     check_resumable(out_dir)
-    remove_stale_temporaries(out_dir)
+    if is_main_process():  # the one writer of the folder removes what a killed write left
+        remove_stale_temporaries(out_dir)
     # On the CPU: RNG states must stay CPU byte tensors; the optimiser moves its own state to its
     # parameters' device.
     state = load_resume_state(out_dir / RESUME_FILE)
