@@ -6,8 +6,9 @@ fine-tune -> evaluate -> report (`load_recipe`, `run_recipe`) and the `ctprune` 
 and knowledge distillation from the unpruned model or other teachers (`distillation_loss`).
 """
 
-import importlib
 from importlib.metadata import PackageNotFoundError, version
+
+from detector.lazy import lazy_exports
 
 try:
     __version__ = version("ctprune")
@@ -56,11 +57,4 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -1,7 +1,7 @@
 """The CenterNet ("Objects as Points") detector: models, targets, losses, decoding, data,
 training and evaluation. It depends only on `cuda_ops`; `ctprune` builds on it."""
 
-import importlib
+from .lazy import lazy_exports
 
 __all__ = [
     "ARCHITECTURES",
@@ -50,11 +50,4 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -6,7 +6,7 @@ the folders mirror the algorithm: `graph` (coupled channels) -> `criteria` (impo
 them `slimming` (sparsity training of BN scales) and `recalibrate` (BN statistics after pruning).
 """
 
-import importlib
+from detector.lazy import lazy_exports
 
 __all__ = [
     "CRITERIA",
@@ -37,11 +37,4 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
