@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from detector.config import OUTPUT_STRIDE
+from detector.losses import clamped_sigmoid, focal_loss
+from detector.ttfnet.decode import decode_ttfnet, flip_merge_ttfnet
 from detector.ttfnet.heads import (
     HEATMAP_PRIOR,
     LTRB_CHANNELS,
@@ -19,6 +21,7 @@ from detector.ttfnet.heads import (
     TTFNetHeads,
     build_ttfnet_heads,
 )
+from detector.ttfnet.loss import GIOU_WEIGHT, base_locations, giou_loss, ttfnet_loss
 from detector.ttfnet.targets import DOWN_RATIO, encode_ttfnet_targets
 
 pytestmark = pytest.mark.timeout(60)
@@ -301,3 +304,255 @@ def test_targets_bad_input(arguments: tuple, message: str) -> None:
 
 def test_down_ratio_is_the_model_stride() -> None:
     assert DOWN_RATIO == OUTPUT_STRIDE
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+
+
+def _reference_giou_loop(pred_boxes, target_boxes, weight, avg_factor) -> float:
+    """mmdetection v1's giou_loss, one positive location at a time, in Python floats."""
+    total = 0.0
+    for index in zip(*torch.nonzero(weight > 0, as_tuple=True), strict=True):
+        px1, py1, px2, py2 = pred_boxes[index].tolist()
+        tx1, ty1, tx2, ty2 = target_boxes[index].tolist()
+        overlap = max(min(px2, tx2) - max(px1, tx1) + 1, 0) * max(
+            min(py2, ty2) - max(py1, ty1) + 1, 0
+        )
+        pred_area = (px2 - px1 + 1) * (py2 - py1 + 1)
+        target_area = (tx2 - tx1 + 1) * (ty2 - ty1 + 1)
+        union = pred_area + target_area - overlap
+        enclose = max(max(px2, tx2) - min(px1, tx1) + 1, 0) * max(
+            max(py2, ty2) - min(py1, ty1) + 1, 0
+        )
+        giou = overlap / union - (enclose - union) / enclose
+        total += (1 - giou) * weight[index].item()
+    return total / avg_factor
+
+
+def _reference_loss_calc(pred_hm, pred_wh, heatmap, box_target, wh_weight):
+    """The original's TTFHead.loss_calc (hm_weight 1, wh_weight 5) with ct_focal_loss, as it
+    reads, but the GIoU term computed by the loop above."""
+    height, width = pred_hm.shape[2:]
+    pred_hm = torch.clamp(pred_hm.sigmoid(), min=1e-4, max=1 - 1e-4)
+    pos_inds, neg_inds = heatmap.eq(1).float(), heatmap.lt(1).float()
+    neg_weights = torch.pow(1 - heatmap, 4)
+    pos_loss = (-torch.log(pred_hm) * torch.pow(1 - pred_hm, 2) * pos_inds).sum()
+    neg_loss = (-torch.log(1 - pred_hm) * torch.pow(pred_hm, 2) * neg_weights * neg_inds).sum()
+    num_pos = pos_inds.sum()
+    hm_loss = neg_loss if num_pos == 0 else (pos_loss + neg_loss) / num_pos
+    mask = wh_weight.view(-1, height, width)
+    avg_factor = mask.sum().item() + 1e-4
+    shifts_x = torch.arange(0, (width - 1) * 4 + 1, 4, dtype=torch.float32)
+    shifts_y = torch.arange(0, (height - 1) * 4 + 1, 4, dtype=torch.float32)
+    shift_y, shift_x = torch.meshgrid(shifts_y, shifts_x, indexing="ij")
+    base_loc = torch.stack((shift_x, shift_y), dim=0)
+    pred_boxes = torch.cat(
+        (base_loc - pred_wh[:, [0, 1]], base_loc + pred_wh[:, [2, 3]]), dim=1
+    ).permute(0, 2, 3, 1)
+    boxes = box_target.permute(0, 2, 3, 1)
+    return hm_loss.item(), _reference_giou_loop(pred_boxes, boxes, mask, avg_factor) * 5
+
+
+def _random_batch(generator: np.random.Generator, batch: int, classes: int, size: tuple) -> dict:
+    items = []
+    for _ in range(batch):
+        count = int(generator.integers(0, 5))
+        corners = generator.uniform(0, [size[1] - 2, size[0] - 2], size=(count, 2))
+        sides = generator.uniform(1, [size[1] / 2, size[0] / 2], size=(count, 2))
+        boxes = np.concatenate([corners, corners + sides], 1)
+        labels = generator.integers(0, classes, size=count)
+        items.append(encode_ttfnet_targets(boxes, labels, classes, size))
+    return {key: torch.from_numpy(np.stack([item[key] for item in items])) for key in items[0]}
+
+
+def test_giou_by_hand() -> None:
+    # pred (0, 0)-(3, 3) and target (2, 2)-(5, 5), +1 pixels: areas 16 and 16, overlap 2 x 2,
+    # union 28, enclosing 6 x 6 = 36: GIoU = 4 / 28 - 8 / 36.
+    pred = torch.tensor([[0.0, 0, 3, 3], [1, 1, 4, 6]])
+    target = torch.tensor([[2.0, 2, 5, 5], [1, 1, 4, 6]])
+    weight = torch.tensor([2.0, 3.0])
+    expected = 2 * (1 - (4 / 28 - 8 / 36)) / 10  # the identical pair contributes 0
+    assert giou_loss(pred, target, weight, torch.tensor(10.0)).item() == pytest.approx(expected)
+
+
+def test_loss_matches_the_original_on_random_outputs() -> None:
+    generator = np.random.default_rng(1)
+    for _ in range(4):
+        batch = _random_batch(generator, 3, 4, (10, 12))
+        logits = torch.randn(3, 4, 10, 12) * 2
+        ltrb = torch.rand(3, 4, 10, 12) * 30
+        outputs = [{"heatmap": logits, "ltrb": ltrb}]
+        total, parts = ttfnet_loss(outputs, batch)
+        heatmap_expected, giou_expected = _reference_loss_calc(
+            logits, ltrb, batch["heatmap"], batch["box_target"], batch["box_weight"]
+        )
+        assert parts["heatmap"].item() == pytest.approx(heatmap_expected, rel=1e-5)
+        assert GIOU_WEIGHT * parts["ltrb"].item() == pytest.approx(giou_expected, rel=1e-5)
+        assert total.item() == pytest.approx(heatmap_expected + giou_expected, rel=1e-5)
+        assert set(parts) == {"heatmap", "ltrb", "total"}
+        # the heatmap term is the house focal loss, exactly
+        assert torch.equal(parts["heatmap"], focal_loss(clamped_sigmoid(logits), batch["heatmap"]))
+
+
+def test_loss_averages_stacks_and_survives_empty_batches() -> None:
+    batch = _random_batch(np.random.default_rng(2), 2, 3, (8, 8))
+    first = {"heatmap": torch.randn(2, 3, 8, 8), "ltrb": torch.rand(2, 4, 8, 8) * 20}
+    second = {"heatmap": torch.randn(2, 3, 8, 8), "ltrb": torch.rand(2, 4, 8, 8) * 20}
+    _, one = ttfnet_loss([first], batch)
+    _, two = ttfnet_loss([second], batch)
+    _, both = ttfnet_loss([first, second], batch)
+    for key in ("heatmap", "ltrb", "total"):
+        assert both[key].item() == pytest.approx((one[key] + two[key]).item() / 2, rel=1e-6)
+    empty = {
+        "heatmap": torch.zeros(2, 3, 8, 8),
+        "box_target": -torch.ones(2, 4, 8, 8),
+        "box_weight": torch.zeros(2, 8, 8),
+    }
+    ltrb = torch.zeros(2, 4, 8, 8, requires_grad=True)
+    total, parts = ttfnet_loss([{"heatmap": first["heatmap"], "ltrb": ltrb}], empty)
+    total.backward()
+    assert parts["ltrb"].item() == 0 and torch.isfinite(total)
+    assert torch.equal(ltrb.grad, torch.zeros_like(ltrb))
+
+
+def test_loss_hooks_and_bad_input() -> None:
+    batch = _random_batch(np.random.default_rng(3), 2, 3, (8, 8))
+    outputs = [{"heatmap": torch.randn(2, 3, 8, 8), "ltrb": torch.rand(2, 4, 8, 8) * 20}]
+    _, parts = ttfnet_loss(outputs, batch, heatmap_loss=lambda p, g: (p - g).pow(2).sum())
+    expected = (clamped_sigmoid(outputs[0]["heatmap"]) - batch["heatmap"]).pow(2).sum()
+    assert parts["heatmap"].item() == pytest.approx(expected.item())
+    total, parts = ttfnet_loss(outputs, batch, balance={"ltrb": 1.0, "heatmap": 2.0})
+    assert total.item() == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="batch has no 'box_weight'"):
+        ttfnet_loss(outputs, {k: v for k, v in batch.items() if k != "box_weight"})
+    with pytest.raises(ValueError, match=r"outputs\[0\] has no 'ltrb'"):
+        ttfnet_loss([{"heatmap": outputs[0]["heatmap"]}], batch)
+    with pytest.raises(ValueError, match=r"outputs\[0\]\['ltrb'\] must be \(B, 4, H, W\)"):
+        ttfnet_loss([{"heatmap": outputs[0]["heatmap"], "ltrb": torch.rand(2, 4, 4, 4)}], batch)
+    with pytest.raises(ValueError, match="outputs is empty"):
+        ttfnet_loss([], batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _perfect_outputs(targets: dict) -> dict[str, torch.Tensor]:
+    """Outputs that reproduce the targets: logits of the target heatmap, and at every cell
+    with a box target the distances from its base location to that box."""
+    heatmap = torch.from_numpy(targets["heatmap"])[None]
+    logits = torch.logit(heatmap.clamp(1e-4, 1 - 1e-4))
+    boxes = torch.from_numpy(targets["box_target"])[None]
+    locations = base_locations(*heatmap.shape[2:])
+    ltrb = torch.cat([locations - boxes[:, :2], boxes[:, 2:] - locations], dim=1)
+    ltrb = ltrb * torch.from_numpy(targets["box_weight"] > 0)[None, None]
+    return {"heatmap": logits, "ltrb": ltrb}
+
+
+# Separate boxes (no box target region of one covers another's centre) in output-map
+# coordinates of a 16 x 20 map, integer input pixels.
+ROUND_TRIP_BOXES = np.array(
+    [[1, 1, 6.25, 5.5], [9, 2, 18.5, 7], [2, 9, 5, 15], [11.75, 10, 17, 13.5]], dtype=np.float32
+)
+ROUND_TRIP_LABELS = np.array([0, 2, 1, 0])
+
+
+def _match(detections: torch.Tensor, boxes: np.ndarray, labels: np.ndarray) -> None:
+    top = detections[0, : len(boxes)].numpy()
+    assert (top[:, 4] > 0.99).all() and (detections[0, len(boxes) :, 4] < 0.99).all()
+    order = np.lexsort((top[:, 1], top[:, 0]))
+    expected_order = np.lexsort((boxes[:, 1], boxes[:, 0]))
+    np.testing.assert_allclose(top[order, :4], boxes[expected_order], atol=1e-5)
+    np.testing.assert_array_equal(top[order, 5], labels[expected_order])
+
+
+def test_decode_round_trip() -> None:
+    targets = encode_ttfnet_targets(ROUND_TRIP_BOXES, ROUND_TRIP_LABELS, 3, (16, 20))
+    detections = decode_ttfnet(_perfect_outputs(targets), None, 10)
+    assert detections.shape == (1, 10, 6) and detections.dtype == torch.float32
+    _match(detections, ROUND_TRIP_BOXES, ROUND_TRIP_LABELS)
+
+
+def test_flip_test_swaps_left_and_right() -> None:
+    width = 20
+    targets = encode_ttfnet_targets(ROUND_TRIP_BOXES, ROUND_TRIP_LABELS, 3, (16, width))
+    # The mirrored image's boxes: input pixel p -> 4 W - 1 - p, as mmdetection flips them.
+    input_boxes = ROUND_TRIP_BOXES * 4
+    mirrored = np.stack(
+        [4 * width - 1 - input_boxes[:, 2], input_boxes[:, 1],
+         4 * width - 1 - input_boxes[:, 0], input_boxes[:, 3]], 1
+    ) / 4
+    mirrored_targets = encode_ttfnet_targets(mirrored, ROUND_TRIP_LABELS, 3, (16, width))
+    outputs = _perfect_outputs(targets)
+    flipped = _perfect_outputs(mirrored_targets)
+    # The mirror's peaks fall on the mirrored cells, so the merged heatmap keeps them at 1.
+    merged_heatmap, merged_ltrb = flip_merge_ttfnet(outputs, flipped)
+    peaks = torch.from_numpy(targets["heatmap"] == 1)[None]
+    assert torch.allclose(merged_heatmap[peaks], torch.full((4,), 1 - 1e-4))
+    detections = decode_ttfnet(outputs, flipped, 10)
+    _match(detections, ROUND_TRIP_BOXES, ROUND_TRIP_LABELS)
+    # Left and right are told apart: merging a prediction with the mirror of itself (rather
+    # than of the mirrored image's) gives wrong widths for asymmetric boxes.
+    wrong = decode_ttfnet(outputs, outputs, 10)
+    assert not np.allclose(np.sort(wrong[0, :4, 0].numpy()), np.sort(ROUND_TRIP_BOXES[:, 0]))
+    # The merge is an average: equal halves give the single prediction back. The mirror of a
+    # prediction: r and l swapped, moved by 3 pixels to the mirrored base location, mirrored.
+    shift = torch.tensor([-3.0, 0, 3, 0])[:, None, None]
+    mirror_of_outputs = {
+        "heatmap": outputs["heatmap"].flip(3),
+        "ltrb": (outputs["ltrb"][:, [2, 1, 0, 3]] + shift).flip(3),
+    }
+    _, same_ltrb = flip_merge_ttfnet(outputs, mirror_of_outputs)
+    assert torch.allclose(same_ltrb, outputs["ltrb"], atol=1e-5)
+    assert merged_ltrb.shape == outputs["ltrb"].shape
+
+
+def _reference_get_bboxes(pred_heatmap, pred_wh, topk):
+    """The original's get_bboxes (with _topk: per-class top K, then top K of those), before its
+    score threshold and clipping: boxes in input pixels."""
+    batch, cat, height, width = pred_heatmap.size()
+    heat = pred_heatmap.sigmoid()
+    hmax = torch.nn.functional.max_pool2d(heat, 3, stride=1, padding=1)
+    heat = heat * (hmax == heat).float()
+    topk_scores, topk_inds = torch.topk(heat.view(batch, cat, -1), topk)
+    topk_inds = topk_inds % (height * width)
+    topk_ys = (topk_inds / width).int().float()
+    topk_xs = (topk_inds % width).int().float()
+    topk_score, topk_ind = torch.topk(topk_scores.view(batch, -1), topk)
+    clses = (topk_ind / topk).int()
+    topk_ind = topk_ind.unsqueeze(2)
+    inds = topk_inds.view(batch, -1, 1).gather(1, topk_ind).view(batch, topk)
+    ys = topk_ys.view(batch, -1, 1).gather(1, topk_ind).view(batch, topk, 1) * 4
+    xs = topk_xs.view(batch, -1, 1).gather(1, topk_ind).view(batch, topk, 1) * 4
+    wh = pred_wh.permute(0, 2, 3, 1).contiguous().view(batch, -1, 4)
+    wh = wh.gather(1, inds.unsqueeze(2).expand(batch, topk, 4))
+    bboxes = torch.cat(
+        [xs - wh[..., [0]], ys - wh[..., [1]], xs + wh[..., [2]], ys + wh[..., [3]]], dim=2
+    )
+    return bboxes, topk_score, clses.float()
+
+
+def test_decode_matches_the_original_get_bboxes() -> None:
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 3, 9, 11, generator=generator) * 3
+    ltrb = torch.rand(2, 4, 9, 11, generator=generator) * 40
+    detections = decode_ttfnet({"heatmap": logits, "ltrb": ltrb}, None, 20)
+    boxes, scores, classes = _reference_get_bboxes(logits, ltrb, 20)
+    torch.testing.assert_close(detections[..., :4] * DOWN_RATIO, boxes)
+    torch.testing.assert_close(detections[..., 4], scores)
+    torch.testing.assert_close(detections[..., 5], classes)
+
+
+def test_decode_bad_input() -> None:
+    outputs = {"heatmap": torch.randn(1, 3, 4, 4), "ltrb": torch.rand(1, 4, 4, 4)}
+    with pytest.raises(ValueError, match="has no 'ltrb'"):
+        decode_ttfnet({"heatmap": outputs["heatmap"]}, None, 5)
+    with pytest.raises(ValueError, match=r"\['ltrb'\] must be \(B, 4, H, W\)"):
+        decode_ttfnet({"heatmap": outputs["heatmap"], "ltrb": torch.rand(1, 2, 4, 4)}, None, 5)
+    with pytest.raises(ValueError, match="max_detections must be a positive integer"):
+        decode_ttfnet(outputs, None, 0)
+    with pytest.raises(ValueError, match="same shapes"):
+        decode_ttfnet(outputs, {"heatmap": torch.randn(1, 3, 4, 2), "ltrb": torch.rand(1, 4, 4, 2)})
+    # K is clamped to the map
+    assert decode_ttfnet(outputs, None, 100).shape == (1, 48, 6)
