@@ -4,14 +4,28 @@ test, and the head on the models, pruning, checkpoints and export."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import cv2
 import numpy as np
 import pytest
 import torch
+from tiny import tiny_config, tiny_model
 from torch import nn
 
-from detector.config import OUTPUT_STRIDE
+from ctprune.pruning import prune
+from ctprune.pruning.criteria import CRITERIA
+from detector import ARCHITECTURES, load_model, output_layers, save_checkpoint
+from detector.config import OUTPUT_STRIDE, ModelConfig, from_dict
+from detector.data.dataset import CenterNetDataset, collate
+from detector.data.records import DetectionSource, ImageRecord
+from detector.data.transforms import AugmentConfig
+from detector.evaluate.config import EvaluateConfig
+from detector.evaluate.run import predict_source
+from detector.export import DeployModel, export_onnx, fuse_heads, onnx_session
+from detector.heads import HEADS
+from detector.inference.predictor import Predictor, detect
 from detector.losses import clamped_sigmoid, focal_loss
 from detector.ttfnet.decode import decode_ttfnet, flip_merge_ttfnet
 from detector.ttfnet.heads import (
@@ -556,3 +570,156 @@ def test_decode_bad_input() -> None:
         decode_ttfnet(outputs, {"heatmap": torch.randn(1, 3, 4, 2), "ltrb": torch.rand(1, 4, 4, 2)})
     # K is clamped to the map
     assert decode_ttfnet(outputs, None, 100).shape == (1, 48, 6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The head on every backbone, training, evaluation, pruning, checkpoints and export
+
+IMAGES = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+def ttfnet_model(arch: str = "res18") -> nn.Module:
+    return tiny_model(arch, head="ttfnet")
+
+
+def ttfnet_config(arch: str = "res18") -> ModelConfig:
+    return dataclasses.replace(tiny_config(arch), head="ttfnet")
+
+
+def test_head_table_entry() -> None:
+    ttfnet = HEADS["ttfnet"]
+    assert ttfnet.output_channels(5) == {"heatmap": 5, "ltrb": 4}
+    assert ttfnet.encode_targets is encode_ttfnet_targets
+    assert ttfnet.loss is ttfnet_loss
+    assert ttfnet.decode is decode_ttfnet
+    assert ttfnet.build_heads is build_ttfnet_heads
+    assert from_dict(ModelConfig, {"head": "ttfnet"}, "model").head == "ttfnet"
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_backbone_builds_the_ttfnet_head(arch: str) -> None:
+    model = ttfnet_model(arch).eval()
+    with torch.no_grad():
+        outputs = model(IMAGES)
+    heads = [module for module in model.modules() if isinstance(module, TTFNetHeads)]
+    assert len(heads) == len(outputs) >= 1  # one head per stack (hourglass: two)
+    for output in outputs:
+        assert {name: tuple(value.shape) for name, value in output.items()} == {
+            "heatmap": (2, 3, 16, 16), "ltrb": (2, 4, 16, 16)
+        }
+        assert (output["ltrb"] >= 0).all()
+    prior_logit = -math.log((1 - HEATMAP_PRIOR) / HEATMAP_PRIOR)
+    declared = {id(layer) for layer in output_layers(model)}
+    for head in heads:  # the families leave the head's own initialisation alone
+        assert torch.allclose(head["heatmap"][-1].bias, torch.tensor(prior_logit))
+        assert all(id(conv) in declared for conv in head.output_convs())
+
+
+def test_train_step_dataset_and_evaluation(source) -> None:
+    config = ttfnet_config()
+    dataset = CenterNetDataset(
+        source.records, 3, config.input, train=True, head="ttfnet", augment=AugmentConfig()
+    )
+    batch = collate([dataset[0], dataset[1]])
+    assert set(batch) == {"image", "heatmap", "box_target", "box_weight", "meta"}
+    assert batch["box_target"].shape == (2, 4, 16, 16) and batch["box_weight"].sum() > 0
+    model = ttfnet_model().train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(4):
+        total, parts = ttfnet_loss(model(batch["image"]), batch)
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        losses.append(parts["total"].item())
+    assert all(math.isfinite(value) for value in losses) and losses[-1] < losses[0]
+    evaluation = EvaluateConfig(batch_size=2, workers=0, pr_curves=False)
+    detections, loss = predict_source(model.eval(), source, config, evaluation, "cpu")
+    assert loss is not None and math.isfinite(loss)
+    assert sorted(detections) == [1, 2] and detections[1].shape[1] == 6
+
+
+def test_detect_flip_and_predictor() -> None:
+    model = ttfnet_model().eval()
+    with torch.no_grad():
+        plain = detect(model, IMAGES, max_detections=7, head="ttfnet")
+        assert torch.equal(plain, decode_ttfnet(model(IMAGES)[-1], None, 7))
+        flipped = detect(model, IMAGES, flip=True, max_detections=7, head="ttfnet")
+        expected = decode_ttfnet(model(IMAGES)[-1], model(IMAGES.flip(-1))[-1], 7)
+    torch.testing.assert_close(flipped, expected)
+    image = np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    [result] = Predictor(model, ttfnet_config(), device="cpu").predict([image])
+    assert result.boxes.shape[1] == 4
+
+
+@pytest.mark.parametrize("criterion", sorted(CRITERIA))
+def test_prune_save_load_round_trip(criterion: str, tmp_path) -> None:
+    model = ttfnet_model().eval()
+    generator = torch.Generator().manual_seed(2)
+    for layer in model.modules():  # trained-looking gammas, which bn_gamma needs
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.weight.data.uniform_(0.5, 1.5, generator=generator)
+    result = prune(model, 0.3, criterion, round_to=None, example_inputs=IMAGES[:1])
+    pruned = result.model.eval()
+    assert result.stats.params_after < result.stats.params_before
+    head = pruned.heads
+    assert [conv.out_channels for conv in head.output_convs()] == [3, 4]
+    with torch.no_grad():
+        expected = pruned(IMAGES)[-1]
+    save_checkpoint(tmp_path / "pruned.pt", pruned, ttfnet_config())
+    loaded, checkpoint = load_model(tmp_path / "pruned.pt")
+    assert checkpoint.model_config.head == "ttfnet" and checkpoint.channel_plan
+    with torch.no_grad():
+        actual = loaded.eval()(IMAGES)[-1]
+    for name in ("heatmap", "ltrb"):
+        assert torch.equal(actual[name], expected[name])
+
+
+def test_deployed_model_and_onnx_parity(tmp_path) -> None:
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxslim")
+    model = ttfnet_model().eval()
+    generator = torch.Generator().manual_seed(1)
+    for layer in model.modules():  # distinct scores (fresh heads are flat), boxes of many sizes
+        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+            fan_in = layer.weight[0].numel() if isinstance(layer, nn.Conv2d) else layer.in_channels
+            layer.weight.data.normal_(0, 1 / math.sqrt(fan_in), generator=generator)
+    assert fuse_heads(model) is model  # the box branch's scale is not a FusedHeads' output
+    spec = ttfnet_config().input
+    with torch.no_grad():
+        raw = DeployModel(model, spec, head="ttfnet")(IMAGES)
+        expected = decode_ttfnet(model(IMAGES)[-1], None, 50)
+    assert [tuple(tensor.shape) for tensor in raw] == [(2, 3, 16, 16), (2, 4, 16, 16)]
+    expected[..., :4] *= DOWN_RATIO  # the deployed graph gives input pixels
+    path = export_onnx(
+        tmp_path / "ttfnet.onnx", model, spec, head="ttfnet", decode=True, dynamic=True,
+        max_detections=50,
+    )
+    operators = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "TopK" in operators and not operators & {"NonZero", "OneHot"}
+    session = onnx_session(path, threads=1)
+    [actual] = session.run(None, {"images": IMAGES.numpy()})
+    assert actual.shape == (2, 50, 6)
+    assert len(np.unique(expected[..., 4].numpy())) == 100  # no ties: ranks are comparable
+    np.testing.assert_allclose(actual[..., 4], expected[..., 4].numpy(), atol=1e-4)
+    np.testing.assert_array_equal(actual[..., 5], expected[..., 5].numpy())
+    np.testing.assert_allclose(actual[..., :4], expected[..., :4].numpy(), atol=1e-3)
+    other = torch.randn(1, 3, 96, 64)  # dynamic sides
+    [actual] = session.run(None, {"images": other.numpy()})
+    with torch.no_grad():
+        expected = decode_ttfnet(model(other)[-1], None, 50)
+    np.testing.assert_allclose(actual[..., :4], expected[..., :4].numpy() * 4, atol=1e-3)
+
+
+@pytest.fixture
+def source(tmp_path) -> DetectionSource:
+    records = []
+    boxes = np.array([[8.0, 10.0, 40.0, 50.0], [60.0, 20.0, 120.0, 80.0]])
+    labels = np.array([0, 2])
+    for image_id in (1, 2):
+        path = tmp_path / f"{image_id}.png"
+        pixels = np.random.default_rng(image_id).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+        cv2.imwrite(str(path), pixels)
+        records.append(ImageRecord(image_id, path, 128, 96, boxes, labels, np.zeros(2, bool)))
+    return DetectionSource(records, ["a", "b", "c"], [1, 2, 3], None, {})
