@@ -697,24 +697,21 @@ def test_deployed_model_and_onnx_parity(tmp_path) -> None:
         expected = decode_ttfnet(model(IMAGES)[-1], None, 50)
     assert [tuple(tensor.shape) for tensor in raw] == [(2, 3, 16, 16), (2, 4, 16, 16)]
     expected[..., :4] *= DOWN_RATIO  # the deployed graph gives input pixels
+    # A static graph (batch 2, 64 x 64) keeps the test short: the dynamic-shape parts of the
+    # decoder (K clamped to the map, symbolic sizes) are `peak_topk`'s, which
+    # tests/test_export.py exports with dynamic shapes through ctdet_decode.
     path = export_onnx(
-        tmp_path / "ttfnet.onnx", model, spec, head="ttfnet", decode=True, dynamic=True,
+        tmp_path / "ttfnet.onnx", model, spec, head="ttfnet", decode=True, batch=2,
         max_detections=50,
     )
     operators = {node.op_type for node in onnx.load(str(path)).graph.node}
     assert "TopK" in operators and not operators & {"NonZero", "OneHot"}
-    session = onnx_session(path, threads=1)
-    [actual] = session.run(None, {"images": IMAGES.numpy()})
+    [actual] = onnx_session(path, threads=1).run(None, {"images": IMAGES.numpy()})
     assert actual.shape == (2, 50, 6)
     assert len(np.unique(expected[..., 4].numpy())) == 100  # no ties: ranks are comparable
     np.testing.assert_allclose(actual[..., 4], expected[..., 4].numpy(), atol=1e-4)
     np.testing.assert_array_equal(actual[..., 5], expected[..., 5].numpy())
     np.testing.assert_allclose(actual[..., :4], expected[..., :4].numpy(), atol=1e-3)
-    other = torch.randn(1, 3, 96, 64)  # dynamic sides
-    [actual] = session.run(None, {"images": other.numpy()})
-    with torch.no_grad():
-        expected = decode_ttfnet(model(other)[-1], None, 50)
-    np.testing.assert_allclose(actual[..., :4], expected[..., :4].numpy() * 4, atol=1e-3)
 
 
 @pytest.fixture
