@@ -38,8 +38,7 @@ from pathlib import Path
 import torch
 
 from ctprune.layout import CHECKPOINT_FILE, REPORT_FILES
-from ctprune.report import study_row, update_study_report
-from detector.layout import HISTORY_FILE
+from ctprune.report import run_stage_rows, study_row, training_record, update_study_report
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -88,27 +87,6 @@ def prune_and_finetune(
             log=out / f"{run.name}.log", threads=threads,
         )
     return run
-
-
-def training_record(run: Path) -> dict:
-    """Epochs, training seconds and the last evaluation of a training folder's epoch log."""
-    records = [json.loads(line) for line in (run / HISTORY_FILE).read_text().splitlines()]
-    epochs = [record for record in records if record.get("kind") == "epoch"]
-    evaluated = [record for record in epochs if "ap" in record]
-    return {
-        "epochs": len(epochs),
-        "train_seconds": round(sum(record.get("seconds", 0.0) for record in epochs), 1),
-        "curve": [
-            {"epoch": record["epoch"], "ap": record["ap"], "ap50": record["ap50"]}
-            for record in evaluated
-        ],
-    }
-
-
-def run_rows(run: Path) -> dict[str, dict]:
-    """The rows of a `ctprune run` report by stage: baseline, prune, finetune."""
-    report = json.loads((run / REPORT_FILES["json"]).read_text())
-    return {row["stage"]: row for row in report["rows"] if row["precision"] == "fp32"}
 
 
 def study_rows(results: dict) -> list[dict]:
@@ -185,7 +163,7 @@ def main() -> None:
                 "finetune_epochs": finetune[arm],
                 "training": training_record(baseline),
                 "finetune_training": training_record(pruned / "finetune"),
-                "rows": run_rows(pruned),
+                "rows": run_stage_rows(pruned),
             }
             print(arm, seed, {k: results["arms"][arm][seed]["rows"][k]["ap"]
                               for k in ("baseline", "prune", "finetune")}, flush=True)
