@@ -25,12 +25,16 @@ ALPHA = 0.54
 BETA = 0.54
 
 
-def _check(boxes: np.ndarray, labels: np.ndarray, num_classes: int, output_size) -> tuple:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
-        raise ValueError(
-            f"encode_ttfnet_targets: num_classes must be a positive integer, got {num_classes!r}"
-        )
-    if num_classes < 1:
+def _check(
+    boxes: np.ndarray, labels: np.ndarray, num_classes: int, output_size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """The checked boxes (N, 4), integer labels (N,) and (H, W); a ValueError naming the bad
+    argument otherwise."""
+    if (
+        isinstance(num_classes, bool)
+        or not isinstance(num_classes, (int, np.integer))
+        or num_classes < 1
+    ):
         raise ValueError(
             f"encode_ttfnet_targets: num_classes must be a positive integer, got {num_classes!r}"
         )
@@ -165,16 +169,9 @@ def encode_ttfnet_targets(
     map_widths = map_boxes[:, 2] - map_boxes[:, 0]
     radii_alpha = np.stack([map_heights / half * alpha, map_widths / half * alpha], 1)
     radii_beta = np.stack([map_heights / half * beta, map_widths / half * beta], 1)
-    centres = (
-        np.stack(
-            [
-                (input_boxes[:, 0] + input_boxes[:, 2]) / half,
-                (input_boxes[:, 1] + input_boxes[:, 3]) / half,
-            ],
-            1,
-        )
-        / np.float32(DOWN_RATIO)
-    ).astype(np.int32)  # truncation; the clipped centres are >= 0
+    x1, y1, x2, y2 = input_boxes.T
+    centre_cells = np.stack([(x1 + x2) / half, (y1 + y2) / half], 1) / np.float32(DOWN_RATIO)
+    centre_cells = centre_cells.astype(np.int32)  # truncation; the clipped centres are >= 0
 
     # The per-object work that cannot be vectorised (later objects overwrite earlier ones):
     # pastes of cached kernels on each object's window.
@@ -184,7 +181,7 @@ def encode_ttfnet_targets(
         log_areas,
         radii_alpha.astype(np.int32).tolist(),
         radii_beta.astype(np.int32).tolist(),
-        centres.tolist(),
+        centre_cells.tolist(),
         strict=True,
     ):
         window, kernel = _window(elliptical_gaussian(*radius_alpha), x, y, height, width)
@@ -193,7 +190,7 @@ def encode_ttfnet_targets(
         if radius_beta != radius_alpha:
             window, kernel = _window(elliptical_gaussian(*radius_beta), x, y, height, width)
         region = kernel > 0
-        box_target[:, window[0], window[1]][:, region] = box[:, None]
+        box_target[(slice(None), *window)][:, region] = box[:, None]  # a view: writes through
         local = kernel[region]
         weights = box_weight[window]
         weights[region] = local * log_area / local.sum()
