@@ -511,10 +511,9 @@ def test_flip_test_swaps_left_and_right() -> None:
     assert torch.allclose(merged_heatmap[peaks], torch.full((4,), 1 - 1e-4))
     detections = decode_ttfnet(outputs, flipped, 10)
     _match(detections, ROUND_TRIP_BOXES, ROUND_TRIP_LABELS)
-    # Left and right are told apart: merging a prediction with the mirror of itself (rather
-    # than of the mirrored image's) gives wrong widths for asymmetric boxes.
-    wrong = decode_ttfnet(outputs, outputs, 10)
-    assert not np.allclose(np.sort(wrong[0, :4, 0].numpy()), np.sort(ROUND_TRIP_BOXES[:, 0]))
+    # (Base locations sit at a cell's corner, so l != r at the peaks: a merge that did not swap
+    # l and r, or did not move them by 3 pixels, would miss these boxes.)
+    assert not torch.allclose(merged_ltrb[:, 0][peaks[:, 0]], merged_ltrb[:, 2][peaks[:, 0]])
     # The merge is an average: equal halves give the single prediction back. The mirror of a
     # prediction: r and l swapped, moved by 3 pixels to the mirrored base location, mirrored.
     shift = torch.tensor([-3.0, 0, 3, 0])[:, None, None]
