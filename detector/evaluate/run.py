@@ -117,8 +117,9 @@ def evaluate_model(
 ) -> dict:
     """Metrics of ``model`` on ``source``: COCO ``ap``, ``ap50``, ``ap75``, ``aps``, ``apm``,
     ``apl``, VOC-style ``voc_ap50`` (the pruning seed's metric), ``loss`` when available (of
-    ``loss_fn``, default the head's loss) and ``per_class_ap``. With ``out_dir`` and ``write_reports`` it also writes the COCO results
-    json, a per-class table and one P-R curve PNG per class."""
+    ``loss_fn``, default the head's loss) and ``per_class_ap``. With ``out_dir`` and
+    ``write_reports`` it also writes the COCO results json, a per-class table and one P-R curve
+    PNG per class."""
     device = torch.device(device)
     # Under torch.distributed each process predicts its share of the images; rank 0 scores them.
     rank, size = distributed.world()
