@@ -124,7 +124,9 @@ class TrainConfig:
     """centerX's loss balancing ("communism loss"): each task term named in
     `balance_magnitudes` is rescaled to that fixed value, c x L / L with the divisor detached,
     so every term's gradient is scaled by c / L. Terms not named keep their weight;
-    distillation terms are never rebalanced."""
+    distillation terms are never rebalanced. The training loss total is then nearly constant
+    (the divergence check and skip-loss see only the unbalanced terms); the validation loss is
+    computed unbalanced."""
     balance_magnitudes: dict[str, float] = field(
         default_factory=lambda: dict(CENTERX_BALANCE_MAGNITUDES)
     )
