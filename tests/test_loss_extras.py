@@ -345,3 +345,38 @@ def test_average_value_is_the_same_on_every_process(tmp_path):
         timeout=50,
     )
     assert {(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)} == {"2.25"}
+
+
+def test_the_last_accepted_loss_survives_a_resume(tmp_path):
+    """Resumed, the first step is judged against the loss the interrupted run last accepted
+    (a fresh SkipLoss would accept any first step)."""
+    first = _fit(tmp_path, partial(_jump_at, [], set()), [], epochs=1, skip_loss_factor=3.0)
+    assert first.history[0]["skipped_steps"] == 0
+    snapshots = []
+    config = dict(epochs=2, batch_size=4, lr=2e-3, workers=0, eval_interval=0, lr_steps=[100.0],
+                  log_interval=1, seed=1, skip_loss_factor=3.0)
+    torch.manual_seed(0)
+    model_config = tiny_config()
+    loader = train_loader(TinyDetectionData(8), TrainConfig(**config), collate_fn=default_collate)
+    result = fit(build_from_config(model_config), model_config, TrainConfig(**config), loader,
+                 tmp_path, loss_fn=partial(_jump_at, [], {1}), resume=True,
+                 on_step_end=lambda step, model, parts: snapshots.append(
+                     [p.detach().clone() for p in model.parameters()]))
+    assert result.history[-1]["skipped_steps"] == 1
+    assert _changed(snapshots) == [True]  # step 1 skipped (no change seen), step 2 taken
+
+
+def test_a_skipped_step_leaves_the_gradient_scaler_alone(tmp_path, monkeypatch):
+    """Float16 AMP's GradScaler on the CPU (fit's autocast bypassed: amp autocast needs CUDA):
+    a skipped step calls neither unscale_, step nor update, so the scaler's growth tracker
+    counts the steps taken and the next step unscales its own gradients without error."""
+    from contextlib import nullcontext
+
+    monkeypatch.setattr("detector.engine.fit._autocast", lambda precision, device: nullcontext())
+    snapshots = []
+    result = _fit(tmp_path, partial(_jump_at, [], {3}), snapshots, precision="amp",
+                  skip_loss_factor=3.0, grad_clip=10.0)  # clipping: unscale_ on every step
+    assert _changed(snapshots) == [True, False, True]
+    assert result.history[1]["skipped_steps"] == 1
+    scaler = torch.load(tmp_path / "resume.pt", weights_only=True)["scaler"]
+    assert scaler["scale"] == 2.0**16 and scaler["_growth_tracker"] == 3  # 3 steps taken
