@@ -380,3 +380,33 @@ def test_a_skipped_step_leaves_the_gradient_scaler_alone(tmp_path, monkeypatch):
     assert result.history[1]["skipped_steps"] == 1
     scaler = torch.load(tmp_path / "resume.pt", weights_only=True)["scaler"]
     assert scaler["scale"] == 2.0**16 and scaler["_growth_tracker"] == 3  # 3 steps taken
+
+
+def test_the_validation_loss_is_the_given_task_loss(tmp_path):
+    """Training's evaluation computes its validation loss with `task_loss(..., balanced=False)`
+    (prepare_run); predict_source takes that loss in place of the head's."""
+    import cv2
+    import numpy as np
+
+    from detector.data.records import DetectionSource, ImageRecord
+    from detector.evaluate.config import EvaluateConfig
+    from detector.evaluate.run import predict_source
+
+    records = []
+    for image_id in (1, 2):
+        path = tmp_path / f"{image_id}.png"
+        cv2.imwrite(str(path), np.full((64, 64, 3), 40 * image_id, dtype=np.uint8))
+        records.append(ImageRecord(image_id, path, 64, 64, np.array([[8.0, 8.0, 40.0, 48.0]]),
+                                   np.array([1]), np.zeros(1, bool)))
+    source = DetectionSource(records, ["a", "b", "c"], [1, 2, 3], None, {})
+    model_config = tiny_config()
+    model = build_from_config(model_config)
+    config = EvaluateConfig(batch_size=2, workers=0, pr_curves=False)
+    training = TrainConfig(heatmap_loss="mse", balance_losses=True)
+    _, plain = predict_source(model, source, model_config, config, "cpu")
+    _, balanced = predict_source(model, source, model_config, config, "cpu",
+                                 loss_fn=task_loss("centernet", training))
+    _, validation = predict_source(model, source, model_config, config, "cpu",
+                                   loss_fn=task_loss("centernet", training, balanced=False))
+    assert balanced == pytest.approx(1.9)  # why validation is never balanced
+    assert validation not in (plain, pytest.approx(1.9))  # the MSE heatmap term, unbalanced
