@@ -242,6 +242,27 @@ def test_both_heads_get_the_switches_through_the_loss_contract(monkeypatch):
     assert unbalanced.item() == pytest.approx((parts["heatmap"] + 5 * parts["ltrb"]).item())
 
 
+@pytest.mark.skipif("ttfnet" not in HEADS, reason="this checkout has no TTFNet head yet")
+def test_the_ttfnet_head_takes_the_switches():
+    """The real TTFNet loss (where the head table has it) through `task_loss`."""
+    import numpy as np
+
+    entry = HEADS["ttfnet"]
+    targets = [entry.encode_targets(np.array([[2.0, 3.0, 9.0, 12.0]]), np.array([label]), 3,
+                                    (16, 16)) for label in (0, 2)]
+    batch = {key: torch.stack([torch.from_numpy(item[key]) for item in targets])
+             for key in targets[0]}
+    generator = torch.Generator().manual_seed(4)
+    outputs = [{"heatmap": torch.randn(2, 3, 16, 16, generator=generator).requires_grad_(),
+                "ltrb": torch.rand(2, 4, 16, 16, generator=generator).mul(30).requires_grad_()}]
+    total, parts = task_loss("ttfnet", TrainConfig(heatmap_loss="mse", balance_losses=True))(
+        outputs, batch)
+    assert set(parts) == {*LOSS_TERMS["ttfnet"], "total"}
+    assert total.item() == pytest.approx(1.5 + 0.3)
+    mse = mse_heatmap_loss(clamped_sigmoid(outputs[0]["heatmap"]), batch["heatmap"])
+    assert parts["heatmap"].item() == pytest.approx(mse.item())
+
+
 # -- skip-loss in fit ----------------------------------------------------------------------
 
 
