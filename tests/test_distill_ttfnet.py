@@ -191,3 +191,24 @@ def test_the_task_term_is_the_given_task_loss():
 
     total, parts = _loss(DistillConfig(heatmap_weight=0.0, wh_weight=0.0), task_loss=task)
     assert calls == [["heatmap", "ltrb"]] and total.item() == 3.0 and parts["heatmap"] == 2.0
+
+
+def test_ctprune_check_names_a_teacher_of_another_head_type(tmp_path):
+    from ctprune.preflight import _check_teacher
+    from ctprune.recipe import load_recipe
+
+    save_checkpoint(tmp_path / "teacher.pt", tiny_model("res18", 2), tiny_config("res18", 2))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        "name: ttf\n"
+        "model: {arch: res18, head: ttfnet, num_classes: 2, input: {input_size: [64, 64]}}\n"
+        "data: {format: coco, train: a.json, val: b.json, images: imgs}\n"
+        "train: {epochs: 1, lr_steps: []}\n"
+        "prune: {ratio: 0.2}\n"
+        "finetune: {epochs: 1, lr_steps: [], distill: {teachers: [{checkpoint: teacher.pt}]}}\n"
+    )
+    problems, notes = [], []
+    _check_teacher(0, load_recipe(path, check_files=False), ["a", "b"], problems, notes)
+    assert problems == [f"finetune.distill.teachers[0].checkpoint {tmp_path / 'teacher.pt'}: "
+                        "its head type is 'centernet' but the student's is 'ttfnet'; a teacher "
+                        "must predict what the student predicts"]
