@@ -35,10 +35,6 @@ from detector.losses import (
 pytestmark = pytest.mark.timeout(60)
 
 
-def _logit(probability: float) -> float:
-    return math.log(probability / (1 - probability))
-
-
 def _batch(num_classes=3, size=2, seed=0):
     data = TinyDetectionData(length=size, num_classes=num_classes, seed=seed)
     return {key: torch.stack([item[key] for item in data.items]) for key in data.items[0]}
@@ -357,14 +353,26 @@ AVERAGE_SCRIPT = textwrap.dedent("""
 
 
 def test_average_value_is_the_same_on_every_process(tmp_path):
+    """Two gloo processes (started directly: torchrun's agent would cost a third start)."""
+    import socket
+
     script = tmp_path / "average.py"
     script.write_text(AVERAGE_SCRIPT)
-    subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--standalone", "--max_restarts", "0", str(script), str(tmp_path)],
-        check=True, env=child_environment(OMP_NUM_THREADS="1"), capture_output=True,
-        timeout=50,
-    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path)],
+            env=child_environment(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
+                                  MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        for rank in (0, 1)
+    ]
+    for process in processes:
+        _, error = process.communicate(timeout=50)
+        assert process.returncode == 0, error.decode()[-2000:]
     assert {(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)} == {"2.25"}
 
 
