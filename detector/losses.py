@@ -106,7 +106,7 @@ HEATMAP_LOSSES = {
 applies to its class heatmaps."""
 
 
-def heatmap_loss_named(name: str):
+def heatmap_loss_named(name: str) -> HeatmapLoss:
     """The `HEATMAP_LOSSES` entry ``name``; a ValueError listing the known ones otherwise."""
     if name not in HEATMAP_LOSSES:
         raise ValueError(
