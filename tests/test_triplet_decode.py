@@ -17,6 +17,7 @@ from detector.triplet.decode import (
     soft_nms_merge,
     triplet_candidates,
 )
+from detector.triplet.targets import encode_triplet_targets
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -281,6 +282,64 @@ def test_small_and_large_boxes_use_thirds_and_fifths() -> None:
     other_class = centres.clone()
     other_class[..., 2] = 1
     assert (match_centers(candidates, other_class, 22500 / 16) == -1).all()
+
+
+def outputs_from_targets(boxes, labels, classes, height, width):
+    """Heads that say exactly what `encode_triplet_targets` asks for: heatmap probabilities
+    0.001 + 0.98 x target, the target offsets at the keypoint cells, one embedding per object
+    (distinct per cell elsewhere, so that the background does not pair)."""
+    targets = encode_triplet_targets(boxes, labels, classes, (height, width), 8)
+    outputs = {}
+    for kind in ("tl", "br", "ct"):
+        probability = torch.from_numpy(0.001 + 0.98 * targets[f"{kind}_heatmap"])[None]
+        outputs[f"{kind}_heatmap"] = torch.log(probability / (1 - probability))
+        offset = torch.zeros(2, height * width)
+        for slot in np.flatnonzero(targets["mask"]):
+            offset[:, targets[f"{kind}_index"][slot]] = torch.from_numpy(
+                targets[f"{kind}_offset"][slot]
+            )
+        outputs[f"{kind}_offset"] = offset.reshape(1, 2, height, width)
+    for kind in ("tl", "br"):
+        embedding = torch.arange(height * width, dtype=torch.float32) * 10
+        for slot in np.flatnonzero(targets["mask"]):
+            embedding[targets[f"{kind}_index"][slot]] = -100.0 * (slot + 1)
+        outputs[f"{kind}_embedding"] = embedding.reshape(1, 1, height, width)
+    return outputs
+
+
+ROUND_TRIP_BOXES = np.array(
+    [[2.5, 3.25, 12.75, 10.5], [16.25, 4.5, 29.5, 27.75], [3.5, 15.25, 9.75, 29.5]], np.float32
+)
+
+
+def test_targets_round_trip_through_decoding() -> None:
+    labels = np.array([0, 1, 0])
+    outputs = outputs_from_targets(ROUND_TRIP_BOXES, labels, 2, 32, 32)
+    detections = decode_triplet(outputs, None, 10)[0]
+    found = detections[detections[:, 4] > 0.5]
+    assert len(found) == 3
+    order = np.argsort(found[:, 0].numpy())
+    expected = ROUND_TRIP_BOXES[np.argsort(ROUND_TRIP_BOXES[:, 0])]
+    np.testing.assert_allclose(found[order, :4].numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(found[order, 4].numpy(), 0.981, atol=1e-6)
+    assert found[order, 5].tolist() == labels[np.argsort(ROUND_TRIP_BOXES[:, 0])].tolist()
+
+
+def test_flip_round_trip_finds_each_box_twice() -> None:
+    labels = np.array([0, 1, 0])
+    outputs = outputs_from_targets(ROUND_TRIP_BOXES, labels, 2, 32, 32)
+    mirrored = ROUND_TRIP_BOXES.copy()
+    mirrored[:, [0, 2]] = 32 - ROUND_TRIP_BOXES[:, [2, 0]]
+    flipped = outputs_from_targets(mirrored, labels, 2, 32, 32)
+    detections = decode_triplet(outputs, flipped, 10)[0]
+    best = detections[detections[:, 4] > 0.5]
+    duplicates = detections[(detections[:, 4] > 0.1) & (detections[:, 4] < 0.5)]
+    assert len(best) == 3 and len(duplicates) == 3
+    for rows in (best, duplicates):
+        order = np.argsort(rows[:, 0].numpy())
+        expected = ROUND_TRIP_BOXES[np.argsort(ROUND_TRIP_BOXES[:, 0])]
+        np.testing.assert_allclose(rows[order, :4].numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(duplicates[:, 4].numpy(), 0.981 * math.exp(-2), rtol=1e-5)
 
 
 # --- parity with the slow reference on random outputs ------------------------------------------
