@@ -17,12 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
-from torch import Tensor
+from torch import Tensor, nn
 
 from .inference.decode import decode_centernet
 from .losses import centernet_loss
+from .models.centernet import HeadFactory, per_output_heads
 from .targets import encode_targets
 
 # In `HeadType.outputs`: one channel per class (a class heatmap).
@@ -50,6 +52,16 @@ class HeadType:
     max detections) -> (B, K, 6) x1, y1, x2, y2 in output-map coordinates, score, class; as
     `detector.inference.decode.decode_centernet`. Must stay traceable by torch.export (the
     exported graph runs it)."""
+
+    build_heads: Callable[[int, int, dict[str, int]], nn.Module] = per_output_heads
+    """(in_channels, head_conv, output channels) -> one stack's heads: a module mapping the
+    neck's features to the dict of raw outputs, with ``output_convs()`` (the convs pruning
+    never cuts), as `detector.models.centernet.per_output_heads`."""
+
+    def head_factory(self, num_classes: int) -> HeadFactory:
+        """``make_heads(in_channels, head_conv)`` for a model of ``num_classes`` classes: what
+        every backbone family in `detector.models.ARCHITECTURES` calls to build its heads."""
+        return partial(self.build_heads, outputs=self.output_channels(num_classes))
 
     def output_channels(self, num_classes: int) -> dict[str, int]:
         """Output name -> channels for a model of ``num_classes`` classes."""

@@ -8,6 +8,7 @@ D regression channels (2 for wh and offset). Predictions are the model's raw hea
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -110,6 +111,9 @@ class LossWeights:
     """Weight of the L1 loss on the sub-cell centre offsets."""
 
 
+HeatmapLoss = Callable[[Tensor, Tensor], Tensor]
+"""(probabilities (B, C, H, W), gt (B, C, H, W)) -> scalar: the loss on class heatmaps."""
+
 _BATCH_KEYS = ("heatmap", "wh", "index", "mask")
 
 
@@ -117,6 +121,9 @@ def centernet_loss(
     outputs: list[dict[str, Tensor]],
     batch: dict[str, Tensor],
     weights: LossWeights = LossWeights(),  # noqa: B008 (frozen, so safe to share)
+    *,
+    heatmap_loss: HeatmapLoss = focal_loss,
+    balance: dict[str, float] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Total CenterNet loss and its detached parts.
 
@@ -126,6 +133,8 @@ def centernet_loss(
     batch: "heatmap" (B, C, H, W), "wh" (B, M, 2), "offset" (B, M, 2), "index" (B, M),
         "mask" (B, M), as `encode_targets` makes them, batched.
     weights: the term weights, by default the original's (1, 0.1, 1).
+    heatmap_loss: (probabilities, gt) -> scalar on the class heatmaps, `focal_loss` by default.
+    balance: term name -> fixed magnitude, centerX's loss balancing (`combine_terms`).
 
     Each term is averaged over the stacks (the offset term over the stacks that have an
     "offset" output; stacks without one skip it), then
@@ -142,28 +151,55 @@ def centernet_loss(
             if key not in output:
                 raise ValueError(f"centernet_loss: outputs[{stack}] has no {key!r} entry")
 
-    heatmap_loss = sum(
-        focal_loss(clamped_sigmoid(output["heatmap"]), batch["heatmap"]) for output in outputs
+    heatmap_term = sum(
+        heatmap_loss(clamped_sigmoid(output["heatmap"]), batch["heatmap"]) for output in outputs
     ) / len(outputs)
-    wh_loss = sum(
+    wh_term = sum(
         reg_l1_loss(output["wh"], batch["mask"], batch["index"], batch["wh"]) for output in outputs
     ) / len(outputs)
     offset_stacks = [output["offset"] for output in outputs if "offset" in output]
     if offset_stacks:
         if "offset" not in batch:
             raise ValueError("centernet_loss: the model predicts 'offset' but batch has none")
-        offset_loss = sum(
+        offset_term = sum(
             reg_l1_loss(offset, batch["mask"], batch["index"], batch["offset"])
             for offset in offset_stacks
         ) / len(offset_stacks)
     else:
-        offset_loss = torch.zeros((), device=heatmap_loss.device)
+        offset_term = torch.zeros((), device=heatmap_term.device)
+    return combine_terms(
+        {"heatmap": heatmap_term, "wh": wh_term, "offset": offset_term},
+        {"heatmap": weights.heatmap, "wh": weights.wh, "offset": weights.offset},
+        balance,
+    )
 
-    total = weights.heatmap * heatmap_loss + weights.wh * wh_loss + weights.offset * offset_loss
-    parts = {
-        "heatmap": heatmap_loss.detach(),
-        "wh": wh_loss.detach(),
-        "offset": offset_loss.detach(),
-        "total": total.detach(),
-    }
+
+def combine_terms(
+    terms: dict[str, Tensor],
+    weights: dict[str, float],
+    balance: dict[str, float] | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """(total, parts) of a head's loss from its unweighted terms (each already averaged over
+    the stacks): ``total = sum(weights[name] * term)``; parts hold every term detached (as
+    logged: unweighted) and "total". Every head type's loss ends here.
+
+    balance: term name -> magnitude c, centerX's "communism" loss balancing: the term's
+    contribution becomes ``c * term / term.detach()``, worth c in value whatever the term's
+    scale, its gradient the term's scaled by c / term (its weight no longer matters). Terms
+    not named keep their weights.
+    """
+    unknown = set(balance or {}) - set(terms)
+    if unknown:
+        raise ValueError(
+            f"loss balance: unknown term(s) {sorted(unknown)}; this head's terms: {sorted(terms)}"
+        )
+    total = torch.zeros((), device=next(iter(terms.values())).device)
+    for name, term in terms.items():
+        if balance and name in balance:
+            # A zero term (no objects) has no scale to balance; it contributes nothing.
+            total = total + balance[name] * term / term.detach().clamp(min=1e-12)
+        else:
+            total = total + weights[name] * term
+    parts = {name: term.detach() for name, term in terms.items()}
+    parts["total"] = total.detach()
     return total, parts

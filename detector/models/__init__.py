@@ -8,7 +8,6 @@ from pathlib import Path
 
 from torch import nn
 
-from ..heads import head_type
 from .centernet import CenterNet, output_layers
 from .dla import build_dla
 from .hourglass import build_hourglass
@@ -18,9 +17,9 @@ from .resdcn import build_resdcn
 from .resnet import build_resnet
 from .resunet import build_resunet
 
-# name -> factory(outputs, head_conv, widths, pretrained) -> CenterNet (hourglass104: its
-# two-stack HourglassNet, which returns the same list of per-stack dicts); outputs maps each
-# head's name to its channels, from the head table (`detector.heads.HEADS`)
+# name -> factory(make_heads, head_conv, widths, pretrained) -> CenterNet (hourglass104: its
+# two-stack HourglassNet, which returns the same list of per-stack dicts); make_heads builds
+# one stack's heads (`centernet.HeadFactory`), bound from the head table (`detector.heads`)
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "res18": partial(build_resnet, 18),
     "res34": partial(build_resnet, 34),
@@ -68,8 +67,11 @@ def build_model(
         raise ValueError(f"num_classes: expected a positive integer, got {num_classes!r}")
     if head_conv is not None and head_conv < 0:
         raise ValueError(f"head_conv: expected None or an integer >= 0, got {head_conv!r}")
-    outputs = head_type(head).output_channels(num_classes)
-    return ARCHITECTURES[arch](outputs, head_conv, widths, pretrained)
+    # Imported here: the head table imports the model modules (its head builders).
+    from ..heads import head_type
+
+    make_heads = head_type(head).head_factory(num_classes)
+    return ARCHITECTURES[arch](make_heads, head_conv, widths, pretrained)
 
 
 __all__ = [

@@ -7,6 +7,8 @@ functions that take them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -16,6 +18,12 @@ from cuda_ops import ModulatedDeformConv2d
 # -log((1 - prior) / prior) for a prior of 0.1; sigmoid(-2.19) = 0.1006. Keeping its constant
 # keeps fresh models identical to the original's.
 HEATMAP_BIAS_INIT = -2.19
+
+HeadFactory = Callable[[int, int], nn.Module]
+"""``make_heads(in_channels, head_conv)`` -> the heads of one stack: a module mapping the neck's
+features (B x in_channels x H/4 x W/4) to the dict of raw outputs, with ``output_convs()``.
+`build_model` binds it from the head table (`detector.heads.HeadType.head_factory`); every
+backbone family calls it with its neck width and its default head width."""
 
 
 class CenterNet(nn.Module):
@@ -27,11 +35,11 @@ class CenterNet(nn.Module):
     ``return_features=True`` the dict also holds ``features``, the neck output the heads read.
     """
 
-    def __init__(self, backbone: nn.Module, neck: nn.Module, heads: dict[str, nn.Module]):
+    def __init__(self, backbone: nn.Module, neck: nn.Module, heads: nn.Module):
         super().__init__()
         self.backbone = backbone
         self.neck = neck
-        self.heads = HeadSet(heads)
+        self.heads = heads
 
     def forward(
         self, images: torch.Tensor, return_features: bool = False
@@ -48,6 +56,10 @@ class HeadSet(nn.ModuleDict):
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: head(features) for name, head in self.items()}
+
+    def output_convs(self) -> list[nn.Conv2d]:
+        """The last conv of every head: its output channels are the model's outputs."""
+        return [head[-1] for head in self.values()]
 
 
 class FusedHeads(nn.Module):
@@ -66,6 +78,14 @@ class FusedHeads(nn.Module):
         return {
             name: conv(part) for (name, conv), part in zip(self.lasts.items(), hidden, strict=True)
         }
+
+    def output_convs(self) -> list[nn.Conv2d]:
+        return list(self.lasts.values())
+
+
+def per_output_heads(in_channels: int, head_conv: int, outputs: dict[str, int]) -> HeadSet:
+    """The centernet head type's heads (`build_heads`) as one module."""
+    return HeadSet(build_heads(in_channels, head_conv, outputs))
 
 
 def build_heads(
@@ -97,21 +117,24 @@ def is_class_heatmap(output_name: str) -> bool:
     return output_name == "heatmap" or output_name.endswith("_heatmap")
 
 
-def regression_head_names(heads: dict[str, nn.Module]) -> list[str]:
-    """The heads each backbone family initialises as regression outputs, in build order."""
-    return [name for name in heads if not is_class_heatmap(name)]
+def regression_heads(heads: nn.Module) -> list[nn.Sequential]:
+    """The heads each backbone family initialises as regression outputs the original's way,
+    in build order: the non-heatmap heads of a `HeadSet`. Other head types (TTFNet, the
+    keypoint triplet) initialise their own heads as their originals do: none here."""
+    if not isinstance(heads, HeadSet):
+        return []
+    return [head for name, head in heads.items() if not is_class_heatmap(name)]
 
 
 def output_layers(model: nn.Module) -> list[nn.Module]:
-    """The layers whose output channels must never be pruned: the last conv of every head,
-    in every stack (the model's outputs), and the offset/mask conv of every deformable conv
-    (its output channels are the kernel taps' offsets and mask). The one place pruning asks."""
-    heads = [
-        head[-1]
-        for module in model.modules()
-        if isinstance(module, HeadSet)
-        for head in module.values()
-    ]
+    """The layers whose output channels must never be pruned: every head module's
+    ``output_convs()`` in every stack (the model's outputs), and the offset/mask conv of every
+    deformable conv (its output channels are the kernel taps' offsets and mask). The one place
+    pruning asks."""
+    heads: list[nn.Module] = []
+    for module in model.modules():
+        if callable(getattr(module, "output_convs", None)):
+            heads += [conv for conv in module.output_convs() if conv not in heads]
     offsets = [
         module.conv_offset_mask
         for module in model.modules()

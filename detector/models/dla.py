@@ -29,7 +29,7 @@ from torch import nn
 
 from cuda_ops import ModulatedDeformConv2d
 
-from .centernet import CenterNet, build_heads, regression_head_names
+from .centernet import CenterNet, HeadFactory, regression_heads
 from .pretrained import load_trunk_weights
 from .widths import merge_widths
 
@@ -392,7 +392,7 @@ def load_imagenet_weights(trunk: DLATrunk, path: str | Path) -> None:
 
 def build_dla(
     version: str,
-    outputs: dict[str, int],
+    make_heads: HeadFactory,
     head_conv: int | None = None,
     widths: dict | None = None,
     pretrained: str | Path | None = None,
@@ -411,11 +411,11 @@ def build_dla(
         load_imagenet_weights(trunk, pretrained)
     neck = DLANeck(channels) if version == "dcn" else DLAV0Neck(channels)
     head_conv = DEFAULT_HEAD_CONV if head_conv is None else head_conv
-    heads = build_heads(channels[FIRST_LEVEL], head_conv, outputs)
+    heads = make_heads(channels[FIRST_LEVEL], head_conv)
     # The originals' fill_fc_weights: every conv of the regression heads gets a zero bias;
     # pose_dla_dcn keeps the default weights, dlav0 draws them from N(0, 0.001).
-    for name in regression_head_names(heads):
-        for layer in heads[name].modules():
+    for head in regression_heads(heads):
+        for layer in head.modules():
             if isinstance(layer, nn.Conv2d):
                 nn.init.zeros_(layer.bias)
                 if version == "v0":

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .centernet import HeadSet, build_heads
+from .centernet import HeadFactory
 from .widths import merge_widths
 
 DEFAULT_WIDTHS = {
@@ -160,7 +160,7 @@ class HourglassNet(nn.Module):
 
     def __init__(
         self,
-        outputs: dict[str, int],
+        make_heads: HeadFactory,
         *,
         stem_width: int = 128,
         dims: Sequence[int] = tuple(DEFAULT_WIDTHS["dims"]),
@@ -184,10 +184,8 @@ class HourglassNet(nn.Module):
         self.inters_ = nn.ModuleList(_conv1x1_bn(width, width) for _ in range(num_stacks - 1))
         self.cnvs_ = nn.ModuleList(_conv1x1_bn(cnv_width, width) for _ in range(num_stacks - 1))
         self.relu = nn.ReLU(inplace=True)
-        # One HeadSet per stack, so `output_layers` finds every stack's last head convs.
-        self.heads = nn.ModuleList(
-            HeadSet(build_heads(cnv_width, head_conv, outputs)) for _ in range(num_stacks)
-        )
+        # One head module per stack, so `output_layers` finds every stack's output convs.
+        self.heads = nn.ModuleList(make_heads(cnv_width, head_conv) for _ in range(num_stacks))
         self.head_stacks = head_stacks
 
     def forward(
@@ -243,7 +241,7 @@ def original_key(key: str) -> str:
 
 
 def build_hourglass(
-    outputs: dict[str, int],
+    make_heads: HeadFactory,
     head_conv: int | None = None,
     widths: dict | None = None,
     pretrained: str | Path | None = None,
@@ -267,7 +265,7 @@ def build_hourglass(
             "per entry of dims"
         )
     return HourglassNet(
-        outputs,
+        make_heads,
         stem_width=widths["stem"],
         dims=dims,
         modules=modules,

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from .centernet import CenterNet, build_heads
+from .centernet import CenterNet, HeadFactory
 from .pretrained import load_trunk_weights
 from .widths import merge_widths
 
@@ -232,7 +232,7 @@ def load_imagenet_weights(trunk: HRNetTrunk, path: str | Path) -> None:
 
 def build_hrnet(
     channels: int,
-    outputs: dict[str, int],
+    make_heads: HeadFactory,
     head_conv: int | None = None,
     widths: dict | None = None,
     pretrained: str | Path | None = None,
@@ -254,4 +254,4 @@ def build_hrnet(
         UpsampleConcat(), *_conv_bn(sum(branches), neck_width, 1), nn.ReLU(inplace=True)
     )
     head_conv = DEFAULT_HEAD_CONV if head_conv is None else head_conv
-    return CenterNet(trunk, neck, build_heads(neck_width, head_conv, outputs))
+    return CenterNet(trunk, neck, make_heads(neck_width, head_conv))

@@ -28,7 +28,7 @@ try:  # a private torchvision function: guarded so that importing detector never
 except ImportError:  # pragma: no cover - depends on the installed torchvision
     MobileNetV3 = _mobilenet_v3_conf = None
 
-from .centernet import CenterNet, build_heads
+from .centernet import CenterNet, HeadFactory
 from .pretrained import load_trunk_weights
 from .widths import merge_widths
 
@@ -93,7 +93,7 @@ def load_imagenet_weights(trunk: MobileNetV3Trunk, path: str | Path) -> None:
 
 
 def build_mobilenet(
-    outputs: dict[str, int],
+    make_heads: HeadFactory,
     head_conv: int | None = None,
     widths: dict | None = None,
     pretrained: str | Path | None = None,
@@ -108,4 +108,4 @@ def build_mobilenet(
         load_imagenet_weights(trunk, pretrained)
     neck = upsampling_neck(trunk.out_channels, neck_widths)
     head_conv = DEFAULT_HEAD_CONV if head_conv is None else head_conv
-    return CenterNet(trunk, neck, build_heads(neck_widths[-1], head_conv, outputs))
+    return CenterNet(trunk, neck, make_heads(neck_widths[-1], head_conv))

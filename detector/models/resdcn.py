@@ -20,7 +20,7 @@ from torch import nn
 
 from cuda_ops import ModulatedDeformConv2d
 
-from .centernet import CenterNet, build_heads, regression_head_names
+from .centernet import CenterNet, HeadFactory, regression_heads
 from .resnet import resnet_trunk
 
 DEFAULT_WIDTHS = {"stem": 64, "stages": [64, 128, 256, 512], "neck": [256, 128, 64]}
@@ -68,7 +68,7 @@ def dcn_neck(in_channels: int, widths: list[int]) -> nn.Sequential:
 
 def build_resdcn(
     depth: int,
-    outputs: dict[str, int],
+    make_heads: HeadFactory,
     head_conv: int | None = None,
     widths: dict | None = None,
     pretrained: str | Path | None = None,
@@ -78,12 +78,12 @@ def build_resdcn(
     trunk, widths = resnet_trunk(depth, widths, DEFAULT_WIDTHS, pretrained)
     neck = dcn_neck(trunk.out_channels, list(widths["neck"]))
     head_conv = DEFAULT_HEAD_CONV if head_conv is None else head_conv
-    heads = build_heads(widths["neck"][-1], head_conv, outputs)
+    heads = make_heads(widths["neck"][-1], head_conv)
     # Unlike msra_resnet, the original initialises EVERY conv of the wh and offset heads with
     # N(0, 0.001) weights and zero bias; the heatmap head keeps its default init (but the
     # bias of its last conv, set by build_heads).
-    for name in regression_head_names(heads):
-        for module in heads[name].modules():
+    for head in regression_heads(heads):
+        for module in head.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.normal_(module.weight, std=0.001)
                 nn.init.zeros_(module.bias)

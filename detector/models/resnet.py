@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from .centernet import CenterNet, build_heads, deconv_neck, regression_head_names
+from .centernet import CenterNet, HeadFactory, deconv_neck, regression_heads
 from .pretrained import load_trunk_weights
 from .widths import merge_widths
 
@@ -99,18 +99,18 @@ def resnet_trunk(
     return trunk, widths
 
 
-def init_regression_heads(heads: dict[str, nn.Sequential]) -> None:
+def init_regression_heads(heads: nn.Module) -> None:
     """msra_resnet's head initialisation: the original touches only each head's last conv; the
     regression heads (wh and offset) get N(0, 0.001) weights and zero bias, so the first
     regression outputs are close to 0."""
-    for name in regression_head_names(heads):
-        nn.init.normal_(heads[name][-1].weight, std=0.001)
-        nn.init.zeros_(heads[name][-1].bias)
+    for head in regression_heads(heads):
+        nn.init.normal_(head[-1].weight, std=0.001)
+        nn.init.zeros_(head[-1].bias)
 
 
 def build_resnet(
     depth: int,
-    outputs: dict[str, int],
+    make_heads: HeadFactory,
     head_conv: int | None = None,
     widths: dict | None = None,
     pretrained: str | Path | None = None,
@@ -120,6 +120,6 @@ def build_resnet(
     trunk, widths = resnet_trunk(depth, widths, DEFAULT_WIDTHS, pretrained)
     neck = deconv_neck(trunk.out_channels, list(widths["neck"]))
     head_conv = DEFAULT_HEAD_CONV if head_conv is None else head_conv
-    heads = build_heads(widths["neck"][-1], head_conv, outputs)
+    heads = make_heads(widths["neck"][-1], head_conv)
     init_regression_heads(heads)
     return CenterNet(trunk, neck, heads)

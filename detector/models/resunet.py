@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .centernet import CenterNet, build_heads
+from .centernet import CenterNet, HeadFactory
 from .resnet import DEFAULT_HEAD_CONV, DEPTHS, ResNetTrunk, init_regression_heads, resnet_trunk
 
 DEFAULT_WIDTHS = {"stem": 64, "stages": [64, 128, 256, 512], "neck": [256, 128, 64]}
@@ -84,7 +84,7 @@ class SkipNeck(nn.Module):
 
 def build_resunet(
     depth: int,
-    outputs: dict[str, int],
+    make_heads: HeadFactory,
     head_conv: int | None = None,
     widths: dict | None = None,
     pretrained: str | Path | None = None,
@@ -97,6 +97,6 @@ def build_resunet(
     stage_channels = [width * expansion for width in widths["stages"]]
     neck = SkipNeck(stage_channels, list(widths["neck"]))
     head_conv = DEFAULT_HEAD_CONV if head_conv is None else head_conv
-    heads = build_heads(widths["neck"][-1], head_conv, outputs)
+    heads = make_heads(widths["neck"][-1], head_conv)
     init_regression_heads(heads)  # as msra_resnet: regression outputs start close to 0
     return CenterNet(trunk, neck, heads)
