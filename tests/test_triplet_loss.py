@@ -250,6 +250,12 @@ def test_heatmap_loss_and_weights_are_replaceable() -> None:
     weights = TripletLossWeights(heatmap=0.0, pull=1.0, push=0.0, offset=0.0)
     total, parts = triplet_loss(outputs, batch, weights=weights, heatmap_loss=focal_loss)
     assert total.item() == pytest.approx(parts["pull"].item(), rel=1e-6)
+    # centerX's balancing through combine_terms: a balanced term is worth its magnitude.
+    total, parts = triplet_loss(outputs, batch, balance={"push": 2.0})
+    expected = parts["heatmap"] + 0.1 * parts["pull"] + 2.0 + parts["offset"]
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="wh"):
+        triplet_loss(outputs, batch, balance={"wh": 1.0})
 
 
 def test_missing_entries_are_named() -> None:

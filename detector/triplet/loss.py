@@ -13,14 +13,13 @@ gathers them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..losses import _gather_at, clamped_sigmoid, focal_loss
+from ..losses import HeatmapLoss, _gather_at, clamped_sigmoid, combine_terms, focal_loss
 
 # The original's guard against dividing by zero objects, in the pull, push and offset terms.
 EPSILON = 1e-4
@@ -124,7 +123,9 @@ def triplet_loss(
     outputs: list[dict[str, Tensor]],
     batch: dict[str, Tensor],
     weights: TripletLossWeights = TripletLossWeights(),  # noqa: B008 (frozen, so safe to share)
-    heatmap_loss: Callable[[Tensor, Tensor], Tensor] = focal_loss,
+    *,
+    heatmap_loss: HeatmapLoss = focal_loss,
+    balance: dict[str, float] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Total keypoint-triplet loss and its detached parts.
 
@@ -136,6 +137,8 @@ def triplet_loss(
     weights: the term weights, by default the original's.
     heatmap_loss: (probabilities, target heatmap) -> scalar, applied to each of the three
         heatmaps after `clamped_sigmoid`; by default CornerNet's focal loss.
+    balance: term name -> fixed magnitude, centerX's loss balancing
+        (`detector.losses.combine_terms`).
 
     Per stack: heatmap = the sum of the three heatmap losses; pull, push from
     `associative_embedding_loss` on the corner embeddings read at the corner cells; offset = the
@@ -189,21 +192,19 @@ def triplet_loss(
                 )
             )
         stacks = len(outputs)
-        heatmap = sum(heatmap_terms) / stacks
-        pull = sum(pull_terms) / stacks
-        push = sum(push_terms) / stacks
-        offset = sum(offset_terms) / stacks
-        total = (
-            weights.heatmap * heatmap
-            + weights.pull * pull
-            + weights.push * push
-            + weights.offset * offset
+        terms = {
+            "heatmap": sum(heatmap_terms) / stacks,
+            "pull": sum(pull_terms) / stacks,
+            "push": sum(push_terms) / stacks,
+            "offset": sum(offset_terms) / stacks,
+        }
+        return combine_terms(
+            terms,
+            {
+                "heatmap": weights.heatmap,
+                "pull": weights.pull,
+                "push": weights.push,
+                "offset": weights.offset,
+            },
+            balance,
         )
-    parts = {
-        "heatmap": heatmap.detach(),
-        "pull": pull.detach(),
-        "push": push.detach(),
-        "offset": offset.detach(),
-        "total": total.detach(),
-    }
-    return total, parts
