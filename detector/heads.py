@@ -18,18 +18,24 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 from torch import Tensor, nn
 
 from .inference.decode import decode_centernet
-from .losses import centernet_loss
+from .losses import centernet_loss, heatmap_loss_named
 from .models.centernet import HeadFactory, per_output_heads
 from .targets import encode_targets
 from .ttfnet.decode import decode_ttfnet
 from .ttfnet.heads import build_ttfnet_heads
 from .ttfnet.loss import ttfnet_loss
 from .ttfnet.targets import encode_ttfnet_targets
+
+if TYPE_CHECKING:
+    from .engine.config import TrainConfig
+
+LossFn = Callable[[list[dict[str, Tensor]], dict[str, Tensor]], tuple[Tensor, dict[str, Tensor]]]
 
 # In `HeadType.outputs`: one channel per class (a class heatmap).
 NUM_CLASSES = "num_classes"
@@ -98,3 +104,39 @@ def head_type(name: str) -> HeadType:
     if name not in HEADS:
         raise ValueError(f"unknown head type {name!r}; known head types: {', '.join(HEADS)}")
     return HEADS[name]
+
+
+LOSS_TERMS: dict[str, tuple[str, ...]] = {
+    "centernet": ("heatmap", "wh", "offset"),
+    "ttfnet": ("heatmap", "ltrb"),
+    "triplet": ("heatmap", "pull", "push", "offset"),
+}
+"""Head type -> the names of its loss terms (the parts its loss returns besides "total"), which
+``train.balance_magnitudes`` names (`detector.engine.config.LOSS_TERM_NAMES` is their union)."""
+
+
+def task_loss(head: str, config: TrainConfig, *, balanced: bool = True) -> LossFn:
+    """Head type ``head``'s loss with the recipe's loss switches: the one place a training
+    config becomes a loss, used by `fit`, the validation loss and distillation's task term.
+
+    ``config.heatmap_loss`` picks the loss on the class heatmaps (`HEATMAP_LOSSES`);
+    ``config.balance_losses`` rescales the head's terms named in ``config.balance_magnitudes``
+    to those magnitudes (centerX's loss balancing, `detector.losses.combine_terms`), unless
+    ``balanced`` is False: the validation loss is computed unbalanced, since a balanced total is
+    worth the sum of the magnitudes whatever the model does and could not select a best model.
+    """
+    entry = head_type(head)
+    if head not in LOSS_TERMS:
+        raise ValueError(f"task_loss: head type {head!r} has no entry in LOSS_TERMS")
+    balance = None
+    if balanced and config.balance_losses:
+        terms = LOSS_TERMS[head]
+        # The magnitudes cover every head's terms; each head balances those it has.
+        balance = {
+            name: magnitude
+            for name, magnitude in config.balance_magnitudes.items()
+            if name in terms
+        }
+    return partial(
+        entry.loss, heatmap_loss=heatmap_loss_named(config.heatmap_loss), balance=balance
+    )
