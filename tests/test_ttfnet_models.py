@@ -361,3 +361,15 @@ def test_a_ttfnet34_checkpoint_is_not_a_ttfnet18(ttfnet_head, tmp_path):
         import_original_checkpoint(
             path, "ttfnet18", tmp_path / "x.pt", widths={"neck": [32, 16, 8]}
         )
+
+
+def test_import_original_command_at_full_size(ttfnet_head, tmp_path):
+    from ctprune.cli import main
+
+    original, path = _original_checkpoint(tmp_path, 18)
+    out = tmp_path / "imported.pt"
+    assert main(["import-original", str(path), "--arch", "ttfnet18", "--out", str(out)]) == 0
+    model, checkpoint = load_model(out)
+    config = checkpoint.model_config
+    assert (config.head, config.head_conv, config.input.color_order) == ("ttfnet", 128, "RGB")
+    assert count_parameters(model) == count_parameters(original)
