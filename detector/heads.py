@@ -8,9 +8,9 @@ raw outputs to detections. ``model.head`` in a recipe or checkpoint names an ent
 `build_model`, the dataset, evaluation, the predictor and export all look it up here
 (`head_type`).
 
-Later head types are one entry each, e.g. TTFNet (outputs ``heatmap`` and ``ltrb``, its own
-Gaussian targets, GIoU loss, ltrb decoder) or the keypoint triplet (``tl_heatmap``,
-``br_heatmap``, ``ct_heatmap``, embeddings and offsets).
+TTFNet (``ttfnet``: outputs ``heatmap`` and ``ltrb``, its own Gaussian targets, GIoU loss,
+ltrb decoder; `detector.ttfnet`) is the second entry. Later head types are one entry each, e.g.
+the keypoint triplet (``tl_heatmap``, ``br_heatmap``, ``ct_heatmap``, embeddings and offsets).
 """
 
 from __future__ import annotations
@@ -26,6 +26,10 @@ from .inference.decode import decode_centernet
 from .losses import centernet_loss
 from .models.centernet import HeadFactory, per_output_heads
 from .targets import encode_targets
+from .ttfnet.decode import decode_ttfnet
+from .ttfnet.heads import build_ttfnet_heads
+from .ttfnet.loss import ttfnet_loss
+from .ttfnet.targets import encode_ttfnet_targets
 
 # In `HeadType.outputs`: one channel per class (a class heatmap).
 NUM_CLASSES = "num_classes"
@@ -77,6 +81,14 @@ HEADS: dict[str, HeadType] = {
         encode_targets=encode_targets,
         loss=centernet_loss,
         decode=decode_centernet,
+    ),
+    # TTFNet (`detector.ttfnet`): Gaussian-area box targets, GIoU loss, ltrb decoder.
+    "ttfnet": HeadType(
+        outputs={"heatmap": NUM_CLASSES, "ltrb": 4},
+        encode_targets=encode_ttfnet_targets,
+        loss=ttfnet_loss,
+        decode=decode_ttfnet,
+        build_heads=build_ttfnet_heads,
     ),
 }
 
