@@ -2,8 +2,6 @@
 outputs, pruning, and importing the original's checkpoints (the TTFNet head itself is tested in
 test_ttfnet.py)."""
 
-import dataclasses
-
 import pytest
 import torch
 import torchvision
@@ -17,7 +15,7 @@ from ctprune.pruning import prune
 from cuda_ops import ModulatedDeformConv2d
 from detector import CheckpointError, build_model, count_parameters, load_model, output_layers
 from detector.config import input_preset
-from detector.heads import HEADS, NUM_CLASSES
+from detector.heads import HEADS
 from detector.models.ttfnet import original_key
 from detector.original import convert_original_state_dict, import_original_checkpoint
 from detector.ttfnet.heads import build_ttfnet_heads
@@ -40,22 +38,11 @@ ORIGINAL_PARTS = {
 }
 
 
-@pytest.fixture
-def ttfnet_head(monkeypatch):
-    """The head table's ``ttfnet`` entry, which the family's own head sizes need: its builder
-    must be `build_ttfnet_heads` itself (the family passes TTFNet-34's box-branch depth only to
-    that builder). Until the entry lands, a stand-in with the entry's model side (outputs and
-    head builder; CenterNet's targets, loss and decoder, unused here)."""
-    if "ttfnet" in HEADS:
-        assert HEADS["ttfnet"].build_heads is build_ttfnet_heads
-        assert HEADS["ttfnet"].output_channels(80) == {"heatmap": 80, "ltrb": 4}
-    else:
-        entry = dataclasses.replace(
-            HEADS["centernet"],
-            outputs={"heatmap": NUM_CLASSES, "ltrb": 4},
-            build_heads=build_ttfnet_heads,
-        )
-        monkeypatch.setitem(HEADS, "ttfnet", entry)
+def test_the_head_tables_ttfnet_entry_is_what_the_family_relies_on():
+    """The family passes TTFNet-34's box-branch depth only to `build_ttfnet_heads` itself
+    (`detector.models.ttfnet.ttfnet_heads`): the entry must bind that function."""
+    assert HEADS["ttfnet"].build_heads is build_ttfnet_heads
+    assert HEADS["ttfnet"].output_channels(80) == {"heatmap": 80, "ltrb": 4}
 
 
 def tiny_ttfnet(arch: str = "ttfnet18", num_classes: int = 3) -> nn.Module:
@@ -68,7 +55,7 @@ def tiny_ttfnet(arch: str = "ttfnet18", num_classes: int = 3) -> nn.Module:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_full_size_parameter_count_on_the_meta_device(ttfnet_head, arch):
+def test_full_size_parameter_count_on_the_meta_device(arch):
     with torch.device("meta"):
         model = build_model(arch, 80, head="ttfnet")
     assert count_parameters(model) == ORIGINAL_PARAMETERS[arch]
@@ -84,7 +71,7 @@ def test_full_size_parameter_count_on_the_meta_device(ttfnet_head, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_full_size_layout(ttfnet_head, arch):
+def test_full_size_layout(arch):
     with torch.device("meta"):
         model = build_model(arch, 80, head="ttfnet")
     deforms = [level[0] for level in model.neck.upsample]
@@ -128,7 +115,7 @@ def test_fresh_neck_is_initialised_as_the_original():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_tiny_forward_outputs_in_train_and_eval(ttfnet_head, arch):
+def test_tiny_forward_outputs_in_train_and_eval(arch):
     model = tiny_ttfnet(arch)
     images = torch.randn(2, 3, 64, 96)
     shapes = {}
@@ -145,7 +132,7 @@ def test_tiny_forward_outputs_in_train_and_eval(ttfnet_head, arch):
     }
 
 
-def test_neck_sizes_follow_the_trunk_stages_for_inputs_not_multiple_of_32(ttfnet_head):
+def test_neck_sizes_follow_the_trunk_stages_for_inputs_not_multiple_of_32():
     """The original pads to 32; ours up-samples to each stage's own size instead of x2."""
     model = tiny_ttfnet().eval()
     with torch.no_grad():
@@ -167,14 +154,14 @@ def test_bad_widths_are_named():
 # Pruning.
 
 
-def test_output_layers_are_the_head_outputs_and_the_offset_convs(ttfnet_head):
+def test_output_layers_are_the_head_outputs_and_the_offset_convs():
     model = tiny_ttfnet()
     layers = output_layers(model)
     assert layers[:2] == [model.heads["heatmap"][-1], model.heads["ltrb"][-1]]
     assert layers[2:] == [level[0].conv_offset_mask for level in model.neck.upsample]
 
 
-def test_pruning_keeps_output_shapes_and_offset_convs(ttfnet_head, monkeypatch):
+def test_pruning_keeps_output_shapes_and_offset_convs(monkeypatch):
     monkeypatch.setattr("test_pruning_invariants.tiny_model", lambda arch: tiny_ttfnet(arch))
     model = randomised_model("ttfnet18")
     with torch.no_grad():
@@ -295,7 +282,7 @@ def test_original_key_mapping_examples():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_full_size_original_keys_and_shapes_convert_to_ours(ttfnet_head, arch):
+def test_full_size_original_keys_and_shapes_convert_to_ours(arch):
     with torch.device("meta"):
         original = OriginalTTFNet(int(arch[-2:]))
         model = build_model(arch, 80, head="ttfnet")
@@ -326,7 +313,7 @@ def _original_checkpoint(tmp_path, depth, **widths):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_imported_original_checkpoint_gives_the_original_outputs(ttfnet_head, tmp_path, arch):
+def test_imported_original_checkpoint_gives_the_original_outputs(tmp_path, arch):
     # The original's trunk at full width (its keys load unchanged), the neck and heads scaled
     # down so the slow deformable-conv reference stays fast.
     widths = {"planes": (32, 16, 8), "head_conv": 16, "wh_conv": 8}
@@ -354,7 +341,7 @@ def test_imported_original_checkpoint_gives_the_original_outputs(ttfnet_head, tm
     torch.testing.assert_close(outputs["ltrb"], ltrb, rtol=1e-4, atol=1e-4)
 
 
-def test_a_ttfnet34_checkpoint_is_not_a_ttfnet18(ttfnet_head, tmp_path):
+def test_a_ttfnet34_checkpoint_is_not_a_ttfnet18(tmp_path):
     widths = {"planes": (32, 16, 8), "head_conv": 16, "wh_conv": 8}
     _, path = _original_checkpoint(tmp_path, 34, **widths)
     with pytest.raises(CheckpointError, match=r"ttfnet34_2x.pth \(as an original 'ttfnet18'\)"):
@@ -363,7 +350,7 @@ def test_a_ttfnet34_checkpoint_is_not_a_ttfnet18(ttfnet_head, tmp_path):
         )
 
 
-def test_import_original_command_at_full_size(ttfnet_head, tmp_path):
+def test_import_original_command_at_full_size(tmp_path):
     from ctprune.cli import main
 
     original, path = _original_checkpoint(tmp_path, 18)
