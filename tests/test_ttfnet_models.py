@@ -360,3 +360,11 @@ def test_import_original_command_at_full_size(tmp_path):
     config = checkpoint.model_config
     assert (config.head, config.head_conv, config.input.color_order) == ("ttfnet", 128, "RGB")
     assert count_parameters(model) == count_parameters(original)
+
+
+def test_a_centernet_checkpoint_is_not_a_ttfnet(tmp_path):
+    from test_original import _original_checkpoint as centernet_checkpoint
+
+    _, path = centernet_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match=r"model_last.pth: no heatmap head \('bbox_head.hm"):
+        import_original_checkpoint(path, "ttfnet18", tmp_path / "x.pt")
