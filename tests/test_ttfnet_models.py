@@ -13,8 +13,15 @@ from torch import nn
 
 from ctprune.pruning import prune
 from cuda_ops import ModulatedDeformConv2d
-from detector import CheckpointError, build_model, count_parameters, load_model, output_layers
-from detector.config import input_preset
+from detector import (
+    CheckpointError,
+    build_model,
+    count_parameters,
+    load_model,
+    output_layers,
+    save_checkpoint,
+)
+from detector.config import ModelConfig, input_preset
 from detector.heads import HEADS
 from detector.models.ttfnet import original_key
 from detector.original import convert_original_state_dict, import_original_checkpoint
@@ -161,16 +168,19 @@ def test_output_layers_are_the_head_outputs_and_the_offset_convs():
     assert layers[2:] == [level[0].conv_offset_mask for level in model.neck.upsample]
 
 
-def test_pruning_keeps_output_shapes_and_offset_convs(monkeypatch):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pruning_keeps_output_shapes_and_offset_convs(monkeypatch, tmp_path, arch):
+    """The shared invariants run on these archs with the CenterNet heads
+    (test_pruning_invariants.py); here with the TTFNet head, and a pruned save -> load."""
     monkeypatch.setattr("test_pruning_invariants.tiny_model", lambda arch: tiny_ttfnet(arch))
-    model = randomised_model("ttfnet18")
+    model = randomised_model(arch)
     with torch.no_grad():
         before = model(IMAGES)[0]
     result = prune(model, 0.3, "l1", example_inputs=EXAMPLE, round_to=None)
     pruned = result.model.eval()
     assert count_parameters(pruned) < count_parameters(model)
-    neck_widths = [level[0].out_channels for level in pruned.neck.upsample]
-    assert neck_widths < [level[0].out_channels for level in model.neck.upsample]
+    for kept, level in zip(pruned.neck.upsample, model.neck.upsample, strict=True):
+        assert kept[0].out_channels < level[0].out_channels
     for level, shortcut in zip(pruned.neck.upsample, pruned.neck.shortcuts, strict=True):
         assert level[0].conv_offset_mask.out_channels == 27
         assert level[0].conv_offset_mask.in_channels == level[0].in_channels
@@ -179,6 +189,14 @@ def test_pruning_keeps_output_shapes_and_offset_convs(monkeypatch):
     with torch.no_grad():
         after = pruned(IMAGES)[0]
     assert {k: v.shape for k, v in after.items()} == {k: v.shape for k, v in before.items()}
+    config = ModelConfig(arch=arch, head="ttfnet", num_classes=3, head_conv=TINY_HEAD_CONV,
+                         widths=TINY_WIDTHS["ttfnet"])
+    loaded, checkpoint = load_model(save_checkpoint(tmp_path / "pruned.pt", pruned, config))
+    assert checkpoint.channel_plan
+    with torch.no_grad():
+        again = loaded.eval()(IMAGES)[0]
+    for name in after:
+        torch.testing.assert_close(again[name], after[name], rtol=0, atol=0)
 
 
 # Importing the original's checkpoints.
