@@ -68,10 +68,10 @@ class HeadType:
     neck's features to the dict of raw outputs, with ``output_convs()`` (the convs pruning
     never cuts), as `detector.models.centernet.per_output_heads`."""
 
-    def head_factory(self, num_classes: int) -> HeadFactory:
-        """``make_heads(in_channels, head_conv)`` for a model of ``num_classes`` classes: what
-        every backbone family in `detector.models.ARCHITECTURES` calls to build its heads."""
-        return partial(self.build_heads, outputs=self.output_channels(num_classes))
+    loss_terms: tuple[str, ...] = ("heatmap", "wh", "offset")
+    """The names of the loss's terms (its parts besides "total"), which
+    ``train.balance_magnitudes`` names (`detector.engine.config.LOSS_TERM_NAMES` is their
+    union over the table)."""
 
     def output_channels(self, num_classes: int) -> dict[str, int]:
         """Output name -> channels for a model of ``num_classes`` classes."""
@@ -95,6 +95,7 @@ HEADS: dict[str, HeadType] = {
         loss=ttfnet_loss,
         decode=decode_ttfnet,
         build_heads=build_ttfnet_heads,
+        loss_terms=("heatmap", "ltrb"),
     ),
 }
 
@@ -106,13 +107,21 @@ def head_type(name: str) -> HeadType:
     return HEADS[name]
 
 
-LOSS_TERMS: dict[str, tuple[str, ...]] = {
-    "centernet": ("heatmap", "wh", "offset"),
-    "ttfnet": ("heatmap", "ltrb"),
-    "triplet": ("heatmap", "pull", "push", "offset"),
-}
-"""Head type -> the names of its loss terms (the parts its loss returns besides "total"), which
-``train.balance_magnitudes`` names (`detector.engine.config.LOSS_TERM_NAMES` is their union)."""
+def head_factory(head: str, num_classes: int) -> HeadFactory:
+    """``make_heads(in_channels, head_conv, options=None)`` for head type ``head`` and a model
+    of ``num_classes`` classes: what every backbone family in `detector.models.ARCHITECTURES`
+    calls to build its heads. ``options`` maps head-type names to keyword arguments for that
+    type's ``build_heads``: a family's original settings for one head type (TTFNet-34's two box
+    convs: ``{"ttfnet": {"ltrb_convs": 2}}``); entries for other head types are ignored."""
+    entry = head_type(head)
+    outputs = entry.output_channels(num_classes)
+
+    def make_heads(
+        in_channels: int, head_conv: int, options: dict[str, dict] | None = None
+    ) -> nn.Module:
+        return entry.build_heads(in_channels, head_conv, outputs, **(options or {}).get(head, {}))
+
+    return make_heads
 
 
 def task_loss(head: str, config: TrainConfig, *, balanced: bool = True) -> LossFn:
@@ -126,11 +135,9 @@ def task_loss(head: str, config: TrainConfig, *, balanced: bool = True) -> LossF
     worth the sum of the magnitudes whatever the model does and could not select a best model.
     """
     entry = head_type(head)
-    if head not in LOSS_TERMS:
-        raise ValueError(f"task_loss: head type {head!r} has no entry in LOSS_TERMS")
     balance = None
     if balanced and config.balance_losses:
-        terms = LOSS_TERMS[head]
+        terms = entry.loss_terms
         # The magnitudes cover every head's terms; each head balances those it has.
         balance = {
             name: magnitude

@@ -20,7 +20,7 @@ from detector.engine.config import CENTERX_BALANCE_MAGNITUDES, LOSS_TERM_NAMES, 
 from detector.engine.fit import SkipLoss, fit
 from detector.engine.logs import epoch_line
 from detector.engine.train import train_loader
-from detector.heads import HEADS, LOSS_TERMS, NUM_CLASSES, HeadType, task_loss
+from detector.heads import HEADS, NUM_CLASSES, HeadType, task_loss
 from detector.losses import (
     HEATMAP_LOSSES,
     centernet_loss,
@@ -131,7 +131,7 @@ def test_the_default_task_loss_is_the_heads_loss():
     total, parts = task_loss("centernet", TrainConfig())(outputs, batch)
     expected, expected_parts = centernet_loss(outputs, batch)
     assert total.item() == expected.item()
-    assert parts.keys() == expected_parts.keys() == {*LOSS_TERMS["centernet"], "total"}
+    assert parts.keys() == expected_parts.keys() == {*HEADS["centernet"].loss_terms, "total"}
 
 
 @pytest.mark.parametrize("name", ["mse", "focal_labelled"])
@@ -161,7 +161,7 @@ def test_balancing_fixes_each_terms_value_and_scales_its_gradient():
     assert total.item() == pytest.approx(1.5 + 0.3 + 0.1)  # centerX's cls, wh, off
     # parts keep the unbalanced terms (what the epoch line shows)
     _, plain_parts = centernet_loss(outputs, batch)
-    for name in LOSS_TERMS["centernet"]:
+    for name in HEADS["centernet"].loss_terms:
         assert parts[name].item() == pytest.approx(plain_parts[name].item())
     # d(c L / stopgrad(L)) = c / L dL: each output's gradient is its own term's, times c / L.
     balanced = _gradients(total, outputs)
@@ -205,8 +205,7 @@ def test_balance_magnitudes_are_checked_and_default_to_centerx_on_our_term_names
 
 
 def test_every_head_names_its_loss_terms():
-    assert set(HEADS) <= set(LOSS_TERMS)
-    assert {name for names in LOSS_TERMS.values() for name in names} == set(LOSS_TERM_NAMES)
+    assert {name for head in HEADS.values() for name in head.loss_terms} == set(LOSS_TERM_NAMES)
 
 
 def _contract_ttfnet_loss(outputs, batch, *, heatmap_loss=focal_loss, balance=None):
@@ -253,7 +252,7 @@ def test_the_ttfnet_head_takes_the_switches():
                 "ltrb": torch.rand(2, 4, 16, 16, generator=generator).mul(30).requires_grad_()}]
     total, parts = task_loss("ttfnet", TrainConfig(heatmap_loss="mse", balance_losses=True))(
         outputs, batch)
-    assert set(parts) == {*LOSS_TERMS["ttfnet"], "total"}
+    assert set(parts) == {*HEADS["ttfnet"].loss_terms, "total"}
     assert total.item() == pytest.approx(1.5 + 0.3)
     mse = mse_heatmap_loss(clamped_sigmoid(outputs[0]["heatmap"]), batch["heatmap"])
     assert parts["heatmap"].item() == pytest.approx(mse.item())

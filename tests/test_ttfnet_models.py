@@ -22,7 +22,7 @@ from detector import (
     save_checkpoint,
 )
 from detector.config import ModelConfig, input_preset
-from detector.heads import HEADS
+from detector.heads import HEADS, head_factory
 from detector.models.ttfnet import original_key
 from detector.original import convert_original_state_dict, import_original_checkpoint
 from detector.ttfnet.heads import build_ttfnet_heads
@@ -45,11 +45,16 @@ ORIGINAL_PARTS = {
 }
 
 
-def test_the_head_tables_ttfnet_entry_is_what_the_family_relies_on():
-    """The family passes TTFNet-34's box-branch depth only to `build_ttfnet_heads` itself
-    (`detector.models.ttfnet.ttfnet_heads`): the entry must bind that function."""
+def test_the_family_passes_its_box_branch_depth_to_the_ttfnet_head_only():
+    """TTFNet-34's two box convs reach `build_ttfnet_heads` through the head options; the same
+    options leave another head type's builder alone."""
     assert HEADS["ttfnet"].build_heads is build_ttfnet_heads
     assert HEADS["ttfnet"].output_channels(80) == {"heatmap": 80, "ltrb": 4}
+    options = {"ttfnet": {"ltrb_convs": 2}}
+    ttfnet = head_factory("ttfnet", 3)(16, 8, options=options)
+    assert sum(isinstance(m, nn.Conv2d) for m in ttfnet["ltrb"].modules()) == 3
+    centernet = head_factory("centernet", 3)(16, 8, options=options)
+    assert set(centernet.keys()) == {"heatmap", "wh", "offset"}
 
 
 def tiny_ttfnet(arch: str = "ttfnet18", num_classes: int = 3) -> nn.Module:

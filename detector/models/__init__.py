@@ -72,9 +72,9 @@ def build_model(
     if head_conv is not None and head_conv < 0:
         raise ValueError(f"head_conv: expected None or an integer >= 0, got {head_conv!r}")
     # Imported here: the head table imports the model modules (its head builders).
-    from ..heads import head_type
+    from ..heads import head_factory
 
-    make_heads = head_type(head).head_factory(num_classes)
+    make_heads = head_factory(head, num_classes)
     return ARCHITECTURES[arch](make_heads, head_conv, widths, pretrained)
 
 

@@ -30,7 +30,6 @@ from torch import nn
 
 from cuda_ops import ModulatedDeformConv2d
 
-from ..ttfnet.heads import build_ttfnet_heads
 from .centernet import CenterNet, HeadFactory
 from .resnet import DEPTHS, resnet_trunk
 from .resunet import ResNetStages
@@ -119,18 +118,6 @@ def shortcut(in_channels: int, out_channels: int, num_convs: int) -> nn.Sequenti
     return nn.Sequential(*layers)
 
 
-def ttfnet_heads(
-    make_heads: HeadFactory, in_channels: int, head_conv: int, ltrb_convs: int
-) -> nn.Module:
-    """The heads of one model: the original's box-branch depth goes to the TTFNet head builder
-    only (``make_heads`` binds the head type; other head types have no box branch). The
-    `HeadFactory` contract has no per-family head options, hence the check of the bound
-    builder."""
-    if getattr(make_heads, "func", None) is build_ttfnet_heads:
-        return make_heads(in_channels, head_conv, ltrb_convs=ltrb_convs)
-    return make_heads(in_channels, head_conv)
-
-
 def build_ttfnet(
     depth: int,
     make_heads: HeadFactory,
@@ -149,7 +136,9 @@ def build_ttfnet(
     stage_channels = [width * expansion for width in widths["stages"]]
     neck = ShortcutNeck(stage_channels, list(widths["neck"]), list(widths["shortcut_convs"]))
     head_conv = DEFAULT_HEAD_CONV if head_conv is None else head_conv
-    heads = ttfnet_heads(make_heads, widths["neck"][-1], head_conv, LTRB_CONVS[depth])
+    # The original's box-branch depth applies to the TTFNet head only.
+    options = {"ttfnet": {"ltrb_convs": LTRB_CONVS[depth]}}
+    heads = make_heads(widths["neck"][-1], head_conv, options=options)
     return CenterNet(trunk, neck, heads)
 
 
