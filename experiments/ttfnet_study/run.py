@@ -27,18 +27,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from ctprune.layout import CHECKPOINT_FILE, REPORT_FILES
+from ctprune.layout import CHECKPOINT_FILE
 from ctprune.report import run_stage_rows, study_row, training_record, update_study_report
+from ctprune.study import chain_once, train_once
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -49,44 +47,27 @@ TARGET_MACS = 0.5
 EVAL_INTERVAL = 5
 
 
-def ctprune(*args: str, log: Path, threads: int) -> None:
-    """Run the ctprune CLI in a child process (as a user would), its output to ``log``."""
-    env = os.environ | {"OMP_NUM_THREADS": str(threads)}
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a") as stream:
-        subprocess.run(
-            [sys.executable, "-m", "ctprune", *args],
-            cwd=ROOT, env=env, stdout=stream, stderr=subprocess.STDOUT, check=True,
-        )
-
-
 def train_baseline(arm: str, epochs: int, seed: int, out: Path, threads: int) -> Path:
-    run = out / f"{arm}_e{epochs}_seed{seed}"
-    if not (run / CHECKPOINT_FILE).is_file():
-        resume = ["--resume"] if (run / "resume.pt").is_file() else []
-        ctprune(
-            "train", RECIPES[arm], "--out", str(run), *resume,
-            "--set", f"train.epochs={epochs}", "--set", f"train.seed={seed}",
-            "--set", f"train.eval_interval={min(EVAL_INTERVAL, epochs)}",
-            log=out / f"{run.name}.log", threads=threads,
-        )
-    return run
+    values = {
+        "train.epochs": epochs,
+        "train.seed": seed,
+        "train.eval_interval": min(EVAL_INTERVAL, epochs),
+    }
+    return train_once(RECIPES[arm], out / f"{arm}_e{epochs}_seed{seed}", values, threads, ROOT)
 
 
 def prune_and_finetune(
     arm: str, baseline: Path, finetune_epochs: int, seed: int, out: Path, threads: int
 ) -> Path:
+    values = {
+        "model.head": HEADS[arm],
+        "baseline.checkpoint": (baseline / CHECKPOINT_FILE).resolve(),
+        "prune.target_macs": TARGET_MACS,
+        "finetune.epochs": finetune_epochs,
+        "finetune.seed": seed,
+    }
     run = out / f"{baseline.name}_half_ft{finetune_epochs}"
-    if not (run / REPORT_FILES["json"]).is_file():
-        ctprune(
-            "run", PRUNE_RECIPE, "--out", str(run),
-            "--set", f"model.head={HEADS[arm]}",
-            "--set", f"baseline.checkpoint={(baseline / CHECKPOINT_FILE).resolve()}",
-            "--set", f"prune.target_macs={TARGET_MACS}",
-            "--set", f"finetune.epochs={finetune_epochs}", "--set", f"finetune.seed={seed}",
-            log=out / f"{run.name}.log", threads=threads,
-        )
-    return run
+    return chain_once(PRUNE_RECIPE, run, values, threads, ROOT)
 
 
 def study_rows(results: dict) -> list[dict]:
