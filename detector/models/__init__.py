@@ -32,10 +32,17 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "dla34": partial(build_dla, "dcn"),
     "dlav0_34": partial(build_dla, "v0"),
     "hourglass104": build_hourglass,
+    # The keypoint-triplet CenterNet (Duan et al.): the hourglass with one or two stacks and
+    # the triplet head (cascade corner pooling, center pooling; `detector.triplet.heads`).
+    "centernet52": partial(build_hourglass, num_stacks=1),
+    "centernet104": partial(build_hourglass, num_stacks=2),
     "hrnet_w18": partial(build_hrnet, 18),
     "hrnet_w32": partial(build_hrnet, 32),
     "mobilenet_v3_large": build_mobilenet,
 }
+
+# Architectures that build with one head type only: arch -> that `model.head`.
+REQUIRED_HEAD: dict[str, str] = {"centernet52": "triplet", "centernet104": "triplet"}
 
 
 def build_model(
@@ -67,6 +74,11 @@ def build_model(
         raise ValueError(f"num_classes: expected a positive integer, got {num_classes!r}")
     if head_conv is not None and head_conv < 0:
         raise ValueError(f"head_conv: expected None or an integer >= 0, got {head_conv!r}")
+    if REQUIRED_HEAD.get(arch, head) != head:
+        raise ValueError(
+            f"model.head: arch {arch!r} builds only with head {REQUIRED_HEAD[arch]!r}, "
+            f"got {head!r}"
+        )
     # Imported here: the head table imports the model modules (its head builders).
     from ..heads import head_type
 
@@ -76,6 +88,7 @@ def build_model(
 
 __all__ = [
     "ARCHITECTURES",
+    "REQUIRED_HEAD",
     "CenterNet",
     "build_model",
     "output_layers",
