@@ -1,4 +1,7 @@
-"""Import checkpoints saved by the original CenterNet code (github xingyizhou/CenterNet).
+"""Import checkpoints saved by the original CenterNet code (github xingyizhou/CenterNet), and by
+the keypoint-triplet CenterNet's (github Duankaiwen/CenterNet and the simple CenterNet-47
+re-implementation, github zzzxxxttt/pytorch_simple_CenterNet_47: arch ``centernet52`` /
+``centernet104``, see `triplet_original_key`).
 
 The original saves ``{"epoch": int, "state_dict": ..., "optimizer": ...}`` with its own module
 names (``deconv_layers.*``, ``hm.*``, ``wh.*``, ``reg.*``, backbone keys at the top level),
@@ -21,7 +24,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import ModelConfig, input_preset
-from .models import hourglass
+from .models import REQUIRED_HEAD, hourglass
 
 # The original's head names -> ctprune's.
 HEAD_RENAMES = {"hm": "heads.heatmap", "wh": "heads.wh", "reg": "heads.offset"}
@@ -36,6 +39,9 @@ NECK_RENAMES = {
     # large_hourglass: our HourglassNet keeps the original's module names; KEY_CONVERTERS
     # renames its per-stack heads.
     "hourglass": {},
+    # centernet52 / centernet104 (the keypoint triplet): the hourglass's names plus per-stack
+    # poolings and heads; KEY_CONVERTERS renames them.
+    "centernet": {},
     # pose_dla_dcn (dla34) and dlav0 (dlav0_34): `base` is our trunk; `dla_up` and `ida_up`
     # (dlav0 has no `ida_up`) sit under the neck with their module names unchanged.
     "dla": {"base": "backbone", "dla_up": "neck.dla_up", "ida_up": "neck.ida_up"},
@@ -47,8 +53,47 @@ NECK_RENAMES = {
 # DLA trunk has no classifier, so the imported model has 513,000 parameters fewer.
 DROPPED_PREFIXES = {"dla": ("base.fc.",), "dlav0_": ("base.fc.",)}
 
+# The keypoint-triplet originals' per-stack modules -> ours (under ``heads.{stack}``): Duan et
+# al.'s names (models/py_utils/kp.py) and the simple CenterNet-47's (nets/hourglass.py).
+TRIPLET_RENAMES = {
+    "tl_cnvs": "tl_pool", "br_cnvs": "br_pool", "ct_cnvs": "ct_pool",
+    "tl_heats": "heads.tl_heatmap", "br_heats": "heads.br_heatmap", "ct_heats": "heads.ct_heatmap",
+    "tl_tags": "heads.tl_embedding", "br_tags": "heads.br_embedding",
+    "tl_regrs": "heads.tl_offset", "br_regrs": "heads.br_offset", "ct_regrs": "heads.ct_offset",
+    # the simple CenterNet-47
+    "cnvs_tl": "tl_pool", "cnvs_br": "br_pool", "cnvs_ct": "ct_pool",
+    "hmap_tl": "heads.tl_heatmap", "hmap_br": "heads.br_heatmap", "hmap_ct": "heads.ct_heatmap",
+    "embd_tl": "heads.tl_embedding", "embd_br": "heads.br_embedding",
+    "regs_tl": "heads.tl_offset", "regs_br": "heads.br_offset", "regs_ct": "heads.ct_offset",
+}
+# The simple CenterNet-47 renames a few modules inside the hourglass and the corner pooling;
+# ours keep Duan et al.'s (CornerNet's) names. Its ``down`` and ``up`` have no parameters.
+SIMPLE_CENTERNET_PART_RENAMES = {
+    "top": "up1", "p1_look_conv": "P1_look_conv", "p2_look_conv": "P2_look_conv"
+}
+
+
+def triplet_original_key(key: str) -> str:
+    """A keypoint-triplet original's state-dict key (either repository's names: they do not
+    overlap) -> ours. The trunk (``pre``, ``kps``, ``cnvs``, ``inters``, ``inters_``,
+    ``cnvs_``) keeps its names; ``tl_cnvs.{stack}.*`` moves to ``heads.{stack}.tl_pool.*``;
+    an output head ``tl_heats.{stack}.{0.conv,1}.*`` (conv + empty BN + ReLU, then the 1x1
+    conv) moves to ``heads.{stack}.heads.tl_heatmap.{0,2}.*``."""
+    parts = [SIMPLE_CENTERNET_PART_RENAMES.get(part, part) for part in key.split(".")]
+    top, stack, rest = parts[0], parts[1:2], parts[2:]
+    if top not in TRIPLET_RENAMES:
+        return ".".join(parts)
+    if TRIPLET_RENAMES[top].startswith("heads."):
+        # ".0.conv.weight" -> ".0.weight"; the 1x1 conv is element 1 there, 2 here.
+        if rest[:2] == ["0", "conv"]:
+            rest = ["0", *rest[2:]]
+        elif rest[:1] == ["1"]:
+            rest = ["2", *rest[1:]]
+    return ".".join(["heads", *stack, TRIPLET_RENAMES[top], *rest])
+
+
 # Families whose keys are converted by a function of their own instead of the renames above.
-KEY_CONVERTERS = {"hourglass": hourglass.original_key}
+KEY_CONVERTERS = {"hourglass": hourglass.original_key, "centernet": triplet_original_key}
 
 
 def _family(arch: str) -> str:
@@ -90,7 +135,8 @@ def convert_original_state_dict(
 
 def _head_shape(state_dict: dict[str, torch.Tensor]) -> tuple[int, int]:
     """(num_classes, head_conv) read off the heatmap head's weights."""
-    for heatmap in ("heads.heatmap", "heads.0.heatmap"):  # single-stack, stacked (hourglass)
+    # single-stack, stacked (hourglass), keypoint triplet (its top-left corner heatmap)
+    for heatmap in ("heads.heatmap", "heads.0.heatmap", "heads.0.heads.tl_heatmap"):
         first, last = state_dict.get(f"{heatmap}.0.weight"), state_dict.get(f"{heatmap}.2.weight")
         if last is not None:
             return last.shape[0], first.shape[0]
@@ -122,13 +168,15 @@ def import_original_checkpoint(
         raise CheckpointError(f"{path}: {error}") from None
     config = ModelConfig(
         arch=arch,
+        head=REQUIRED_HEAD.get(arch, "centernet"),
         num_classes=num_classes,
         head_conv=head_conv,
         widths=widths,
         input=input_preset("centernet", input_size),
     )
-    if _family(arch) == "hourglass":
-        config.input.pad = hourglass.KEEP_RESOLUTION_PAD  # the original's 127 for hourglass
+    if _family(arch) in ("hourglass", "centernet"):
+        # the originals' 127 for hourglasses (the triplet originals pad with `| 127` too)
+        config.input.pad = hourglass.KEEP_RESOLUTION_PAD
     model = build_from_config(config)
     _check_state_dict(model, converted, f"{path} (as an original {arch!r})")
     model.load_state_dict(converted)
