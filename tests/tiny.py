@@ -14,6 +14,8 @@ TINY_WIDTHS = {
     # two hourglass levels (the original has five), still two stacks; two residuals on the
     # level that widens, so the order of its residuals shows in the import parity test
     "hourglass": {"stem": 8, "dims": [8, 8, 16], "modules": [1, 2, 2], "cnv": 8},
+    # centernet52 / centernet104: the same hourglass with one / two stacks (triplet head only)
+    "centernet": {"stem": 8, "dims": [8, 8, 16], "modules": [1, 2, 2], "cnv": 8},
     "hrnet_w": {"stem": 8, "stage1": 4, "branches": [4, 8, 8, 16], "modules": [1, 1, 1],
                 "blocks": 1, "neck": 16},
     "mobilenet_v3_large": {"width_mult": 0.25, "neck": [16, 8, 8]},
