@@ -12,6 +12,7 @@ BGR mean/std, keep-resolution testing with pad 31).
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,6 +43,9 @@ NECK_RENAMES = {
     # centernet52 / centernet104 (the keypoint triplet): the hourglass's names plus per-stack
     # poolings and heads; KEY_CONVERTERS renames them.
     "centernet": {},
+    # HrCenterNet (hrcenternet_w18, hrcenternet_dla34): one stack; KEY_CONVERTERS renames.
+    "hrcenternet_w": {},
+    "hrcenternet_dla": {},
     # pose_dla_dcn (dla34) and dlav0 (dlav0_34): `base` is our trunk; `dla_up` and `ida_up`
     # (dlav0 has no `ida_up`) sit under the neck with their module names unchanged.
     "dla": {"base": "backbone", "dla_up": "neck.dla_up", "ida_up": "neck.ida_up"},
@@ -51,7 +55,9 @@ NECK_RENAMES = {
 # Original keys dropped on import. The DLA checkpoints keep the 1000-class ImageNet classifier
 # `base.fc` (Conv2d(512, 1000, 1): 513,000 parameters) that never runs in the detector; ctprune's
 # DLA trunk has no classifier, so the imported model has 513,000 parameters fewer.
-DROPPED_PREFIXES = {"dla": ("base.fc.",), "dlav0_": ("base.fc.",)}
+DROPPED_PREFIXES = {
+    "dla": ("base.fc.",), "dlav0_": ("base.fc.",), "hrcenternet_dla": ("base.fc.",)
+}
 
 # The keypoint-triplet originals' per-stack modules -> ours (under ``heads.{stack}``): Duan et
 # al.'s names (models/py_utils/kp.py) and the simple CenterNet-47's (nets/hourglass.py).
@@ -73,14 +79,16 @@ SIMPLE_CENTERNET_PART_RENAMES = {
 }
 
 
-def triplet_original_key(key: str) -> str:
+def triplet_original_key(key: str, stacked: bool = True) -> str:
     """A keypoint-triplet original's state-dict key (either repository's names: they do not
     overlap) -> ours. The trunk (``pre``, ``kps``, ``cnvs``, ``inters``, ``inters_``,
     ``cnvs_``) keeps its names; ``tl_cnvs.{stack}.*`` moves to ``heads.{stack}.tl_pool.*``;
     an output head ``tl_heats.{stack}.{0.conv,1}.*`` (conv + empty BN + ReLU, then the 1x1
-    conv) moves to ``heads.{stack}.heads.tl_heatmap.{0,2}.*``."""
+    conv) moves to ``heads.{stack}.heads.tl_heatmap.{0,2}.*``. ``stacked`` False: the
+    original's modules have no stack index (HrCenterNet), nor do ours."""
     parts = [SIMPLE_CENTERNET_PART_RENAMES.get(part, part) for part in key.split(".")]
-    top, stack, rest = parts[0], parts[1:2], parts[2:]
+    top = parts[0]
+    stack, rest = (parts[1:2], parts[2:]) if stacked else ([], parts[1:])
     if top not in TRIPLET_RENAMES:
         return ".".join(parts)
     if TRIPLET_RENAMES[top].startswith("heads."):
@@ -92,8 +100,38 @@ def triplet_original_key(key: str) -> str:
     return ".".join(["heads", *stack, TRIPLET_RENAMES[top], *rest])
 
 
+# HrCenterNet's trunk and neck modules -> ours (its triplet head as `triplet_original_key`).
+HRCENTERNET_RENAMES = {
+    # HRNet.py: `pre` is conv, BN, conv, BN, ReLU; the HRNet stages sit at the top level.
+    "hrcenternet_w": {
+        "pre.0": "backbone.conv1", "pre.1": "backbone.bn1", "pre.2": "backbone.conv2",
+        "pre.3": "backbone.bn2", "layer1": "backbone.layer1", "transition1":
+        "backbone.transition1", "transition2": "backbone.transition2", "transition3":
+        "backbone.transition3", "stage2": "backbone.stage2", "stage3": "backbone.stage3",
+        "stage4": "backbone.stage4", "cnvs": "neck.1",
+    },
+    # DLANet.py: pose_dla_dcn's `base`, `dla_up`, `ida_up`.
+    "hrcenternet_dla": {
+        "base": "backbone", "dla_up": "neck.0.dla_up", "ida_up": "neck.0.ida_up", "cnvs": "neck.1"
+    },
+}
+
+
+def hrcenternet_original_key(key: str, family: str) -> str:
+    """An HrCenterNet state-dict key (HRNet.py or DLANet.py, ``family``) -> ours."""
+    for prefix, ours in HRCENTERNET_RENAMES[family].items():
+        if key == prefix or key.startswith(prefix + "."):
+            return ours + key[len(prefix):]
+    return triplet_original_key(key, stacked=False)
+
+
 # Families whose keys are converted by a function of their own instead of the renames above.
-KEY_CONVERTERS = {"hourglass": hourglass.original_key, "centernet": triplet_original_key}
+KEY_CONVERTERS = {
+    "hourglass": hourglass.original_key,
+    "centernet": triplet_original_key,
+    "hrcenternet_w": partial(hrcenternet_original_key, family="hrcenternet_w"),
+    "hrcenternet_dla": partial(hrcenternet_original_key, family="hrcenternet_dla"),
+}
 
 
 def _family(arch: str) -> str:
@@ -111,11 +149,15 @@ def convert_original_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Rename an original CenterNet state dict to ctprune's module names."""
     family = _family(arch)
+    dropped = DROPPED_PREFIXES.get(family, ())
     if family in KEY_CONVERTERS:
-        return {KEY_CONVERTERS[family](k.removeprefix("module.")): v for k, v in state_dict.items()}
+        return {
+            KEY_CONVERTERS[family](key): value
+            for key, value in ((k.removeprefix("module."), v) for k, v in state_dict.items())
+            if not key.startswith(dropped)
+        }
     neck_renames = NECK_RENAMES[family]
     converted = {}
-    dropped = DROPPED_PREFIXES.get(family, ())
     for key, value in state_dict.items():
         key = key.removeprefix("module.")
         if key.startswith(dropped):
@@ -136,7 +178,9 @@ def convert_original_state_dict(
 def _head_shape(state_dict: dict[str, torch.Tensor]) -> tuple[int, int]:
     """(num_classes, head_conv) read off the heatmap head's weights."""
     # single-stack, stacked (hourglass), keypoint triplet (its top-left corner heatmap)
-    for heatmap in ("heads.heatmap", "heads.0.heatmap", "heads.0.heads.tl_heatmap"):
+    for heatmap in (
+        "heads.heatmap", "heads.0.heatmap", "heads.0.heads.tl_heatmap", "heads.heads.tl_heatmap"
+    ):
         first, last = state_dict.get(f"{heatmap}.0.weight"), state_dict.get(f"{heatmap}.2.weight")
         if last is not None:
             return last.shape[0], first.shape[0]
@@ -174,8 +218,9 @@ def import_original_checkpoint(
         widths=widths,
         input=input_preset("centernet", input_size),
     )
-    if _family(arch) in ("hourglass", "centernet"):
-        # the originals' 127 for hourglasses (the triplet originals pad with `| 127` too)
+    if _family(arch) in ("hourglass", "centernet", "hrcenternet_w", "hrcenternet_dla"):
+        # the originals' 127 for hourglasses; the triplet originals (HrCenterNet too) test
+        # with CornerNet's `| 127` padding
         config.input.pad = hourglass.KEEP_RESOLUTION_PAD
     model = build_from_config(config)
     _check_state_dict(model, converted, f"{path} (as an original {arch!r})")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..triplet.hrcenternet import build_hrcenternet_dla, build_hrcenternet_hrnet
 from .centernet import CenterNet, output_layers
 from .dla import build_dla
 from .hourglass import build_hourglass
@@ -36,13 +37,21 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     # the triplet head (cascade corner pooling, center pooling; `detector.triplet.heads`).
     "centernet52": partial(build_hourglass, num_stacks=1),
     "centernet104": partial(build_hourglass, num_stacks=2),
+    # HrCenterNet: the same head on HRNet-W18 and DLA-34 (`detector.triplet.hrcenternet`).
+    "hrcenternet_w18": build_hrcenternet_hrnet,
+    "hrcenternet_dla34": build_hrcenternet_dla,
     "hrnet_w18": partial(build_hrnet, 18),
     "hrnet_w32": partial(build_hrnet, 32),
     "mobilenet_v3_large": build_mobilenet,
 }
 
 # Architectures that build with one head type only: arch -> that `model.head`.
-REQUIRED_HEAD: dict[str, str] = {"centernet52": "triplet", "centernet104": "triplet"}
+REQUIRED_HEAD: dict[str, str] = {
+    "centernet52": "triplet",
+    "centernet104": "triplet",
+    "hrcenternet_w18": "triplet",
+    "hrcenternet_dla34": "triplet",
+}
 
 
 def build_model(

@@ -17,10 +17,12 @@ original's -2.19, everything else keeps PyTorch's default initialisation, as the
 
 Module names inside the poolings are the original's (``p1_conv1``, ``look_conv1``,
 ``P1_look_conv``, ...; its 3x3 conv + BN + ReLU is the hourglass's `ConvolutionBlock`), so
-its checkpoints import by renaming the top-level modules only (`detector.original`). Where
-the original fixes widths, ``head_conv`` sets them: the output heads' 3x3 convs are
-``head_conv`` wide (the original: 256, its ``curr_dim``) and the pooling branches half of that
-(the original: 128), so ``head_conv=256`` on a 256-wide stack is the original head exactly.
+its checkpoints import by renaming the top-level modules only (`detector.original`). Widths: the
+pooling branches are half as wide as the features they pool (the originals: 128 for their
+256-wide ``cnvs``, on every backbone), the poolings return ``in_channels``, and the output heads'
+3x3 convs are ``head_conv`` wide (the originals: their ``curr_dim``, 256 on the hourglass, 270
+on HrCenterNet's HRNet, 64 on its DLA), so ``build_triplet_heads(256, 256, ...)`` is the
+CenterNet-52/104 head exactly.
 """
 
 from __future__ import annotations
@@ -133,12 +135,12 @@ class TripletHeads(nn.Module):
             raise ValueError(
                 f"triplet head: unknown outputs {unknown}; it builds {', '.join(OUTPUT_POOLS)}"
             )
-        if head_conv < 2:
+        if in_channels < 2:
             raise ValueError(
-                f"head_conv: the triplet head needs its 3x3 head convs (head_conv >= 2, the "
-                f"pooling branches are head_conv // 2 wide), got {head_conv!r}"
+                f"triplet head: in_channels must be at least 2 (the pooling branches are "
+                f"in_channels // 2 wide), got {in_channels!r}"
             )
-        pool_width = head_conv // 2
+        pool_width = in_channels // 2
         self.tl_pool = CascadeCornerPool(in_channels, pool_width, "top", "left")
         self.br_pool = CascadeCornerPool(in_channels, pool_width, "bottom", "right")
         self.ct_pool = CenterPoolBlock(in_channels, pool_width)
@@ -161,8 +163,9 @@ def build_triplet_heads(
     in_channels: int, head_conv: int, outputs: dict[str, int]
 ) -> TripletHeads:
     """The triplet head type's ``build_heads``: a `TripletHeads` reading ``in_channels``
-    features, with ``head_conv``-wide output heads and ``head_conv // 2``-wide pooling branches
-    (the original: 256 and 128), predicting ``outputs`` (name -> channels, from the head table)."""
+    features, with ``in_channels // 2``-wide pooling branches and ``head_conv``-wide output
+    heads (0: a lone 1x1 conv each), predicting ``outputs`` (name -> channels, from the head
+    table)."""
     return TripletHeads(in_channels, head_conv, outputs)
 
 
