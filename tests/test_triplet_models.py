@@ -66,9 +66,9 @@ def test_the_centernet_head_is_refused():
         build_model("centernet52", 3)
 
 
-def test_a_head_conv_without_3x3_convs_is_named():
-    with pytest.raises(ValueError, match="head_conv.*got 0"):
-        build_triplet_heads(8, 0, triplet_outputs(3))
+def test_bad_head_arguments_are_named():
+    with pytest.raises(ValueError, match="in_channels must be at least 2.*got 1"):
+        build_triplet_heads(1, 8, triplet_outputs(3))
     with pytest.raises(ValueError, match="unknown outputs \\['heatmap'\\]"):
         build_triplet_heads(8, 8, {"heatmap": 3})
 
@@ -107,7 +107,8 @@ def test_pruning_keeps_the_pooling_branches_coupled():
     """Channels added together are pruned together: the look and plain branches before each
     look conv, the two pooled branches, the fused branch and the shortcut."""
     torch.manual_seed(0)
-    model = triplet_model("resunet18", head_conv=16)
+    widths = {**TINY_WIDTHS["resunet"], "neck": [16, 16, 16]}  # 8-wide pooling branches
+    model = triplet_model("resunet18", head_conv=16, widths=widths)
     with torch.no_grad():  # distinct filter norms, so l1 has something to rank
         for module in model.modules():
             if isinstance(module, nn.Conv2d):
@@ -128,7 +129,7 @@ def test_pruning_keeps_the_pooling_branches_coupled():
         assert isinstance(pool, CascadeCornerPool)
         width = pool.P1_look_conv.out_channels
         assert width == pool.P2_look_conv.out_channels == pool.p_conv1.in_channels
-        assert width < 8  # pruned (head_conv 16: 8-wide branches)
+        assert width < 8  # pruned
         assert pool.look_conv1.conv.out_channels == pool.p1_conv1.conv.out_channels
         assert pool.P1_look_conv.in_channels == pool.p1_conv1.conv.out_channels
         assert pool.look_conv2.conv.out_channels == pool.p2_conv1.conv.out_channels
@@ -350,3 +351,135 @@ def test_import_original_checkpoint_of_duan_et_al(tmp_path):
     config = checkpoint.model_config
     assert (config.arch, config.head, config.num_classes) == ("centernet104", "triplet", 4)
     assert config.head_conv == TINY_HEAD_CONV and config.input.pad == 127
+
+
+# --- HrCenterNet (lizhe960118/HrCenterNet models/HRNet.py, models/DLANet.py) -----------------
+
+# Measured on its own model classes for 80 classes (HRNet.py hard-codes 4 classes: 21,566,000
+# as committed), with stand-ins for its compiled corner pooling and DCNv2; DLANet.py without
+# the unused ImageNet classifier `base.fc` (27,465,344 with it).
+HRCENTERNET_PARAMETERS = {"hrcenternet_w18": 21_627_788, "hrcenternet_dla34": 26_952_344}
+
+
+class OriginalHrCenterNetHead(nn.Module):
+    """HrCenterNet's single-stack head modules: ``cnvs`` (3x3 conv + BN + ReLU), the three
+    poolings and the eight ``make_kp_layer`` heads, without a stack index."""
+
+    def __init__(self, in_channels, cnv, curr, num_classes):
+        super().__init__()
+        self.cnvs = OriginalConvolution(3, in_channels, cnv)
+        self.tl_cnvs = OriginalCornerPool(cnv, cnv // 2, "top", "left", simple=False)
+        self.br_cnvs = OriginalCornerPool(cnv, cnv // 2, "bottom", "right", simple=False)
+        self.ct_cnvs = OriginalCenterPool(cnv, cnv // 2)
+        channels = triplet_outputs(num_classes)
+        self.names = [(ours, duan, kind) for ours, duan, _, kind in ORIGINAL_HEADS]
+        for ours, duan, _ in self.names:
+            setattr(self, duan, nn.Sequential(
+                OriginalConvolution(3, cnv, curr, with_bn=False), nn.Conv2d(curr, channels[ours], 1)
+            ))
+
+    def heads(self, features):
+        cnv = self.cnvs(features)
+        pooled = {"tl": self.tl_cnvs(cnv), "br": self.br_cnvs(cnv), "ct": self.ct_cnvs(cnv)}
+        return {ours: getattr(self, duan)(pooled[kind]) for ours, duan, kind in self.names}
+
+
+class OriginalHrNet(OriginalHrCenterNetHead):
+    """HRNet.py's ``hr``: ``pre`` (conv, BN, conv, BN, ReLU: no ReLU between the convs), the
+    HRNet stages at the top level (their blocks taken from our trunk, whose release names they
+    share), the bilinear concatenation, then the head. Its forward is HRNet.py's ``_train``."""
+
+    def __init__(self, widths, num_classes):
+        from detector.models.hrnet import HRNetTrunk
+
+        branches = widths["branches"]
+        super().__init__(sum(branches), widths["neck"], sum(branches), num_classes)
+        stem = widths["stem"]
+        self.pre = nn.Sequential(
+            nn.Conv2d(3, stem, 3, 2, 1, bias=False), nn.BatchNorm2d(stem),
+            nn.Conv2d(stem, stem, 3, 2, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(),
+        )
+        trunk = HRNetTrunk(stem, widths["stage1"], tuple(branches), tuple(widths["modules"]),
+                           widths["blocks"])
+        for name in ("layer1", "transition1", "transition2", "transition3", "stage2", "stage3",
+                     "stage4"):
+            setattr(self, name, getattr(trunk, name))
+
+    def forward(self, image):
+        branches = [self.layer1(self.pre(image))]
+        for stage in (2, 3, 4):
+            transition = getattr(self, f"transition{stage - 1}")
+            # HRNet.py: a branch with a transition reads the last branch, one without keeps its own
+            branches = [
+                branches[i] if isinstance(t, nn.Identity) else t(branches[-1])
+                for i, t in enumerate(transition)
+            ]
+            branches = getattr(self, f"stage{stage}")(branches)
+        size = branches[0].shape[2:]
+        upsampled = [torch.nn.functional.interpolate(x, size=size, mode="bilinear")
+                     for x in branches[1:]]
+        return [self.heads(torch.cat([branches[0], *upsampled], 1))]
+
+
+class OriginalDlaNet(OriginalHrCenterNetHead):
+    """DLANet.py's ``DLASeg``: ``base``, ``dla_up``, ``ida_up`` (pose_dla_dcn's, taken from our
+    DLA-34 whose names they share), then the head on the neck's stride-4 map."""
+
+    def __init__(self, widths, num_classes):
+        from detector.models import dla
+
+        channels = widths["channels"]
+        super().__init__(channels[2], widths["cnv"], channels[2], num_classes)
+        self.base = dla.DLATrunk(channels)
+        neck = dla.DLANeck(channels)
+        self.dla_up, self.ida_up = neck.dla_up, neck.ida_up
+        self.neck = [neck]  # its forward, without registering its modules twice
+
+    def forward(self, image):
+        return [self.heads(self.neck[0](self.base(image)))]
+
+
+HRCENTERNET_ORIGINALS = {"hrcenternet_w18": OriginalHrNet, "hrcenternet_dla34": OriginalDlaNet}
+
+
+@pytest.mark.parametrize("arch", sorted(HRCENTERNET_PARAMETERS))
+def test_hrcenternet_full_size_parameter_count(arch):
+    with torch.device("meta"):
+        model = triplet_model(arch, 80, head_conv=None)
+    assert count_parameters(model) == HRCENTERNET_PARAMETERS[arch]
+    with pytest.raises(ValueError, match=f"model.head: arch '{arch}'"):
+        build_model(arch, 80)
+
+
+@pytest.mark.parametrize("arch", sorted(HRCENTERNET_PARAMETERS))
+def test_hrcenternet_raw_outputs_in_train_and_eval(arch):
+    model = triplet_model(arch)
+    expected = [{name: (2, triplet_outputs(3)[name], 16, 24) for name in OUTPUT_NAMES}]
+    for mode in ("train", "eval"):
+        outputs = getattr(model, mode)()(torch.randn(2, 3, 64, 96))
+        assert [{k: tuple(v.shape) for k, v in output.items()} for output in outputs] == expected
+        assert list(outputs[0]) == OUTPUT_NAMES
+
+
+@pytest.mark.parametrize("arch", sorted(HRCENTERNET_PARAMETERS))
+def test_hrcenternet_imported_weights_give_the_originals_outputs(arch):
+    widths = TINY_WIDTHS[arch.rstrip("0123456789")]
+    torch.manual_seed(0)
+    original = HRCENTERNET_ORIGINALS[arch](widths, 4)
+    for module in original.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    state_dict = {f"module.{k}": v for k, v in original.state_dict().items()}
+    if arch == "hrcenternet_dla34":  # kept by DLANet.py's ImageNet start, dropped on import
+        state_dict["module.base.fc.weight"] = torch.zeros(10, widths["channels"][-1], 1, 1)
+        state_dict["module.base.fc.bias"] = torch.zeros(10)
+    model = triplet_model(arch, 4, head_conv=None, widths=widths)
+    model.load_state_dict(convert_original_state_dict(state_dict, arch))
+    images = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        [expected], [actual] = original.eval()(images), model.eval()(images)
+    for name in OUTPUT_NAMES:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0)

@@ -21,6 +21,10 @@ TINY_WIDTHS = {
     "mobilenet_v3_large": {"width_mult": 0.25, "neck": [16, 8, 8]},
     # DLA-34's six level widths, all different as in the original (the neck follows them)
     "dla": {"channels": [4, 8, 12, 16, 20, 24]},
+    # HrCenterNet's HRNet and DLA models (triplet head only): the tiny trunks, an 8-wide cnvs
+    "hrcenternet_w": {"stem": 8, "stage1": 4, "branches": [4, 8, 8, 16], "modules": [1, 1, 1],
+                      "blocks": 1, "neck": 8},
+    "hrcenternet_dla": {"channels": [4, 8, 12, 16, 20, 24], "cnv": 8},
     "dlav0_": {"channels": [4, 8, 12, 16, 20, 24]},
 }
 TINY_HEAD_CONV = 8
