@@ -11,6 +11,7 @@ from torch import nn
 from ctprune.pruning import prune
 from cuda_ops import corner_pool as reference_pools
 from detector import ARCHITECTURES, build_model, count_parameters, output_layers
+from detector.channel_plan import apply_channel_plan
 from detector.heads import HEADS
 from detector.models.centernet import HEATMAP_BIAS_INIT
 from detector.original import convert_original_state_dict, import_original_checkpoint
@@ -138,6 +139,19 @@ def test_pruning_keeps_the_pooling_branches_coupled():
     assert isinstance(center, CenterPoolBlock)
     width = center.p1_conv1.conv.out_channels
     assert width == center.p2_conv1.conv.out_channels == center.p_conv1.in_channels < 8
+
+
+@pytest.mark.parametrize("arch", ["centernet52", "hrcenternet_dla34"])
+def test_a_pruned_model_is_rebuilt_from_its_channel_plan(arch):
+    result = prune(triplet_model(arch).eval(), 0.3, "l1", round_to=None,
+                   example_inputs=torch.zeros(1, 3, 64, 64))
+    rebuilt = apply_channel_plan(triplet_model(arch), result.plan)
+    rebuilt.load_state_dict(result.model.state_dict())
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        [expected], [actual] = result.model.eval()(images), rebuilt.eval()(images)
+    for name in OUTPUT_NAMES:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0)
 
 
 # --- the originals, written from their descriptions, with their module names ----------------

@@ -68,11 +68,13 @@ def build_model(
     Args:
         arch: a name from `ARCHITECTURES`, e.g. "res18".
         num_classes: class heatmap channels.
-        head: a name from `detector.heads.HEADS`: which outputs the heads predict.
+        head: a name from `detector.heads.HEADS`: which outputs the heads predict. The
+            architectures in `REQUIRED_HEAD` build with that head only.
         head_conv: width of each head's 3x3 conv; None takes the architecture's default
-            (64 for ResNets, 256 for DLA, as the original; 256 for hourglass104, the
-            original's fixed head width; 64 for HRNet and MobileNetV3, the original's rule for
-            non-DLA backbones), 0 makes each head one 1x1 conv.
+            (64 for ResNets, 256 for DLA, as the original; 256 for hourglass104, centernet52
+            and centernet104, the originals' fixed head width; 64 for HRNet and MobileNetV3,
+            the original's rule for non-DLA backbones; 270 for hrcenternet_w18 and 64 for
+            hrcenternet_dla34, HrCenterNet's), 0 makes each head one 1x1 conv.
         widths: channel widths for a scaled-down model (keys depend on the family).
         pretrained: a local file with ImageNet weights for the trunk (torchvision's for ResNet
             and MobileNetV3, the HRNet release's for HRNet; hourglass104 has none).
