@@ -575,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=_bench)
 
     original = commands.add_parser(
-        "import-original", help="convert a checkpoint of the original CenterNet code"
+        "import-original", help="convert a checkpoint of the original CenterNet or TTFNet code"
     )
     original.add_argument("checkpoint", type=Path)
     original.add_argument("--arch", required=True)

@@ -159,9 +159,10 @@ def _check_baseline(path: Path, recipe: Recipe, class_names: list[str] | None,
 
 def _check_teacher(index: int, recipe: Recipe, class_names: list[str] | None,
                    problems: list[str], notes: list[str]) -> None:
-    """A teacher checkpoint: readable, the student's input spec, classes that map onto the
-    student's (the checks `load_teacher` makes when the fine-tune starts)."""
-    from .distill import check_input_spec, resolve_classes
+    """A teacher checkpoint: readable, the student's head type (one with a distillation loss)
+    and input spec, classes that map onto the student's (the checks `load_teacher` makes when
+    the fine-tune starts)."""
+    from .distill import check_head, check_input_spec, resolve_classes
 
     teacher = recipe.finetune.distill.teachers[index]
     key = f"finetune.distill.teachers[{index}].checkpoint"
@@ -174,6 +175,7 @@ def _check_teacher(index: int, recipe: Recipe, class_names: list[str] | None,
         student = dataclasses.replace(student, num_classes=len(class_names),
                                       class_names=list(class_names))
     try:
+        check_head(student.head, config.head, f"{key} {path}")
         check_input_spec(student, config, f"{key} {path}")
         if class_names is not None:
             resolve_classes(teacher.classes, config, student, f"{key} {path}")

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 
 import detector.evaluate.coco as coco_module
-from detector.evaluate import coco_evaluate, detections_to_coco_results, ground_truth_to_coco
+from detector.evaluate import (
+    coco_evaluate,
+    detections_to_coco_results,
+    false_discovery_rates,
+    ground_truth_to_coco,
+)
 
 CLASS_NAMES = ["person", "bicycle", "car", "dog"]
 CATEGORY_IDS = [1, 2, 3, 18]  # gaps, as COCO's ids have
@@ -218,3 +223,22 @@ def test_bad_inputs_are_named(monkeypatch):
         coco_evaluate(gt, [result], backend="faster")
     # "auto" falls back to pycocotools.
     assert coco_evaluate(gt, [result], backend="auto")["ap"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("backend", ["faster", "pycocotools"])
+def test_false_discovery_rates(backend):
+    """Duan et al.'s FD = 1 - AP at IoU 0.05:0.05:0.5: 0 for perfect boxes; a box shifted to
+    IoU 1/3 with its object is wrong at IoU 0.5 and 0.35..0.5, right up to 0.3."""
+    pytest.importorskip("faster_coco_eval" if backend == "faster" else "pycocotools")
+    ground_truth = {1: {"boxes": np.array([[0.0, 0, 100, 100]]), "labels": [0]}}
+    gt = ground_truth_to_coco(ground_truth, CLASS_NAMES, CATEGORY_IDS)
+    perfect = detections_to_coco_results({1: np.array([[0, 0, 100, 100, 0.9, 0]])}, CATEGORY_IDS)
+    rates = false_discovery_rates(gt, perfect, backend=backend)
+    assert rates == pytest.approx({"fd": 0.0, "fd5": 0.0, "fd25": 0.0, "fd50": 0.0})
+    # Shifted by 50 px: intersection 50 x 100, union 150 x 100, IoU exactly 1/3.
+    shifted = detections_to_coco_results({1: np.array([[50, 0, 150, 100, 0.9, 0]])}, CATEGORY_IDS)
+    rates = false_discovery_rates(gt, shifted, backend=backend)
+    assert rates["fd5"] == pytest.approx(0.0) and rates["fd25"] == pytest.approx(0.0)
+    assert rates["fd50"] == pytest.approx(1.0)
+    # Right at IoU 0.05 ... 0.30 (6 of 10 thresholds), wrong at 0.35 ... 0.50.
+    assert rates["fd"] == pytest.approx(0.4)

@@ -4,7 +4,7 @@ import torchvision
 from tiny import TINY_WIDTHS, tiny_model
 
 from detector import ARCHITECTURES, build_model, count_parameters, output_layers
-from detector.heads import HEADS
+from detector.heads import head_factory
 from detector.models import REQUIRED_HEAD
 from detector.models.centernet import HEATMAP_BIAS_INIT
 from detector.models.resnet import ResNetTrunk, build_resnet
@@ -41,7 +41,7 @@ def test_full_size_parameter_count(arch):
 def test_trunk_matches_torchvision_keys_and_shapes(depth):
     with torch.device("meta"):
         reference = getattr(torchvision.models, f"resnet{depth}")(weights=None)
-        model = build_resnet(depth, HEADS["centernet"].head_factory(80))
+        model = build_resnet(depth, head_factory("centernet", 80))
     expected = {k: v.shape for k, v in reference.state_dict().items() if not k.startswith("fc.")}
     actual = {k: v.shape for k, v in model.backbone.state_dict().items()}
     assert actual == expected
@@ -193,6 +193,6 @@ def test_resunet_trunk_keeps_torchvision_keys():
 
     with torch.device("meta"):
         reference = torchvision.models.resnet18(weights=None)
-        model = build_resunet(18, HEADS["centernet"].head_factory(80))
+        model = build_resunet(18, head_factory("centernet", 80))
     expected = {k: v.shape for k, v in reference.state_dict().items() if not k.startswith("fc.")}
     assert {k: v.shape for k, v in model.backbone.state_dict().items()} == expected

@@ -26,6 +26,9 @@ TINY_WIDTHS = {
                       "blocks": 1, "neck": 8},
     "hrcenternet_dla": {"channels": [4, 8, 12, 16, 20, 24], "cnv": 8},
     "dlav0_": {"channels": [4, 8, 12, 16, 20, 24]},
+    # the original's 1/2/3 shortcut convs; neck widths differ from the stages they add to
+    "ttfnet": {"stem": 8, "stages": [8, 16, 16, 32], "neck": [16, 12, 8],
+               "shortcut_convs": [1, 2, 3]},
 }
 TINY_HEAD_CONV = 8
 TINY_INPUT = (64, 64)

@@ -1,5 +1,6 @@
-"""Evaluation: COCO AP, VOC-style AP50, precision-recall plots, and the driver that runs a model
-over a data split and scores it (`evaluate_model`, configured by `EvaluateConfig`).
+"""Evaluation: COCO AP (and the keypoint-triplet paper's false discovery rates), VOC-style
+AP50, precision-recall plots, and the driver that runs a model over a data split and scores it
+(`evaluate_model`, configured by `EvaluateConfig`).
 
 Detections are (K, 6) arrays per image: x1, y1, x2, y2 in image pixels, score, 0-based class.
 Test-time merging (flip test, multi-scale merge, soft-NMS) is inference: `detector.inference.tta`.
@@ -8,6 +9,7 @@ Test-time merging (flip test, multi-scale merge, soft-NMS) is inference: `detect
 from .coco import (
     coco_evaluate,
     detections_to_coco_results,
+    false_discovery_rates,
     faster_coco_eval_available,
     ground_truth_to_coco,
 )
@@ -24,6 +26,7 @@ __all__ = [
     "coco_evaluate",
     "detections_to_coco_results",
     "evaluate_model",
+    "false_discovery_rates",
     "faster_coco_eval_available",
     "ground_truth_to_coco",
     "make_evaluator",

@@ -231,7 +231,9 @@ def _resolve_backend(backend: str) -> str:
     return backend
 
 
-def _run_faster(ground_truth: dict, results: list) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def _run_faster(
+    ground_truth: dict, results: list, iou_thresholds: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
     from faster_coco_eval import COCO, COCOeval_faster
 
     def quiet(*args: Any, **kwargs: Any) -> None:
@@ -240,6 +242,8 @@ def _run_faster(ground_truth: dict, results: list) -> tuple[np.ndarray, np.ndarr
     coco_ground_truth = COCO(ground_truth, print_function=quiet)
     coco_results = coco_ground_truth.loadRes(results)
     evaluator = COCOeval_faster(coco_ground_truth, coco_results, "bbox", print_function=quiet)
+    if iou_thresholds is not None:
+        evaluator.params.iouThrs = iou_thresholds
     evaluator.evaluate()
     evaluator.accumulate()
     evaluator.summarize()
@@ -250,7 +254,9 @@ def _run_faster(ground_truth: dict, results: list) -> tuple[np.ndarray, np.ndarr
     )
 
 
-def _run_pycocotools(ground_truth: dict, results: list) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def _run_pycocotools(
+    ground_truth: dict, results: list, iou_thresholds: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -270,6 +276,8 @@ def _run_pycocotools(ground_truth: dict, results: list) -> tuple[np.ndarray, np.
         }
         coco_results.createIndex()
     evaluator = COCOeval(coco_ground_truth, coco_results, "bbox")
+    if iou_thresholds is not None:
+        evaluator.params.iouThrs = iou_thresholds
     evaluator.evaluate()
     evaluator.accumulate()
     evaluator.summarize()
@@ -284,6 +292,50 @@ def _undefined_to_nan(value: float) -> float:
     # COCOeval writes -1 where a metric is undefined (no ground truth in that class or area
     # range); NaN cannot be averaged into a number by mistake.
     return math.nan if value < 0 else float(value)
+
+
+def _prepared(ground_truth: Any, results: Any, backend: str) -> tuple[dict, list, Any]:
+    backend = _resolve_backend(backend)
+    ground_truth = _load_json(ground_truth, "ground truth")
+    results = _load_json(results, "results")
+    _check_inputs(ground_truth, results)
+    # Both libraries write into the dicts they are given (gt "ignore", result "area", "id",
+    # "segmentation"), so they get copies; result bbox lists are only read.
+    ground_truth = copy.deepcopy(ground_truth)
+    results = [dict(result) for result in results]
+    return ground_truth, results, _run_faster if backend == "faster" else _run_pycocotools
+
+
+# The keypoint-triplet paper's false discovery thresholds: IoU 0.05, 0.10, ..., 0.50.
+FALSE_DISCOVERY_IOUS = np.round(np.arange(0.05, 0.501, 0.05), 2)
+
+
+def false_discovery_rates(
+    ground_truth: dict | str | Path,
+    results: list[dict] | str | Path,
+    backend: str = "auto",
+) -> dict[str, float]:
+    """The false discovery rates of Duan et al. ("CenterNet: Keypoint Triplets", section 4.3):
+    ``FD_i = 1 - AP_i`` with AP_i the COCO AP (maxDets 100, all areas) at IoU i / 100, i.e.
+    the share of wrong boxes among the top 100 that a low IoU threshold still rejects.
+
+    Returns {"fd": 1 - mean AP over IoU 0.05:0.05:0.5, "fd5", "fd25", "fd50"}; the inputs are
+    `coco_evaluate`'s.
+    """
+    ground_truth, results, run = _prepared(ground_truth, results, backend)
+    with contextlib.redirect_stdout(io.StringIO()):
+        _, precision, _ = run(ground_truth, results, FALSE_DISCOVERY_IOUS)
+    # precision: (IoU thresholds, recall thresholds, classes, area ranges, maxDets).
+    per_threshold = []
+    for index in range(len(FALSE_DISCOVERY_IOUS)):
+        values = precision[index, :, :, AREA_ALL, LARGEST_MAX_DETECTIONS]
+        values = values[values > -1]
+        per_threshold.append(float(values.mean()) if values.size else math.nan)
+    rates = {"fd": 1.0 - float(np.mean(per_threshold))}
+    for iou in (0.05, 0.25, 0.5):
+        index = int(np.argmin(np.abs(FALSE_DISCOVERY_IOUS - iou)))
+        rates[f"fd{round(iou * 100)}"] = 1.0 - per_threshold[index]
+    return rates
 
 
 def coco_evaluate(
@@ -308,16 +360,7 @@ def coco_evaluate(
         maxDets 100}}. A metric with no ground truth to measure (e.g. "aps" when there are no
         small objects, or a class without boxes) is NaN, where pycocotools prints -1.
     """
-    backend = _resolve_backend(backend)
-    ground_truth = _load_json(ground_truth, "ground truth")
-    results = _load_json(results, "results")
-    _check_inputs(ground_truth, results)
-    # Both libraries write into the dicts they are given (gt "ignore", result "area", "id",
-    # "segmentation"), so they get copies; result bbox lists are only read.
-    ground_truth = copy.deepcopy(ground_truth)
-    results = [dict(result) for result in results]
-
-    run = _run_faster if backend == "faster" else _run_pycocotools
+    ground_truth, results, run = _prepared(ground_truth, results, backend)
     with contextlib.redirect_stdout(io.StringIO()):
         stats, precision, evaluated_category_ids = run(ground_truth, results)
 

@@ -17,6 +17,7 @@ from .mobilenet import build_mobilenet
 from .resdcn import build_resdcn
 from .resnet import build_resnet
 from .resunet import build_resunet
+from .ttfnet import build_ttfnet
 
 # name -> factory(make_heads, head_conv, widths, pretrained) -> CenterNet (hourglass104: its
 # two-stack HourglassNet, which returns the same list of per-stack dicts); make_heads builds
@@ -43,6 +44,8 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "hrnet_w18": partial(build_hrnet, 18),
     "hrnet_w32": partial(build_hrnet, 32),
     "mobilenet_v3_large": build_mobilenet,
+    "ttfnet18": partial(build_ttfnet, 18),
+    "ttfnet34": partial(build_ttfnet, 34),
 }
 
 # Architectures that build with one head type only: arch -> that `model.head`.
@@ -73,8 +76,9 @@ def build_model(
         head_conv: width of each head's 3x3 conv; None takes the architecture's default
             (64 for ResNets, 256 for DLA, as the original; 256 for hourglass104, centernet52
             and centernet104, the originals' fixed head width; 64 for HRNet and MobileNetV3,
-            the original's rule for non-DLA backbones; 270 for hrcenternet_w18 and 64 for
-            hrcenternet_dla34, HrCenterNet's), 0 makes each head one 1x1 conv.
+            the original's rule for non-DLA backbones; 128 for ttfnet18/34, the TTFNet configs'
+            heatmap width; 270 for hrcenternet_w18 and 64 for hrcenternet_dla34, HrCenterNet's),
+            0 makes each head one 1x1 conv.
         widths: channel widths for a scaled-down model (keys depend on the family).
         pretrained: a local file with ImageNet weights for the trunk (torchvision's for ResNet
             and MobileNetV3, the HRNet release's for HRNet; hourglass104 has none).
@@ -91,9 +95,9 @@ def build_model(
             f"got {head!r}"
         )
     # Imported here: the head table imports the model modules (its head builders).
-    from ..heads import head_type
+    from ..heads import head_factory
 
-    make_heads = head_type(head).head_factory(num_classes)
+    make_heads = head_factory(head, num_classes)
     return ARCHITECTURES[arch](make_heads, head_conv, widths, pretrained)
 
 

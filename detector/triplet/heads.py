@@ -27,8 +27,6 @@ CenterNet-52/104 head exactly.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from torch import nn
 
@@ -175,7 +173,16 @@ def triplet_outputs(num_classes: int) -> dict[str, int]:
 
 
 def triplet_head_factory(num_classes: int) -> HeadFactory:
-    """``make_heads(in_channels, head_conv)`` building triplet heads for ``num_classes``
-    classes: what `detector.heads.HeadType.head_factory` gives for the ``triplet`` entry, for
+    """``make_heads(in_channels, head_conv, options=None)`` building triplet heads for
+    ``num_classes`` classes, as `detector.heads.head_factory` gives for a ``triplet`` entry
+    (``options`` maps head-type names to keyword arguments; the triplet head takes none), for
     calling an `ARCHITECTURES` factory directly."""
-    return partial(build_triplet_heads, outputs=triplet_outputs(num_classes))
+    outputs = triplet_outputs(num_classes)
+
+    def make_heads(
+        in_channels: int, head_conv: int, options: dict[str, dict] | None = None
+    ) -> TripletHeads:
+        triplet_options = (options or {}).get("triplet", {})
+        return build_triplet_heads(in_channels, head_conv, outputs, **triplet_options)
+
+    return make_heads

@@ -1,0 +1,234 @@
+"""Training targets of the keypoint-triplet CenterNet, as the original builds them (numpy; runs
+in data-loader workers).
+
+Every object is three keypoints: its top-left corner, its bottom-right corner and its centre
+``((x1 + x2) / 2, (y1 + y2) / 2)``. Each keypoint becomes a Gaussian peak on its class's
+heatmap of that kind at the integer cell holding it, plus the sub-cell offset of the keypoint and
+the flat index of the cell (the corners' indices also say where the loss reads the two
+embeddings of the object). All in **output-map coordinates** (input pixels / down ratio).
+
+Read from Duan et al.'s code (github:Duankaiwen/CenterNet ``sample/coco.py`` ``kp_detection``
+and ``sample/utils.py``) and the simple CenterNet-47 (github:zzzxxxttt/pytorch_simple_CenterNet_47
+``datasets/coco.py``), which agree except for the radius formula (`radius_variant`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+from ..targets import RADIUS_VARIANTS, _radius
+
+# The original draws corner peaks with sigma = diameter / 6 (``draw_gaussian``'s default
+# ``delte=6``) and centre peaks with sigma = diameter / 5 (``delte=5``): a centre peak of the same
+# radius is wider, since a centre is less well defined than a corner.
+CORNER_SIGMA_DIVISOR = 6
+CENTER_SIGMA_DIVISOR = 5
+KEYPOINTS = ("tl", "br", "ct")
+
+
+@functools.cache  # one kernel per (radius, divisor)
+def _gaussian_kernel(radius: int, sigma_divisor: int) -> np.ndarray:
+    """Read-only float32 (2r+1, 2r+1) kernel, peak 1.0, sigma = (2r + 1) / sigma_divisor.
+
+    Computed in float64 and zeroed below float64 eps relative to the peak, as the original's
+    ``gaussian2D``; stored as float32 (the heatmaps are float32 and rounding is monotone, so the
+    maximum with an earlier peak is the original's)."""
+    diameter = 2 * radius + 1
+    sigma = diameter / sigma_divisor
+    steps = np.arange(-radius, radius + 1, dtype=np.float64)
+    squared_distance = steps[:, None] * steps[:, None] + steps[None, :] * steps[None, :]
+    kernel = np.exp(-squared_distance / (2 * sigma * sigma))
+    kernel[kernel < np.finfo(np.float64).eps * kernel.max()] = 0
+    kernel = kernel.astype(np.float32)
+    kernel.flags.writeable = False
+    return kernel
+
+
+def draw_gaussian(
+    heatmap: np.ndarray, center: tuple[int, int], radius: int, sigma_divisor: int = 6
+) -> np.ndarray:
+    """Merge a Gaussian peak into one class's (H, W) heatmap in place and return it: the
+    original's ``draw_gaussian(heatmap, center, radius, delte=sigma_divisor)``.
+
+    center: integer cell (x, y) inside the map, which receives exactly 1.0; radius: r >= 0;
+    the kernel covers [-r, r]^2 with sigma = (2r + 1) / sigma_divisor (6 for corners, 5 for
+    centres), cropped at the borders; where peaks overlap the maximum wins."""
+    if heatmap.ndim != 2:
+        raise ValueError(f"draw_gaussian: expected an (H, W) heatmap, got shape {heatmap.shape}")
+    center_x, center_y = (int(value) for value in center)
+    height, width = heatmap.shape
+    if not (0 <= center_x < width and 0 <= center_y < height):
+        raise ValueError(
+            f"draw_gaussian: center {tuple(center)} lies outside the heatmap of (H, W) = "
+            f"{heatmap.shape}"
+        )
+    if int(radius) != radius or radius < 0:
+        raise ValueError(f"draw_gaussian: radius must be a non-negative integer, got {radius!r}")
+    if sigma_divisor not in (CORNER_SIGMA_DIVISOR, CENTER_SIGMA_DIVISOR):
+        raise ValueError(
+            f"draw_gaussian: sigma_divisor must be {CORNER_SIGMA_DIVISOR} (corners) or "
+            f"{CENTER_SIGMA_DIVISOR} (centres), got {sigma_divisor!r}"
+        )
+    _paste(heatmap, center_x, center_y, int(radius), sigma_divisor)
+    return heatmap
+
+
+def _paste(heatmap: np.ndarray, x: int, y: int, radius: int, sigma_divisor: int) -> None:
+    height, width = heatmap.shape
+    kernel = _gaussian_kernel(radius, sigma_divisor)
+    top, bottom = max(0, y - radius), min(height, y + radius + 1)
+    left, right = max(0, x - radius), min(width, x + radius + 1)
+    window = heatmap[top:bottom, left:right]
+    np.maximum(
+        window,
+        kernel[top - y + radius : bottom - y + radius, left - x + radius : right - x + radius],
+        out=window,
+    )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_arguments(
+    boxes, labels, num_classes, output_size, max_objects, min_overlap, radius_variant
+) -> tuple[np.ndarray, np.ndarray]:
+    name = "encode_triplet_targets"
+    if not _is_int(num_classes) or num_classes < 1:
+        raise ValueError(f"{name}: num_classes must be a positive integer, got {num_classes!r}")
+    if (
+        not isinstance(output_size, (tuple, list))
+        or len(output_size) != 2
+        or any(not _is_int(side) or side < 1 for side in output_size)
+    ):
+        raise ValueError(
+            f"{name}: output_size must be (height, width) positive integers, got {output_size!r}"
+        )
+    if not _is_int(max_objects) or max_objects < 0:
+        raise ValueError(
+            f"{name}: max_objects must be a non-negative integer, got {max_objects!r}"
+        )
+    if radius_variant not in RADIUS_VARIANTS:
+        raise ValueError(
+            f"{name}: unknown radius_variant {radius_variant!r}; expected one of "
+            f"{list(RADIUS_VARIANTS)}"
+        )
+    if not isinstance(min_overlap, (int, float)) or not 0.0 < min_overlap < 1.0:
+        raise ValueError(f"{name}: min_overlap must lie in (0, 1), got {min_overlap!r}")
+    boxes = np.asarray(boxes)
+    labels = np.asarray(labels)
+    if boxes.size == 0:
+        boxes = boxes.reshape(0, 4)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"{name}: boxes must have shape (N, 4), got {boxes.shape}")
+    if labels.shape != (len(boxes),):
+        raise ValueError(
+            f"{name}: labels must have shape ({len(boxes)},) to match the boxes, got "
+            f"{labels.shape}"
+        )
+    if not np.isfinite(boxes).all():
+        row = int(np.flatnonzero(~np.isfinite(boxes).all(axis=1))[0])
+        raise ValueError(f"{name}: box {row} has a non-finite coordinate: {boxes[row]}")
+    if labels.dtype.kind not in "iu":
+        if labels.dtype.kind != "f" or not np.array_equal(labels, np.round(labels)):
+            raise ValueError(
+                f"{name}: labels must be integer class indices, got dtype {labels.dtype}"
+            )
+        labels = labels.astype(np.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        outside = (labels < 0) | (labels >= num_classes)
+        raise ValueError(
+            f"{name}: label {int(labels[outside][0])} is outside [0, {num_classes}) "
+            f"(labels are 0-based class indices)"
+        )
+    return boxes, labels
+
+
+def encode_triplet_targets(
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    output_size: tuple[int, int],
+    max_objects: int = 128,
+    min_overlap: float = 0.7,
+    radius_variant: str = "original",
+) -> dict[str, np.ndarray]:
+    """The keypoint-triplet training targets of one image.
+
+    boxes: (N, 4) x1, y1, x2, y2 in output-map coordinates (mapped through the output affine,
+        not yet clipped); handled in float32 as the original holds them.
+    labels: (N,) 0-based class indices in [0, num_classes).
+    output_size: (height, width) of the output map.
+    min_overlap, radius_variant: the Gaussian radius (`detector.targets.gaussian_radius`).
+        The default, ``"original"`` at 0.7, is Duan et al.'s (CornerNet's uncorrected formula,
+        ``gaussian_iou`` 0.7); the simple CenterNet-47 uses ``"corrected"`` at 0.7.
+
+    Box k (k < min(N, max_objects)) fills slot k. It is clipped to the map (x to [0, W-1], y to
+    [0, H-1]) and skipped (a zero row, mask 0) unless the clipped box has positive width and
+    height. Its keypoints are the clipped corners and their midpoint; keypoint p lands in cell
+    ``int(p)`` with offset ``p - int(p)``. All three peaks share one radius,
+    ``max(0, int(gaussian_radius(ceil(h), ceil(w))))``; corners are drawn with sigma
+    ``(2r + 1) / 6``, centres with ``(2r + 1) / 5``.
+
+    Deliberate differences: the original clips in input pixels to [0, W_in - 1] (in output
+    cells about [0, W - 1/4]) and compacts the kept boxes to the first slots; here the clip is
+    at W - 1 as `detector.targets.encode_targets` and skipped boxes keep their slot. Neither
+    changes the loss of boxes inside [0, W - 1] x [0, H - 1].
+
+    Returns (M = max_objects):
+        tl_heatmap, br_heatmap, ct_heatmap: (C, H, W) float32, peaks exactly 1.0.
+        tl_index, br_index, ct_index: (M,) int64 flat cells ``y * W + x``.
+        tl_offset, br_offset, ct_offset: (M, 2) float32 (x, y) keypoint minus its cell, in [0, 1).
+        mask: (M,) float32, 1 where the slot holds an object.
+    """
+    boxes, labels = _check_arguments(
+        boxes, labels, num_classes, output_size, max_objects, min_overlap, radius_variant
+    )
+    height, width = (int(side) for side in output_size)
+    targets: dict[str, np.ndarray] = {}
+    for keypoint in KEYPOINTS:
+        targets[f"{keypoint}_heatmap"] = np.zeros((num_classes, height, width), dtype=np.float32)
+    for keypoint in KEYPOINTS:
+        targets[f"{keypoint}_index"] = np.zeros(max_objects, dtype=np.int64)
+    for keypoint in KEYPOINTS:
+        targets[f"{keypoint}_offset"] = np.zeros((max_objects, 2), dtype=np.float32)
+    targets["mask"] = np.zeros(max_objects, dtype=np.float32)
+
+    count = min(len(boxes), max_objects)
+    clipped = boxes[:count].astype(np.float32)
+    upper = np.array([width - 1, height - 1, width - 1, height - 1], dtype=np.float32)
+    np.minimum(np.maximum(clipped, 0, out=clipped), upper, out=clipped)
+    sizes = clipped[:, 2:] - clipped[:, :2]  # (n, 2) width, height
+    valid = (sizes > 0).all(axis=1)
+    points = {
+        "tl": clipped[:, :2],
+        "br": clipped[:, 2:],
+        # The original: (x1 + x2) / 2 of the clipped box, then int() for the cell.
+        "ct": (clipped[:, :2] + clipped[:, 2:]) / np.float32(2),
+    }
+    cells = {keypoint: point.astype(np.int32) for keypoint, point in points.items()}  # floor
+
+    for slot in np.flatnonzero(valid).tolist():
+        box_width, box_height = sizes[slot].tolist()
+        radius = max(
+            0,
+            int(_radius(math.ceil(box_height), math.ceil(box_width), min_overlap, radius_variant)),
+        )
+        label = int(labels[slot])
+        for keypoint in KEYPOINTS:
+            cell_x, cell_y = cells[keypoint][slot].tolist()
+            divisor = CENTER_SIGMA_DIVISOR if keypoint == "ct" else CORNER_SIGMA_DIVISOR
+            _paste(targets[f"{keypoint}_heatmap"][label], cell_x, cell_y, radius, divisor)
+
+    keep = valid[:, None]
+    for keypoint in KEYPOINTS:
+        point, cell = points[keypoint], cells[keypoint]
+        targets[f"{keypoint}_offset"][:count] = np.where(keep, point - cell, 0)
+        targets[f"{keypoint}_index"][:count] = np.where(
+            valid, cell[:, 1].astype(np.int64) * width + cell[:, 0], 0
+        )
+    targets["mask"][:count] = valid
+    return targets

@@ -1,0 +1,191 @@
+"""Does the TTFNet head train in a third of the epochs and recover from pruning in half?
+
+Issue 22's target, on the synthetic benchmark with the resunet18 trunk at 128 px, 2 CPU threads:
+
+- the ctdet head (recipes/shapes_resunet18.yaml) trained 15 epochs against the TTFNet head
+  (recipes/shapes_ttfnet.yaml, the same settings but `model.head: ttfnet`) trained 5, each with
+  the recipe's cosine schedule over its own length: the TTFNet head should match or beat the
+  ctdet head on AP and AP50;
+- both pruned to half the MACs (global L1, recipes/shapes_macs.yaml's prune and fine-tune
+  settings): the TTFNet head fine-tuned for half the ctdet head's fine-tune epochs should reach
+  the ctdet head's post-fine-tune AP.
+
+Seeds 0, 1, 2 set each training's initialisation, data order and augmentation; the two heads of a
+seed form a pair. Everything runs through the CLI a user runs (`ctprune train`, `ctprune run`),
+with the run folders under --out (default runs/ttfnet_study/, not committed); finished runs are
+reused, so an interrupted study continues where it stopped.
+
+    python experiments/ttfnet_study/run.py                      # the committed figures
+    python experiments/ttfnet_study/run.py --seeds 0 --ctdet-epochs 2 --ttfnet-epochs 1 \\
+        --ctdet-finetune 2 --out runs/ttfnet_quick              # a quick check of the chain
+
+The rows (run = the head; per seed the baseline, the pruned start and the fine-tuned model) go
+to report.json beside this script; report.md discusses them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ctprune.layout import CHECKPOINT_FILE, REPORT_FILES
+from ctprune.report import run_stage_rows, study_row, training_record, update_study_report
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+RECIPES = {"ctdet": "recipes/shapes_resunet18.yaml", "ttfnet": "recipes/shapes_ttfnet.yaml"}
+HEADS = {"ctdet": "centernet", "ttfnet": "ttfnet"}
+PRUNE_RECIPE = "recipes/shapes_macs.yaml"
+TARGET_MACS = 0.5
+EVAL_INTERVAL = 5
+
+
+def ctprune(*args: str, log: Path, threads: int) -> None:
+    """Run the ctprune CLI in a child process (as a user would), its output to ``log``."""
+    env = os.environ | {"OMP_NUM_THREADS": str(threads)}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as stream:
+        subprocess.run(
+            [sys.executable, "-m", "ctprune", *args],
+            cwd=ROOT, env=env, stdout=stream, stderr=subprocess.STDOUT, check=True,
+        )
+
+
+def train_baseline(arm: str, epochs: int, seed: int, out: Path, threads: int) -> Path:
+    run = out / f"{arm}_e{epochs}_seed{seed}"
+    if not (run / CHECKPOINT_FILE).is_file():
+        resume = ["--resume"] if (run / "resume.pt").is_file() else []
+        ctprune(
+            "train", RECIPES[arm], "--out", str(run), *resume,
+            "--set", f"train.epochs={epochs}", "--set", f"train.seed={seed}",
+            "--set", f"train.eval_interval={min(EVAL_INTERVAL, epochs)}",
+            log=out / f"{run.name}.log", threads=threads,
+        )
+    return run
+
+
+def prune_and_finetune(
+    arm: str, baseline: Path, finetune_epochs: int, seed: int, out: Path, threads: int
+) -> Path:
+    run = out / f"{baseline.name}_half_ft{finetune_epochs}"
+    if not (run / REPORT_FILES["json"]).is_file():
+        ctprune(
+            "run", PRUNE_RECIPE, "--out", str(run),
+            "--set", f"model.head={HEADS[arm]}",
+            "--set", f"baseline.checkpoint={(baseline / CHECKPOINT_FILE).resolve()}",
+            "--set", f"prune.target_macs={TARGET_MACS}",
+            "--set", f"finetune.epochs={finetune_epochs}", "--set", f"finetune.seed={seed}",
+            log=out / f"{run.name}.log", threads=threads,
+        )
+    return run
+
+
+def study_rows(results: dict) -> list[dict]:
+    rows = []
+    for arm, per_seed in results["arms"].items():
+        for seed, result in per_seed.items():
+            measured = result["rows"]
+            keys = ("params", "gmacs", "ap", "ap50", "ap75", "aps", "apm", "apl")
+            baseline = study_row(
+                arm, f"seed{seed}/baseline_e{result['epochs']}", "baseline",
+                **{key: measured["baseline"].get(key) for key in keys},
+            )
+            rows.append(baseline)
+            finetuned = f"finetune_e{result['finetune_epochs']}"
+            for stage, name in (("prune", "prune"), ("finetune", finetuned)):
+                rows.append(study_row(
+                    arm, f"seed{seed}/half_macs/{name}", stage, baseline,
+                    **{key: measured[stage].get(key) for key in keys},
+                ))
+    return rows
+
+
+def summarise(results: dict) -> dict:
+    """Per metric and stage: each head's mean and spread over seeds and the paired difference
+    (ttfnet - ctdet)."""
+    summary = {}
+    seeds = sorted(set(results["arms"]["ctdet"]) & set(results["arms"]["ttfnet"]))
+    for stage in ("baseline", "prune", "finetune"):
+        for metric in ("ap", "ap50"):
+            values = {
+                arm: [results["arms"][arm][seed]["rows"][stage][metric] for seed in seeds]
+                for arm in ("ctdet", "ttfnet")
+            }
+            differences = [t - c for t, c in zip(values["ttfnet"], values["ctdet"], strict=True)]
+            summary[f"{stage}_{metric}"] = {
+                arm: {
+                    "mean": statistics.mean(v),
+                    "sd": statistics.stdev(v) if len(v) > 1 else None,
+                    "values": v,
+                }
+                for arm, v in values.items()
+            } | {
+                "paired_difference_mean": statistics.mean(differences),
+                "paired_difference_range": [min(differences), max(differences)],
+            }
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--ctdet-epochs", type=int, default=15)
+    parser.add_argument("--ttfnet-epochs", type=int, default=5)
+    parser.add_argument("--ctdet-finetune", type=int, default=4,
+                        help="the ctdet head's fine-tune epochs; the TTFNet head gets half")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "ttfnet_study")
+    parser.add_argument("--no-report", action="store_true", help="do not touch report.json")
+    args = parser.parse_args()
+    epochs = {"ctdet": args.ctdet_epochs, "ttfnet": args.ttfnet_epochs}
+    finetune = {"ctdet": args.ctdet_finetune, "ttfnet": max(1, args.ctdet_finetune // 2)}
+    started = time.perf_counter()
+    results: dict = {"arms": {"ctdet": {}, "ttfnet": {}}}
+    for seed in args.seeds:
+        for arm in ("ctdet", "ttfnet"):
+            baseline = train_baseline(arm, epochs[arm], seed, args.out, args.threads)
+            pruned = prune_and_finetune(
+                arm, baseline, finetune[arm], seed, args.out, args.threads
+            )
+            results["arms"][arm][seed] = {
+                "epochs": epochs[arm],
+                "finetune_epochs": finetune[arm],
+                "training": training_record(baseline),
+                "finetune_training": training_record(pruned / "finetune"),
+                "rows": run_stage_rows(pruned),
+            }
+            print(arm, seed, {k: results["arms"][arm][seed]["rows"][k]["ap"]
+                              for k in ("baseline", "prune", "finetune")}, flush=True)
+    results["summary"] = summarise(results)
+    results["setup"] = {
+        "recipes": RECIPES,
+        "prune_recipe": PRUNE_RECIPE,
+        "target_macs": TARGET_MACS,
+        "epochs": epochs,
+        "finetune_epochs": finetune,
+        "seeds": args.seeds,
+        "threads": args.threads,
+        "wall_minutes_this_invocation": round((time.perf_counter() - started) / 60, 1),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip()
+        + f", torch {torch.__version__}",
+    }
+    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    if not args.no_report:
+        update_study_report(HERE / "report.json", study_rows(results), "ttfnet_vs_ctdet",
+                            json.loads(json.dumps(results, default=str)))
+    print(json.dumps(results["summary"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
