@@ -27,6 +27,10 @@ from .inference.decode import decode_centernet
 from .losses import centernet_loss, heatmap_loss_named
 from .models.centernet import HeadFactory, per_output_heads
 from .targets import encode_targets
+from .triplet.decode import decode_triplet
+from .triplet.heads import build_triplet_heads
+from .triplet.loss import triplet_loss
+from .triplet.targets import encode_triplet_targets
 from .ttfnet.decode import decode_ttfnet
 from .ttfnet.heads import build_ttfnet_heads
 from .ttfnet.loss import ttfnet_loss
@@ -96,6 +100,26 @@ HEADS: dict[str, HeadType] = {
         decode=decode_ttfnet,
         build_heads=build_ttfnet_heads,
         loss_terms=("heatmap", "ltrb"),
+    ),
+    # The keypoint triplet (`detector.triplet`, Duan et al.): corner and center heatmaps with
+    # cascade corner / center pooling, associative embeddings, offsets; corner pairs kept when
+    # a center keypoint confirms them.
+    "triplet": HeadType(
+        outputs={
+            "tl_heatmap": NUM_CLASSES,
+            "br_heatmap": NUM_CLASSES,
+            "ct_heatmap": NUM_CLASSES,
+            "tl_embedding": 1,
+            "br_embedding": 1,
+            "tl_offset": 2,
+            "br_offset": 2,
+            "ct_offset": 2,
+        },
+        encode_targets=encode_triplet_targets,
+        loss=triplet_loss,
+        decode=decode_triplet,
+        build_heads=build_triplet_heads,
+        loss_terms=("heatmap", "pull", "push", "offset"),
     ),
 }
 

@@ -223,7 +223,7 @@ def test_both_heads_get_the_switches_through_the_loss_contract(monkeypatch):
     balances only its own terms (combine_terms refuses unknown ones)."""
     monkeypatch.setitem(HEADS, "ttfnet", HeadType(
         outputs={"heatmap": NUM_CLASSES, "ltrb": 4}, encode_targets=None,
-        loss=_contract_ttfnet_loss, decode=None))
+        loss=_contract_ttfnet_loss, decode=None, loss_terms=("heatmap", "ltrb")))
     generator = torch.Generator().manual_seed(3)
     batch = {"heatmap": _batch()["heatmap"], "ltrb": torch.rand(2, 4, 16, 16, generator=generator)}
     outputs = [{"heatmap": torch.randn(2, 3, 16, 16, generator=generator).requires_grad_(),
@@ -237,7 +237,6 @@ def test_both_heads_get_the_switches_through_the_loss_contract(monkeypatch):
     assert unbalanced.item() == pytest.approx((parts["heatmap"] + 5 * parts["ltrb"]).item())
 
 
-@pytest.mark.skipif("ttfnet" not in HEADS, reason="this checkout has no TTFNet head yet")
 def test_the_ttfnet_head_takes_the_switches():
     """The real TTFNet loss (where the head table has it) through `task_loss`."""
     import numpy as np

@@ -12,7 +12,7 @@ from ctprune.pruning import prune
 from cuda_ops import corner_pool as reference_pools
 from detector import ARCHITECTURES, build_model, count_parameters, output_layers
 from detector.channel_plan import apply_channel_plan
-from detector.heads import HEADS
+from detector.heads import HEADS, head_factory
 from detector.models.centernet import HEATMAP_BIAS_INIT
 from detector.original import convert_original_state_dict, import_original_checkpoint
 from detector.triplet.heads import (
@@ -20,8 +20,6 @@ from detector.triplet.heads import (
     CenterPoolBlock,
     TripletHeads,
     build_triplet_heads,
-    triplet_head_factory,
-    triplet_outputs,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -49,14 +47,14 @@ def triplet_model(arch: str, num_classes: int = 3, head_conv: int | None = TINY_
         widths = TINY_WIDTHS[arch.rstrip("0123456789")]
     if "triplet" in HEADS:
         return build_model(arch, num_classes, head="triplet", head_conv=head_conv, widths=widths)
-    return ARCHITECTURES[arch](triplet_head_factory(num_classes), head_conv, widths, None)
+    return ARCHITECTURES[arch](head_factory("triplet", num_classes), head_conv, widths, None)
 
 
 @pytest.mark.parametrize("arch", sorted(ORIGINAL_PARAMETERS))
 def test_full_size_parameter_count(arch):
     with torch.device("meta"):
         model = triplet_model(arch, 80, head_conv=None)
-        heads = build_triplet_heads(256, 256, triplet_outputs(80))
+        heads = build_triplet_heads(256, 256, HEADS["triplet"].output_channels(80))
     assert count_parameters(model) == ORIGINAL_PARAMETERS[arch]
     assert count_parameters(heads) == ORIGINAL_HEAD_PARAMETERS
     assert len(model.heads) == (1 if arch == "centernet52" else 2)
@@ -69,7 +67,7 @@ def test_the_centernet_head_is_refused():
 
 def test_bad_head_arguments_are_named():
     with pytest.raises(ValueError, match="in_channels must be at least 2.*got 1"):
-        build_triplet_heads(1, 8, triplet_outputs(3))
+        build_triplet_heads(1, 8, HEADS["triplet"].output_channels(3))
     with pytest.raises(ValueError, match="unknown outputs \\['heatmap'\\]"):
         build_triplet_heads(8, 8, {"heatmap": 3})
 
@@ -79,7 +77,7 @@ def test_raw_outputs_in_train_and_eval(arch):
     model = triplet_model(arch)
     images = torch.randn(2, 3, 64, 128)
     stacks = 2 if arch == "centernet104" else 1
-    channels = triplet_outputs(3)
+    channels = HEADS["triplet"].output_channels(3)
     expected = [{name: (2, channels[name], 16, 32) for name in OUTPUT_NAMES}] * stacks
     for mode in ("train", "eval"):
         getattr(model, mode)()
@@ -269,7 +267,7 @@ class OriginalTripletHourglass(nn.Module):
         }
         for kind, name in self.pool_names.items():
             setattr(self, name, nn.ModuleList([pools[kind]() for _ in range(stacks)]))
-        channels = triplet_outputs(num_classes)
+        channels = HEADS["triplet"].output_channels(num_classes)
         self.head_names = []
         for ours, duan, simple_name, kind in ORIGINAL_HEADS:
             name = simple_name if simple else duan
@@ -385,7 +383,7 @@ class OriginalHrCenterNetHead(nn.Module):
         self.tl_cnvs = OriginalCornerPool(cnv, cnv // 2, "top", "left", simple=False)
         self.br_cnvs = OriginalCornerPool(cnv, cnv // 2, "bottom", "right", simple=False)
         self.ct_cnvs = OriginalCenterPool(cnv, cnv // 2)
-        channels = triplet_outputs(num_classes)
+        channels = HEADS["triplet"].output_channels(num_classes)
         self.names = [(ours, duan, kind) for ours, duan, _, kind in ORIGINAL_HEADS]
         for ours, duan, _ in self.names:
             setattr(self, duan, nn.Sequential(
@@ -468,7 +466,8 @@ def test_hrcenternet_full_size_parameter_count(arch):
 @pytest.mark.parametrize("arch", sorted(HRCENTERNET_PARAMETERS))
 def test_hrcenternet_raw_outputs_in_train_and_eval(arch):
     model = triplet_model(arch)
-    expected = [{name: (2, triplet_outputs(3)[name], 16, 24) for name in OUTPUT_NAMES}]
+    channels = HEADS["triplet"].output_channels(3)
+    expected = [{name: (2, channels[name], 16, 24) for name in OUTPUT_NAMES}]
     for mode in ("train", "eval"):
         outputs = getattr(model, mode)()(torch.randn(2, 3, 64, 96))
         assert [{k: tuple(v.shape) for k, v in output.items()} for output in outputs] == expected

@@ -32,7 +32,7 @@ from torch import nn
 
 from cuda_ops.corner_pool import bottom_pool, center_pool, left_pool, right_pool, top_pool
 
-from ..models.centernet import HeadFactory, build_heads
+from ..models.centernet import build_heads
 from ..models.hourglass import ConvolutionBlock
 
 # Output name -> which pooling's features it reads.
@@ -45,17 +45,6 @@ OUTPUT_POOLS = {
     "tl_offset": "tl",
     "br_offset": "br",
     "ct_offset": "ct",
-}
-# Output name -> channels; None: one per class. The head table's `triplet` entry lists the same.
-OUTPUT_CHANNELS = {
-    "tl_heatmap": None,
-    "br_heatmap": None,
-    "ct_heatmap": None,
-    "tl_embedding": 1,
-    "br_embedding": 1,
-    "tl_offset": 2,
-    "br_offset": 2,
-    "ct_offset": 2,
 }
 POOLS = {"top": top_pool, "bottom": bottom_pool, "left": left_pool, "right": right_pool}
 
@@ -165,24 +154,3 @@ def build_triplet_heads(
     heads (0: a lone 1x1 conv each), predicting ``outputs`` (name -> channels, from the head
     table)."""
     return TripletHeads(in_channels, head_conv, outputs)
-
-
-def triplet_outputs(num_classes: int) -> dict[str, int]:
-    """Output name -> channels of a triplet model of ``num_classes`` classes."""
-    return {name: num_classes if c is None else c for name, c in OUTPUT_CHANNELS.items()}
-
-
-def triplet_head_factory(num_classes: int) -> HeadFactory:
-    """``make_heads(in_channels, head_conv, options=None)`` building triplet heads for
-    ``num_classes`` classes, as `detector.heads.head_factory` gives for a ``triplet`` entry
-    (``options`` maps head-type names to keyword arguments; the triplet head takes none), for
-    calling an `ARCHITECTURES` factory directly."""
-    outputs = triplet_outputs(num_classes)
-
-    def make_heads(
-        in_channels: int, head_conv: int, options: dict[str, dict] | None = None
-    ) -> TripletHeads:
-        triplet_options = (options or {}).get("triplet", {})
-        return build_triplet_heads(in_channels, head_conv, outputs, **triplet_options)
-
-    return make_heads
