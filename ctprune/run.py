@@ -59,7 +59,7 @@ from detector.files import (
     atomic_write_text,
     remove_stale_temporaries,
 )
-from detector.layout import BEST_CHECKPOINT, LAST_CHECKPOINT, LAST_EMA_CHECKPOINT
+from detector.layout import trained_model
 from detector.original import import_original_checkpoint
 
 from .distill import DistillConfig
@@ -343,11 +343,7 @@ class Runner:
         train(recipe, stage.folder, sparsity=sparsity, distill=distill, teacher_paths=teacher_paths,
               resume=resume, device=self.device, initial_model=initial_model,
               on_epoch_end=self.on_epoch_end)
-        # The stage's model: the best by the selection metric, else the weights evaluation
-        # would have seen (the average, with train.ema_decay), else the last raw weights.
-        candidates = [stage.folder / name
-                      for name in (BEST_CHECKPOINT, LAST_EMA_CHECKPOINT, LAST_CHECKPOINT)]
-        chosen = next(path for path in candidates if path.is_file())
+        chosen = trained_model(stage.folder)
         distributed.run_on_main(lambda: atomic_copy(chosen, stage.folder / CHECKPOINT))
         model, _ = load_model(stage.folder / CHECKPOINT)
         return model

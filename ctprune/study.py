@@ -13,7 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .layout import CHECKPOINT_FILE, REPORT_FILES, RESUME_FILE
+from detector.engine.fit import completed_epochs
+from detector.layout import trained_model
+
+from .layout import REPORT_FILES, RESUME_FILE
 
 
 def run_cli(args: list[str], log: Path, threads: int, cwd: Path) -> None:
@@ -34,15 +37,17 @@ def overrides(values: dict[str, object]) -> list[str]:
 
 
 def train_once(
-    recipe: str, run: Path, values: dict[str, object], threads: int, cwd: Path
+    recipe: str, run: Path, epochs: int, values: dict[str, object], threads: int, cwd: Path
 ) -> Path:
-    """`ctprune train RECIPE --out RUN` with ``values`` set, unless RUN holds its checkpoint;
-    resumed when a killed training left its resume state. Returns RUN."""
-    if not (run / CHECKPOINT_FILE).is_file():
+    """`ctprune train RECIPE --out RUN` for ``epochs`` epochs with ``values`` set, unless RUN
+    finished them; resumed when a killed training left its resume state. Returns RUN's model
+    (`detector.layout.trained_model`)."""
+    if completed_epochs(run) < epochs:
         resume = ["--resume"] if (run / RESUME_FILE).is_file() else []
+        values = {"train.epochs": epochs, **values}
         args = ["train", recipe, "--out", str(run), *resume, *overrides(values)]
         run_cli(args, run.parent / f"{run.name}.log", threads, cwd)
-    return run
+    return trained_model(run)
 
 
 def chain_once(

@@ -17,18 +17,29 @@ def test_overrides_become_set_options():
 
 def test_finished_folders_are_reused_and_killed_trainings_resume(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(study, "run_cli", lambda args, log, threads, cwd: calls.append(args))
-    done, killed, fresh = tmp_path / "done", tmp_path / "killed", tmp_path / "fresh"
-    done.mkdir()
-    (done / "checkpoint.pt").write_bytes(b"")
-    killed.mkdir()
-    (killed / "resume.pt").write_bytes(b"")
-    for run in (done, killed, fresh):
-        assert study.train_once("r.yaml", run, {"train.seed": 1}, 2, Path.cwd()) == run
-    assert calls == [
-        ["train", "r.yaml", "--out", str(killed), "--resume", "--set", "train.seed=1"],
-        ["train", "r.yaml", "--out", str(fresh), "--set", "train.seed=1"],
+
+    def train(args, log, threads, cwd):  # what a finished training leaves
+        calls.append(args)
+        (Path(args[3]) / "last.pt").write_bytes(b"")
+
+    monkeypatch.setattr(study, "run_cli", train)
+    finished = {"done": 3, "killed": 1, "fresh": 0}
+    monkeypatch.setattr(study, "completed_epochs", lambda run: finished[Path(run).name])
+    for name in finished:
+        (tmp_path / name).mkdir()
+    (tmp_path / "done" / "best.pt").write_bytes(b"")
+    (tmp_path / "killed" / "resume.pt").write_bytes(b"")
+    models = [study.train_once("r.yaml", tmp_path / name, 3, {"train.seed": 1}, 2, Path.cwd())
+              for name in finished]
+    assert [model.relative_to(tmp_path).as_posix() for model in models] == [
+        "done/best.pt", "killed/last.pt", "fresh/last.pt",
     ]
+    options = ["--set", "train.epochs=3", "--set", "train.seed=1"]
+    assert calls == [
+        ["train", "r.yaml", "--out", str(tmp_path / "killed"), "--resume", *options],
+        ["train", "r.yaml", "--out", str(tmp_path / "fresh"), *options],
+    ]
+    done, fresh = tmp_path / "done", tmp_path / "fresh"
     calls.clear()
     (done / "report.json").write_text("{}")
     study.chain_once("r.yaml", done, {}, 2, Path.cwd())

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import torch
 
-from ctprune.layout import CHECKPOINT_FILE
 from ctprune.report import run_stage_rows, study_row, training_record, update_study_report
 from ctprune.study import chain_once, train_once
 
@@ -48,25 +47,24 @@ EVAL_INTERVAL = 5
 
 
 def train_baseline(arm: str, epochs: int, seed: int, out: Path, threads: int) -> Path:
-    values = {
-        "train.epochs": epochs,
-        "train.seed": seed,
-        "train.eval_interval": min(EVAL_INTERVAL, epochs),
-    }
-    return train_once(RECIPES[arm], out / f"{arm}_e{epochs}_seed{seed}", values, threads, ROOT)
+    """The trained model of the arm's baseline run for this seed."""
+    values = {"train.seed": seed, "train.eval_interval": min(EVAL_INTERVAL, epochs)}
+    run = out / f"{arm}_e{epochs}_seed{seed}"
+    return train_once(RECIPES[arm], run, epochs, values, threads, ROOT)
 
 
 def prune_and_finetune(
-    arm: str, baseline: Path, finetune_epochs: int, seed: int, out: Path, threads: int
+    arm: str, model: Path, finetune_epochs: int, seed: int, out: Path, threads: int
 ) -> Path:
+    """The `ctprune run` folder that pruned ``model`` to half its MACs and fine-tuned it."""
     values = {
         "model.head": HEADS[arm],
-        "baseline.checkpoint": (baseline / CHECKPOINT_FILE).resolve(),
+        "baseline.checkpoint": model.resolve(),
         "prune.target_macs": TARGET_MACS,
         "finetune.epochs": finetune_epochs,
         "finetune.seed": seed,
     }
-    run = out / f"{baseline.name}_half_ft{finetune_epochs}"
+    run = out / f"{model.parent.name}_half_ft{finetune_epochs}"
     return chain_once(PRUNE_RECIPE, run, values, threads, ROOT)
 
 
@@ -142,7 +140,8 @@ def main() -> None:
             results["arms"][arm][seed] = {
                 "epochs": epochs[arm],
                 "finetune_epochs": finetune[arm],
-                "training": training_record(baseline),
+                "training": training_record(baseline.parent),
+                "model": baseline.name,
                 "finetune_training": training_record(pruned / "finetune"),
                 "rows": run_stage_rows(pruned),
             }
