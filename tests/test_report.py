@@ -28,6 +28,7 @@ from ctprune.cli import main
 from ctprune.report import (
     ROW_KEYS,
     build_report,
+    chain_rows,
     measure,
     paired_latency,
     pareto_front,
@@ -523,3 +524,9 @@ def test_study_readers_take_a_run_folder_apart(run_a, report_a, tmp_path):
     rows = run_stage_rows(tmp_path)
     assert list(rows) == ["baseline", "prune", "finetune"]
     assert rows["prune"]["name"] == "l1_0.5/prune" and rows["prune"]["ap"] == pytest.approx(0.20)
+    names = {"baseline": "s0/baseline", "finetune": "s0/finetune"}
+    study = chain_rows("arm", names, rows)
+    assert [row["name"] for row in study] == ["s0/baseline", "s0/finetune"]
+    assert all(tuple(row) == ROW_KEYS for row in study)
+    assert study[1]["ap"] == rows["finetune"]["ap"]
+    assert study[1]["ap_kept"] == pytest.approx(rows["finetune"]["ap"] / rows["baseline"]["ap"])

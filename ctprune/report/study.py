@@ -72,3 +72,20 @@ def run_stage_rows(run: str | Path) -> dict[str, dict]:
 
     report = json.loads((Path(run) / REPORT_FILES["json"]).read_text())
     return {row["stage"]: row for row in report["rows"] if row["precision"] == DEFAULT_PRECISION}
+
+
+def chain_rows(run: str, names: dict[str, str], stage_rows: dict[str, dict]) -> list[dict]:
+    """A study's rows for one `ctprune run` chain (``stage_rows``, `run_stage_rows`): one row per
+    stage in ``names`` (stage -> the row's name, e.g. {"baseline": "seed0/baseline_e15",
+    "prune": "seed0/half_macs/prune", ...}) with the chain's measured figures; kept fractions
+    relative to the chain's baseline."""
+    measured_keys = [key for key in ROW_KEYS if key not in ("run", "name", "stage", "precision")
+                     and not key.endswith("_kept")]
+    rows: list[dict] = []
+    baseline = None
+    for stage, name in names.items():
+        measured = {key: stage_rows[stage].get(key) for key in measured_keys}
+        row = study_row(run, name, stage, baseline, **measured)
+        baseline = row if stage == "baseline" else baseline
+        rows.append(row)
+    return rows

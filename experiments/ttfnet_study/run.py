@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ctprune.report import run_stage_rows, study_row, training_record, update_study_report
+from ctprune.report import chain_rows, run_stage_rows, training_record, update_study_report
 from ctprune.study import chain_once, train_once
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,19 +72,12 @@ def study_rows(results: dict) -> list[dict]:
     rows = []
     for arm, per_seed in results["arms"].items():
         for seed, result in per_seed.items():
-            measured = result["rows"]
-            keys = ("params", "gmacs", "ap", "ap50", "ap75", "aps", "apm", "apl")
-            baseline = study_row(
-                arm, f"seed{seed}/baseline_e{result['epochs']}", "baseline",
-                **{key: measured["baseline"].get(key) for key in keys},
-            )
-            rows.append(baseline)
-            finetuned = f"finetune_e{result['finetune_epochs']}"
-            for stage, name in (("prune", "prune"), ("finetune", finetuned)):
-                rows.append(study_row(
-                    arm, f"seed{seed}/half_macs/{name}", stage, baseline,
-                    **{key: measured[stage].get(key) for key in keys},
-                ))
+            names = {
+                "baseline": f"seed{seed}/baseline_e{result['epochs']}",
+                "prune": f"seed{seed}/half_macs/prune",
+                "finetune": f"seed{seed}/half_macs/finetune_e{result['finetune_epochs']}",
+            }
+            rows += chain_rows(arm, names, result["rows"])
     return rows
 
 
