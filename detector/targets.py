@@ -156,36 +156,66 @@ def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _check_annotations(
-    boxes: np.ndarray, labels: np.ndarray, num_classes: int
-) -> tuple[np.ndarray, np.ndarray]:
+def check_target_inputs(
+    name: str,
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    output_size: tuple[int, int],
+    max_objects: int = 0,
+    min_overlap: float = 0.5,
+    radius_variant: str = "original",
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """Every head type's target encoder's arguments checked (``name``, the encoder, starts each
+    message): (N, 4) finite boxes, N 0-based integer labels below ``num_classes``, a (height,
+    width) of positive integers, and the radius settings. Returns the boxes, the labels as
+    integers and the output size as ints."""
+    if not _is_int(num_classes) or num_classes < 1:
+        raise ValueError(f"{name}: num_classes must be a positive integer, got {num_classes!r}")
+    if (
+        not isinstance(output_size, (tuple, list))
+        or len(output_size) != 2
+        or any(not _is_int(side) or side < 1 for side in output_size)
+    ):
+        raise ValueError(
+            f"{name}: output_size must be (height, width) positive integers, got {output_size!r}"
+        )
+    if not _is_int(max_objects) or max_objects < 0:
+        raise ValueError(f"{name}: max_objects must be a non-negative integer, got {max_objects!r}")
+    if radius_variant not in RADIUS_VARIANTS:
+        raise ValueError(
+            f"{name}: unknown radius_variant {radius_variant!r}; "
+            f"expected one of {list(RADIUS_VARIANTS)}"
+        )
+    if not isinstance(min_overlap, (int, float)) or not 0.0 < min_overlap < 1.0:
+        raise ValueError(f"{name}: min_overlap must lie in (0, 1), got {min_overlap!r}")
     boxes = np.asarray(boxes)
     labels = np.asarray(labels)
     if boxes.size == 0:
         boxes = boxes.reshape(0, 4)
     if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"encode_targets: boxes must have shape (N, 4), got {boxes.shape}")
+        raise ValueError(f"{name}: boxes must have shape (N, 4), got {boxes.shape}")
     if labels.shape != (len(boxes),):
         raise ValueError(
-            f"encode_targets: labels must have shape ({len(boxes)},) to match the boxes, "
+            f"{name}: labels must have shape ({len(boxes)},) to match the boxes, "
             f"got {labels.shape}"
         )
     if not np.isfinite(boxes).all():
         row = int(np.flatnonzero(~np.isfinite(boxes).all(axis=1))[0])
-        raise ValueError(f"encode_targets: box {row} has a non-finite coordinate: {boxes[row]}")
+        raise ValueError(f"{name}: box {row} has a non-finite coordinate: {boxes[row]}")
     if labels.dtype.kind not in "iu":
         if labels.dtype.kind != "f" or not np.array_equal(labels, np.round(labels)):
             raise ValueError(
-                f"encode_targets: labels must be integer class indices, got dtype {labels.dtype}"
+                f"{name}: labels must be integer class indices, got dtype {labels.dtype}"
             )
         labels = labels.astype(np.int64)
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         outside = (labels < 0) | (labels >= num_classes)
         raise ValueError(
-            f"encode_targets: label {int(labels[outside][0])} is outside [0, {num_classes}) "
+            f"{name}: label {int(labels[outside][0])} is outside [0, {num_classes}) "
             f"(labels are 0-based class indices)"
         )
-    return boxes, labels
+    return boxes, labels, (int(output_size[0]), int(output_size[1]))
 
 
 def encode_targets(
@@ -217,32 +247,10 @@ def encode_targets(
         mask: (M,) float32, 1 where the slot holds an object.
     with M = max_objects.
     """
-    if not _is_int(num_classes) or num_classes < 1:
-        raise ValueError(
-            f"encode_targets: num_classes must be a positive integer, got {num_classes!r}"
-        )
-    if (
-        not isinstance(output_size, (tuple, list))
-        or len(output_size) != 2
-        or any(not _is_int(side) or side < 1 for side in output_size)
-    ):
-        raise ValueError(
-            f"encode_targets: output_size must be (height, width) positive integers, "
-            f"got {output_size!r}"
-        )
-    if not _is_int(max_objects) or max_objects < 0:
-        raise ValueError(
-            f"encode_targets: max_objects must be a non-negative integer, got {max_objects!r}"
-        )
-    if radius_variant not in RADIUS_VARIANTS:
-        raise ValueError(
-            f"encode_targets: unknown radius_variant {radius_variant!r}; "
-            f"expected one of {list(RADIUS_VARIANTS)}"
-        )
-    if not isinstance(min_overlap, (int, float)) or not 0.0 < min_overlap < 1.0:
-        raise ValueError(f"encode_targets: min_overlap must lie in (0, 1), got {min_overlap!r}")
-    boxes, labels = _check_annotations(boxes, labels, num_classes)
-    height, width = (int(side) for side in output_size)
+    boxes, labels, (height, width) = check_target_inputs(
+        "encode_targets", boxes, labels, num_classes, output_size, max_objects, min_overlap,
+        radius_variant,
+    )
 
     heatmap = np.zeros((num_classes, height, width), dtype=np.float32)
     wh = np.zeros((max_objects, 2), dtype=np.float32)

@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from ..targets import RADIUS_VARIANTS, _radius
+from ..targets import _radius, check_target_inputs
 
 # The original draws corner peaks with sigma = diameter / 6 (``draw_gaussian``'s default
 # ``delte=6``) and centre peaks with sigma = diameter / 5 (``delte=5``): a centre peak of the same
@@ -89,64 +89,6 @@ def _paste(heatmap: np.ndarray, x: int, y: int, radius: int, sigma_divisor: int)
     )
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _check_arguments(
-    boxes, labels, num_classes, output_size, max_objects, min_overlap, radius_variant
-) -> tuple[np.ndarray, np.ndarray]:
-    name = "encode_triplet_targets"
-    if not _is_int(num_classes) or num_classes < 1:
-        raise ValueError(f"{name}: num_classes must be a positive integer, got {num_classes!r}")
-    if (
-        not isinstance(output_size, (tuple, list))
-        or len(output_size) != 2
-        or any(not _is_int(side) or side < 1 for side in output_size)
-    ):
-        raise ValueError(
-            f"{name}: output_size must be (height, width) positive integers, got {output_size!r}"
-        )
-    if not _is_int(max_objects) or max_objects < 0:
-        raise ValueError(
-            f"{name}: max_objects must be a non-negative integer, got {max_objects!r}"
-        )
-    if radius_variant not in RADIUS_VARIANTS:
-        raise ValueError(
-            f"{name}: unknown radius_variant {radius_variant!r}; expected one of "
-            f"{list(RADIUS_VARIANTS)}"
-        )
-    if not isinstance(min_overlap, (int, float)) or not 0.0 < min_overlap < 1.0:
-        raise ValueError(f"{name}: min_overlap must lie in (0, 1), got {min_overlap!r}")
-    boxes = np.asarray(boxes)
-    labels = np.asarray(labels)
-    if boxes.size == 0:
-        boxes = boxes.reshape(0, 4)
-    if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"{name}: boxes must have shape (N, 4), got {boxes.shape}")
-    if labels.shape != (len(boxes),):
-        raise ValueError(
-            f"{name}: labels must have shape ({len(boxes)},) to match the boxes, got "
-            f"{labels.shape}"
-        )
-    if not np.isfinite(boxes).all():
-        row = int(np.flatnonzero(~np.isfinite(boxes).all(axis=1))[0])
-        raise ValueError(f"{name}: box {row} has a non-finite coordinate: {boxes[row]}")
-    if labels.dtype.kind not in "iu":
-        if labels.dtype.kind != "f" or not np.array_equal(labels, np.round(labels)):
-            raise ValueError(
-                f"{name}: labels must be integer class indices, got dtype {labels.dtype}"
-            )
-        labels = labels.astype(np.int64)
-    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        outside = (labels < 0) | (labels >= num_classes)
-        raise ValueError(
-            f"{name}: label {int(labels[outside][0])} is outside [0, {num_classes}) "
-            f"(labels are 0-based class indices)"
-        )
-    return boxes, labels
-
-
 def encode_triplet_targets(
     boxes: np.ndarray,
     labels: np.ndarray,
@@ -184,10 +126,10 @@ def encode_triplet_targets(
         tl_offset, br_offset, ct_offset: (M, 2) float32 (x, y) keypoint minus its cell, in [0, 1).
         mask: (M,) float32, 1 where the slot holds an object.
     """
-    boxes, labels = _check_arguments(
-        boxes, labels, num_classes, output_size, max_objects, min_overlap, radius_variant
+    boxes, labels, (height, width) = check_target_inputs(
+        "encode_triplet_targets", boxes, labels, num_classes, output_size, max_objects,
+        min_overlap, radius_variant,
     )
-    height, width = (int(side) for side in output_size)
     targets: dict[str, np.ndarray] = {}
     for keypoint in KEYPOINTS:
         targets[f"{keypoint}_heatmap"] = np.zeros((num_classes, height, width), dtype=np.float32)

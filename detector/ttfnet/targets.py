@@ -15,6 +15,8 @@ import functools
 
 import numpy as np
 
+from ..targets import check_target_inputs
+
 # The output stride the original's targets assume; every architecture here predicts at stride
 # 4 (`detector.config.OUTPUT_STRIDE`, not imported: the config imports the head table, which
 # imports this module).
@@ -23,63 +25,6 @@ DOWN_RATIO = 4
 # that gets box targets. The original uses the same 0.54 for both.
 ALPHA = 0.54
 BETA = 0.54
-
-
-def _check(
-    boxes: np.ndarray, labels: np.ndarray, num_classes: int, output_size: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-    """The checked boxes (N, 4), integer labels (N,) and (H, W); a ValueError naming the bad
-    argument otherwise."""
-    if (
-        isinstance(num_classes, bool)
-        or not isinstance(num_classes, (int, np.integer))
-        or num_classes < 1
-    ):
-        raise ValueError(
-            f"encode_ttfnet_targets: num_classes must be a positive integer, got {num_classes!r}"
-        )
-    if (
-        not isinstance(output_size, (tuple, list))
-        or len(output_size) != 2
-        or any(
-            isinstance(side, bool) or not isinstance(side, (int, np.integer)) or side < 1
-            for side in output_size
-        )
-    ):
-        raise ValueError(
-            f"encode_ttfnet_targets: output_size must be (height, width) positive integers, "
-            f"got {output_size!r}"
-        )
-    boxes = np.asarray(boxes)
-    labels = np.asarray(labels)
-    if boxes.size == 0:
-        boxes = boxes.reshape(0, 4)
-    if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"encode_ttfnet_targets: boxes must have shape (N, 4), got {boxes.shape}")
-    if labels.shape != (len(boxes),):
-        raise ValueError(
-            f"encode_ttfnet_targets: labels must have shape ({len(boxes)},) to match the boxes, "
-            f"got {labels.shape}"
-        )
-    if not np.isfinite(boxes).all():
-        row = int(np.flatnonzero(~np.isfinite(boxes).all(axis=1))[0])
-        raise ValueError(
-            f"encode_ttfnet_targets: box {row} has a non-finite coordinate: {boxes[row]}"
-        )
-    if labels.dtype.kind not in "iu":
-        if labels.dtype.kind != "f" or not np.array_equal(labels, np.round(labels)):
-            raise ValueError(
-                f"encode_ttfnet_targets: labels must be integer class indices, "
-                f"got dtype {labels.dtype}"
-            )
-        labels = labels.astype(np.int64)
-    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        outside = (labels < 0) | (labels >= num_classes)
-        raise ValueError(
-            f"encode_ttfnet_targets: label {int(labels[outside][0])} is outside "
-            f"[0, {num_classes}) (labels are 0-based class indices)"
-        )
-    return boxes, labels, (int(output_size[0]), int(output_size[1]))
 
 
 @functools.cache  # one kernel per (height radius, width radius)
@@ -143,7 +88,9 @@ def encode_ttfnet_targets(
         box_weight: (H, W) float32 sample weights of the box targets, 0 where no object.
     """
     del max_objects, min_overlap, radius_variant  # see the docstring
-    boxes, labels, (height, width) = _check(boxes, labels, num_classes, output_size)
+    boxes, labels, (height, width) = check_target_inputs(
+        "encode_ttfnet_targets", boxes, labels, num_classes, output_size
+    )
     heatmap = np.zeros((num_classes, height, width), dtype=np.float32)
     box_target = np.full((4, height, width), -1, dtype=np.float32)
     box_weight = np.zeros((height, width), dtype=np.float32)
