@@ -92,16 +92,17 @@ def _radius(height: float, width: float, overlap: float, variant: str) -> float:
     return min(corrected_r1, corrected_r2, (b3 + sq3) / (2 * a3))
 
 
-@functools.cache  # lru_cache without a size limit: one kernel per radius
-def _gaussian_kernel(radius: int) -> np.ndarray:
-    """Read-only float32 (2r+1, 2r+1) kernel with peak 1.0 at the centre.
+@functools.cache  # lru_cache without a size limit: one kernel per (radius, divisor)
+def _gaussian_kernel(radius: int, sigma_divisor: float = 6) -> np.ndarray:
+    """Read-only float32 (2r+1, 2r+1) kernel with peak 1.0 at the centre, sigma = (2r + 1) /
+    sigma_divisor.
 
     Computed in float64 as the original does, then stored as float32: the heatmap is float32
     and rounding is monotone, so max(heatmap, float32(g)) equals the original's
     float32(max(heatmap, g)).
     """
     diameter = 2 * radius + 1
-    sigma = diameter / 6
+    sigma = diameter / sigma_divisor
     steps = np.arange(-radius, radius + 1, dtype=np.float64)
     squared_distance = steps[:, None] * steps[:, None] + steps[None, :] * steps[None, :]
     kernel = np.exp(-squared_distance / (2 * sigma * sigma))
@@ -112,10 +113,12 @@ def _gaussian_kernel(radius: int) -> np.ndarray:
     return kernel
 
 
-def _paste_kernel(heatmap: np.ndarray, center_x: int, center_y: int, radius: int) -> None:
+def _paste_kernel(
+    heatmap: np.ndarray, center_x: int, center_y: int, radius: int, sigma_divisor: float = 6
+) -> None:
     """heatmap = max(heatmap, kernel) on the kernel's window, cropped at the borders."""
     height, width = heatmap.shape
-    kernel = _gaussian_kernel(radius)
+    kernel = _gaussian_kernel(radius, sigma_divisor)
     top, bottom = max(0, center_y - radius), min(height, center_y + radius + 1)
     left, right = max(0, center_x - radius), min(width, center_x + radius + 1)
     window = heatmap[top:bottom, left:right]
@@ -126,16 +129,19 @@ def _paste_kernel(heatmap: np.ndarray, center_x: int, center_y: int, radius: int
     np.maximum(window, kernel_window, out=window)
 
 
-def draw_gaussian(heatmap: np.ndarray, center: tuple[int, int], radius: int) -> np.ndarray:
+def draw_gaussian(
+    heatmap: np.ndarray, center: tuple[int, int], radius: int, sigma_divisor: float = 6
+) -> np.ndarray:
     """Merge a Gaussian peak into one class's heatmap, in place (the original's
-    ``draw_umich_gaussian``).
+    ``draw_umich_gaussian``; with ``sigma_divisor``, the keypoint-triplet original's
+    ``draw_gaussian(..., delte=sigma_divisor)``, 5 for its centre keypoints).
 
     heatmap: (H, W) float array, modified in place and returned.
     center: integer cell (x, y) inside the heatmap; it receives exactly 1.0.
     radius: r >= 0. The kernel is ``exp(-(dx^2 + dy^2) / (2 sigma^2))`` on the integer grid
-    dx, dy in [-r, r] with sigma = (2r + 1) / 6, and values below float64 eps (relative to the
-    peak) are zeroed. Where it overlaps earlier peaks the element-wise maximum wins. r = 0
-    writes a single 1.
+    dx, dy in [-r, r] with sigma = (2r + 1) / sigma_divisor, and values below float64 eps
+    (relative to the peak) are zeroed. Where it overlaps earlier peaks the element-wise
+    maximum wins. r = 0 writes a single 1.
     """
     if heatmap.ndim != 2:
         raise ValueError(f"draw_gaussian: expected an (H, W) heatmap, got shape {heatmap.shape}")
@@ -148,7 +154,9 @@ def draw_gaussian(heatmap: np.ndarray, center: tuple[int, int], radius: int) -> 
         )
     if int(radius) != radius or radius < 0:
         raise ValueError(f"draw_gaussian: radius must be a non-negative integer, got {radius!r}")
-    _paste_kernel(heatmap, center_x, center_y, int(radius))
+    if not isinstance(sigma_divisor, (int, float)) or sigma_divisor <= 0:
+        raise ValueError(f"draw_gaussian: sigma_divisor must be > 0, got {sigma_divisor!r}")
+    _paste_kernel(heatmap, center_x, center_y, int(radius), sigma_divisor)
     return heatmap
 
 

@@ -14,12 +14,11 @@ and ``sample/utils.py``) and the simple CenterNet-47 (github:zzzxxxttt/pytorch_s
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
 
-from ..targets import _radius, check_target_inputs
+from ..targets import _paste_kernel, _radius, check_target_inputs
 
 # The original draws corner peaks with sigma = diameter / 6 (``draw_gaussian``'s default
 # ``delte=6``) and centre peaks with sigma = diameter / 5 (``delte=5``): a centre peak of the same
@@ -27,66 +26,6 @@ from ..targets import _radius, check_target_inputs
 CORNER_SIGMA_DIVISOR = 6
 CENTER_SIGMA_DIVISOR = 5
 KEYPOINTS = ("tl", "br", "ct")
-
-
-@functools.cache  # one kernel per (radius, divisor)
-def _gaussian_kernel(radius: int, sigma_divisor: int) -> np.ndarray:
-    """Read-only float32 (2r+1, 2r+1) kernel, peak 1.0, sigma = (2r + 1) / sigma_divisor.
-
-    Computed in float64 and zeroed below float64 eps relative to the peak, as the original's
-    ``gaussian2D``; stored as float32 (the heatmaps are float32 and rounding is monotone, so the
-    maximum with an earlier peak is the original's)."""
-    diameter = 2 * radius + 1
-    sigma = diameter / sigma_divisor
-    steps = np.arange(-radius, radius + 1, dtype=np.float64)
-    squared_distance = steps[:, None] * steps[:, None] + steps[None, :] * steps[None, :]
-    kernel = np.exp(-squared_distance / (2 * sigma * sigma))
-    kernel[kernel < np.finfo(np.float64).eps * kernel.max()] = 0
-    kernel = kernel.astype(np.float32)
-    kernel.flags.writeable = False
-    return kernel
-
-
-def draw_gaussian(
-    heatmap: np.ndarray, center: tuple[int, int], radius: int, sigma_divisor: int = 6
-) -> np.ndarray:
-    """Merge a Gaussian peak into one class's (H, W) heatmap in place and return it: the
-    original's ``draw_gaussian(heatmap, center, radius, delte=sigma_divisor)``.
-
-    center: integer cell (x, y) inside the map, which receives exactly 1.0; radius: r >= 0;
-    the kernel covers [-r, r]^2 with sigma = (2r + 1) / sigma_divisor (6 for corners, 5 for
-    centres), cropped at the borders; where peaks overlap the maximum wins."""
-    if heatmap.ndim != 2:
-        raise ValueError(f"draw_gaussian: expected an (H, W) heatmap, got shape {heatmap.shape}")
-    center_x, center_y = (int(value) for value in center)
-    height, width = heatmap.shape
-    if not (0 <= center_x < width and 0 <= center_y < height):
-        raise ValueError(
-            f"draw_gaussian: center {tuple(center)} lies outside the heatmap of (H, W) = "
-            f"{heatmap.shape}"
-        )
-    if int(radius) != radius or radius < 0:
-        raise ValueError(f"draw_gaussian: radius must be a non-negative integer, got {radius!r}")
-    if sigma_divisor not in (CORNER_SIGMA_DIVISOR, CENTER_SIGMA_DIVISOR):
-        raise ValueError(
-            f"draw_gaussian: sigma_divisor must be {CORNER_SIGMA_DIVISOR} (corners) or "
-            f"{CENTER_SIGMA_DIVISOR} (centres), got {sigma_divisor!r}"
-        )
-    _paste(heatmap, center_x, center_y, int(radius), sigma_divisor)
-    return heatmap
-
-
-def _paste(heatmap: np.ndarray, x: int, y: int, radius: int, sigma_divisor: int) -> None:
-    height, width = heatmap.shape
-    kernel = _gaussian_kernel(radius, sigma_divisor)
-    top, bottom = max(0, y - radius), min(height, y + radius + 1)
-    left, right = max(0, x - radius), min(width, x + radius + 1)
-    window = heatmap[top:bottom, left:right]
-    np.maximum(
-        window,
-        kernel[top - y + radius : bottom - y + radius, left - x + radius : right - x + radius],
-        out=window,
-    )
 
 
 def encode_triplet_targets(
@@ -163,7 +102,7 @@ def encode_triplet_targets(
         for keypoint in KEYPOINTS:
             cell_x, cell_y = cells[keypoint][slot].tolist()
             divisor = CENTER_SIGMA_DIVISOR if keypoint == "ct" else CORNER_SIGMA_DIVISOR
-            _paste(targets[f"{keypoint}_heatmap"][label], cell_x, cell_y, radius, divisor)
+            _paste_kernel(targets[f"{keypoint}_heatmap"][label], cell_x, cell_y, radius, divisor)
 
     keep = valid[:, None]
     for keypoint in KEYPOINTS:
