@@ -24,6 +24,7 @@ from detector.channel_plan import ChannelPlan, apply_channel_plan
 
 from .allocate import allocate_global, allocate_layer, match_overrides, min_keep
 from .criteria import (
+    DATA_CRITERIA,
     SELECTORS,
     Selection,
     check_applicable,
@@ -44,6 +45,7 @@ from .graph import (
 )
 from .merge import fold_into_kept
 from .options import DEFAULTS, SCOPES, PruneOptions
+from .taylor import accumulate_gradients
 
 # Graph building traces one forward pass; at 128 px it is ~18x faster than at 512 px and gives
 # the same groups (the architecture is fully convolutional).
@@ -186,10 +188,15 @@ def _check_arguments(
         not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() != 4
     ):
         raise ValueError("example_inputs: expected an image batch tensor of shape (B, 3, H, W)")
-    if data is not None:
+    if criterion in DATA_CRITERIA and data is None:
         raise ValueError(
-            "data: none of the criteria (l1, l2, bn_gamma, kmeans, random) reads data; the "
-            "argument is reserved for data-driven criteria"
+            f"data: the {criterion} criterion needs calibration batches (an iterable of training "
+            "batches: dicts with 'image' and the head's targets), e.g. prune(..., data=loader)"
+        )
+    if data is not None and criterion not in DATA_CRITERIA:
+        raise ValueError(
+            f"data: the {criterion} criterion reads no data; data-driven criteria: "
+            f"{', '.join(DATA_CRITERIA)}"
         )
 
 
@@ -306,7 +313,8 @@ def prune(
     max_layer_ratio: float = DEFAULTS.max_layer_ratio,
     round_to: int | None = DEFAULTS.round_to,
     target_macs: float | None = DEFAULTS.target_macs,
-    data: object = None,
+    data: Iterable[dict] | None = None,
+    head: str = "centernet",
     inplace: bool = False,
 ) -> PruneResult:
     """Remove channels from ``model``; everything coupled to a channel goes with it. The
@@ -319,7 +327,7 @@ def prune(
             scope, of all prunable channels together in ``"global"`` scope. None when
             ``target_macs`` is given.
         criterion: a name from `criteria.CRITERIA`: "l1", "l2", "bn_gamma", "kmeans" (merges
-            similar channels instead of dropping them), "random".
+            similar channels instead of dropping them), "random", "taylor" (needs ``data``).
         scope: "layer" (every group loses ``ratio``, rounded) or "global" (groups ranked
             together on mean-normalised scores; no group loses more than ``max_layer_ratio``).
         example_inputs: the input traced to find the coupled channels, also the size MACs are
@@ -334,7 +342,11 @@ def prune(
         target_macs: instead of ``ratio``, the fraction of MACs to keep, in (0, 1]: the ratio
             (global or per layer, by ``scope``) is bisected until the pruned model's MACs are
             at most this fraction of the original's.
-        data: reserved for data-driven criteria; none of today's criteria reads data.
+        data: calibration batches for the data-driven criteria (``"taylor"``): training
+            batches (dicts with "image" and the head's targets, as the dataset collates them),
+            of which the first `taylor.DEFAULT_BATCHES` are used.
+        head: the model's head type (`detector.heads.HEADS`), whose loss the calibration
+            batches are scored with.
         inplace: prune ``model`` itself; by default a deep copy is pruned and ``model`` (often
             the distillation teacher) is left untouched.
 
@@ -383,6 +395,12 @@ def prune(
 
     working = model if inplace else copy.deepcopy(model)
     clock = lap("copy", started)
+    if criterion in DATA_CRITERIA:
+        from detector.heads import head_type
+
+        # Gradients first, outside the graph's trace (it detaches deformable convs' offsets).
+        accumulate_gradients(working, data, head_type(head).loss)
+        clock = lap("gradients", clock)
     with modes_restored(working), requires_grad_restored(working), torch.inference_mode(False):
         widths_before = layer_widths(working)
         params_before = count_parameters(working)
@@ -406,6 +424,8 @@ def prune(
         scores = [score(group) for group in groups] if need_scores else [None] * len(groups)
         if need_scores:
             check_ties(criterion, groups, scores)
+        if criterion in DATA_CRITERIA:
+            working.zero_grad(set_to_none=True)  # the calibration gradients are spent
         clock = lap("scores", clock)
 
         def allocate(applied_ratio: float) -> list[int]:
@@ -496,7 +516,8 @@ def prune_with(
     *,
     example_inputs: torch.Tensor | None = None,
     ignored_layers: Iterable[str | nn.Module] | None = None,
-    data: object = None,
+    data: Iterable[dict] | None = None,
+    head: str = "centernet",
     inplace: bool = False,
 ) -> PruneResult:
     """`prune` with the knobs of ``options`` (a recipe's branch, the command line's flags)."""
@@ -512,5 +533,6 @@ def prune_with(
         round_to=options.round_to,
         target_macs=options.target_macs,
         data=data,
+        head=head,
         inplace=inplace,
     )
