@@ -76,6 +76,7 @@ from .layout import (
 from .lock import LOCK_FILE, run_lock
 from .preflight import preflight
 from .pruning import prune_with
+from .pruning.criteria import DATA_CRITERIA
 from .pruning.recalibrate import recalibrate_bn
 from .recipe import Branch, Recipe, branches, prepare_data, resolve_path, stage_fingerprint
 from .report import build_report, stage_figures
@@ -438,8 +439,11 @@ class Runner:
         def prune_and_save() -> dict:
             model, checkpoint = load_model(source.folder / CHECKPOINT)
             size = tuple(checkpoint.model_config.input.input_size)
+            # Data-driven criteria calibrate on the training set, never on the evaluated split.
+            data = (self._recalibration_loader(checkpoint.model_config)
+                    if options.criterion in DATA_CRITERIA else None)
             result = prune_with(model, options, example_inputs=torch.zeros(1, 3, *size),
-                                inplace=True)
+                                data=data, head=checkpoint.model_config.head, inplace=True)
             if config.recalibrate_batches > 0:
                 recalibrate_bn(result.model, self._recalibration_loader(checkpoint.model_config),
                                config.recalibrate_batches)
