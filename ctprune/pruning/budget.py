@@ -215,7 +215,7 @@ def allocate_budget(
             gained = losses[index][keeps[index]] - losses[index][wider]
             added = after - current
             rate = math.inf if added <= 0 else gained / added
-            if (gained >= 0 or added <= 0) and (best is None or rate > best[0]):
+            if (gained > 0 or added <= 0) and (best is None or rate > best[0]):
                 best = (rate, index, wider, after)
         if best is not None:
             _, index, wider, current = best

@@ -1,0 +1,184 @@
+"""Budgets: the greedy allocator against brute force, width costs against counted MACs and
+parameters, and `prune(allocation="sensitivity")` meeting each kind of budget (MACs, parameters,
+latency) on a toy model whose optimum is known: one group holds dead channels (nothing reads
+them), so removing them loses nothing, and the budget is exactly what removing them saves."""
+
+import copy
+import itertools
+import random
+
+import pytest
+import torch
+from test_pruning_invariants import EXAMPLE, groups_of, randomised
+from torch import nn
+
+from ctprune.pruning import prune, widths_after_pruning
+from ctprune.pruning.budget import WidthCost, allocate_budget, candidate_keeps
+from ctprune.pruning.graph import (
+    build_graph,
+    collect_groups,
+    prune_channels,
+    resolve_ignored_layers,
+)
+from ctprune.pruning.sensitivity import channels_unread
+from detector import count_macs, count_parameters, layer_widths
+from detector.channel_plan import apply_channel_plan
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Toy(nn.Module):
+    """conv-BN-ReLU x 3 and an output conv, returning the detector's list of dicts. Group
+    ``body.0`` is 64 wide, and only its first ``live`` channels are read by the next conv (the
+    others are also the lightest, so that L1 picks them)."""
+
+    def __init__(self, live: int = 16):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+            nn.Conv2d(64, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        )
+        self.head = nn.Conv2d(32, 4, 1)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, nn.Conv2d):
+                    fan_in = module.weight[0].numel()
+                    module.weight.copy_(torch.randn(module.weight.shape, generator=generator)
+                                        / fan_in**0.5)
+                if isinstance(module, nn.BatchNorm2d):
+                    module.bias.copy_(torch.rand(module.num_features, generator=generator))
+            self.body[0].weight[live:] *= 0.1  # light, so L1 ranks them last ...
+            self.body[3].weight[:, live:] = 0  # ... and nothing reads them
+
+    def forward(self, images):
+        return [{"heatmap": self.head(self.body(images))}]
+
+
+IMAGES = [{"image": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i))}
+          for i in range(2)]
+SIZE = torch.zeros(1, 3, 32, 32)
+
+
+def test_greedy_allocation_finds_the_brute_force_optimum():
+    # Three groups with additive costs and convex losses, where greedy is optimal.
+    rng = random.Random(0)
+    candidates = [[8, 16, 24, 32]] * 3
+    weights = [1.0, 2.0, 3.0]
+    losses = [
+        {k: weight * (32 - k) ** 2 / 100 + rng.random() * 1e-3 * (32 - k) for k in options}
+        for weight, options in zip(weights, candidates, strict=True)
+    ]
+    prices = [3.0, 2.0, 1.0]
+
+    def cost(keeps):
+        return sum(price * keep for price, keep in zip(prices, keeps, strict=True))
+
+    for budget in [150, 110, 90, 60]:
+        keeps = allocate_budget([None] * 3, candidates, losses, cost, budget)
+        feasible = [c for c in itertools.product(*candidates) if cost(c) <= budget]
+        best = min(feasible, key=lambda c: sum(loss[k] for loss, k in zip(losses, c,
+                                                                             strict=True)))
+        assert cost(keeps) <= budget
+        assert tuple(keeps) == best, budget
+    with pytest.raises(ValueError, match="budget is out of reach"):
+        allocate_budget([None] * 3, candidates, losses, cost, 10)
+
+
+def test_width_costs_match_counted_macs_and_parameters():
+    model = randomised("res18")
+    groups = groups_of(model)
+    before = layer_widths(model)
+    macs = WidthCost("macs", model, before, (64, 64))
+    params = WidthCost("params", model, before, (64, 64))
+    assert macs.parent == count_macs(model, (64, 64))
+    assert params.parent == count_parameters(model)
+    rng = random.Random(1)
+    for _ in range(3):
+        keeps = [rng.choice(candidate_keeps(g.width, 4, 0.8)) for g in groups]
+        after = widths_after_pruning(before, groups, keeps)
+        plan = {name: value for name, value in after.items() if value != before[name]}
+        resized = apply_channel_plan(randomised("res18"), plan)
+        assert macs(after) == pytest.approx(count_macs(resized, (64, 64)), rel=1e-9)
+        assert params(after) == pytest.approx(count_parameters(resized), rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["neck.0", "backbone.layer2.0.conv1", "backbone.conv1"])
+def test_unread_channels_are_pruned_channels(name):
+    # Sensitivity narrows a group by zeroing what its consumers read: the outputs must be the
+    # pruned model's (backbone.conv1's group is a residual stream).
+    model = randomised("res18").eval()
+    group = next(g for g in groups_of(model) if g.name == name)
+    removed = [1, 4, 7]
+    with torch.no_grad():
+        original = model(EXAMPLE + 1)[0]
+        with channels_unread(group, removed):
+            masked = model(EXAMPLE + 1)[0]
+        assert torch.equal(model(EXAMPLE + 1)[0]["heatmap"], original["heatmap"])  # restored
+    pruned = copy.deepcopy(model)
+    graph = build_graph(pruned, EXAMPLE)
+    pruned_group = next(g for g in collect_groups(graph, pruned, resolve_ignored_layers(
+        pruned, None, pruned)) if g.name == name)
+    prune_channels(graph, pruned_group, removed)
+    with torch.no_grad():
+        expected = pruned(EXAMPLE + 1)[0]
+    for key, value in expected.items():
+        assert torch.allclose(masked[key], value, atol=1e-5), key
+        assert not torch.allclose(original[key], value, atol=1e-5), key
+
+
+@pytest.mark.parametrize("kind", ["macs", "params", "latency"])
+def test_sensitivity_allocation_meets_each_budget_at_the_known_optimum(kind, tmp_path):
+    model = Toy().eval()
+    before = layer_widths(model)
+    # The optimum: body.0 keeps its 16 live channels, nothing else changes. The budget lies
+    # halfway to keeping 24 (a margin for the latency model's timing noise).
+
+    def body_0_keeps(width: int) -> dict:
+        return {**before, "body.0": [3, width], "body.1": [width], "body.3": [width, 32]}
+
+    if kind == "latency":
+        from ctprune.pruning.latency import LatencyModel, LatencyTable
+
+        table = LatencyTable("torch", 1, (32, 32), cache_dir=tmp_path)
+        latency = LatencyModel.calibrate(model, table)
+        cost = WidthCost("latency", model, before, (32, 32), (latency, table))
+    else:
+        cost = WidthCost(kind, model, before, (32, 32))
+    budget = (cost(body_0_keeps(16)) + cost(body_0_keeps(24))) / 2 / cost.parent
+    result = prune(model, None, "l1", example_inputs=SIZE, round_to=8, data=IMAGES,
+                   allocation="sensitivity", **{f"target_{kind}": budget},
+                   latency_cache=str(tmp_path))
+    kept = {entry["name"]: entry["kept"] for entry in result.stats.groups}
+    assert kept == {"body.0": 16, "body.3": 32, "body.6": 32}, kept
+    curves = {e["name"]: e["sensitivity"] for e in result.stats.groups}
+    assert curves["body.0"]["16"] == 0.0  # dead channels cost nothing ...
+    assert curves["body.3"]["24"] > 0  # ... live ones do
+    if kind == "macs":
+        assert result.stats.macs_after <= budget * result.stats.macs_before
+    if kind == "params":
+        assert result.stats.params_after <= budget * result.stats.params_before
+    if kind == "latency":
+        latency = result.stats.latency
+        assert latency["after_ms"] <= latency["before_ms"]
+        assert latency["predicted"] <= budget
+        assert "realised" in result.stats.summary()
+    # Uniform pruning to the same budget loses live channels of every group.
+    uniform = prune(model, None, "l1", example_inputs=SIZE, round_to=8, latency_cache=str(
+        tmp_path), **{f"target_{kind}": budget})
+    assert {e["name"]: e["kept"] for e in uniform.stats.groups} != kept
+
+
+def test_budget_arguments_are_checked():
+    model = Toy()
+    with pytest.raises(ValueError, match="allocation: 'sensitivity' needs a budget"):
+        prune(model, 0.3, "l1", example_inputs=SIZE, data=IMAGES, allocation="sensitivity")
+    with pytest.raises(ValueError, match="give one budget, not target_macs and target_params"):
+        prune(model, None, "l1", example_inputs=SIZE, target_macs=0.5, target_params=0.5)
+    with pytest.raises(ValueError, match="target_latency: expected the fraction"):
+        prune(model, None, "l1", example_inputs=SIZE, target_latency=1.5)
+    with pytest.raises(ValueError, match="allocation: expected one of"):
+        prune(model, None, "l1", example_inputs=SIZE, target_macs=0.5, allocation="best")
+    with pytest.raises(ValueError, match="data: allocation='sensitivity' needs calibration"):
+        prune(model, None, "l1", example_inputs=SIZE, target_macs=0.5, allocation="sensitivity")
