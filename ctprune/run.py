@@ -439,9 +439,11 @@ class Runner:
         def prune_and_save() -> dict:
             model, checkpoint = load_model(source.folder / CHECKPOINT)
             size = tuple(checkpoint.model_config.input.input_size)
-            # Data-driven criteria calibrate on the training set, never on the evaluated split.
-            data = (self._recalibration_loader(checkpoint.model_config)
-                    if options.criterion in DATA_CRITERIA else None)
+            # Data-driven criteria and the sensitivity allocation calibrate on the training set,
+            # never on the evaluated split.
+            wants_data = (options.criterion in DATA_CRITERIA
+                          or options.allocation == "sensitivity")
+            data = self._recalibration_loader(checkpoint.model_config) if wants_data else None
             result = prune_with(model, options, example_inputs=torch.zeros(1, 3, *size),
                                 data=data, head=checkpoint.model_config.head, inplace=True)
             if config.recalibrate_batches > 0:

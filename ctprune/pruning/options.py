@@ -91,11 +91,11 @@ def check_options(criterion, ratio, target_macs, scope, max_layer_ratio, round_t
         raise ValueError("target_macs: give one of target_macs, target_params, target_latency")
     if (ratio is None) == (not budgets):
         raise ValueError(
-            "ratio: give exactly one of ratio, target_macs, target_params and target_latency"
+            "ratio: expected exactly one of ratio, target_macs, target_params and target_latency"
         )
     if allocation == "sensitivity" and not budgets:
-        raise ValueError("allocation: 'sensitivity' needs target_macs, target_params or "
-                         "target_latency")
+        raise ValueError("allocation: expected a budget with 'sensitivity' (it needs "
+                         "target_macs, target_params or target_latency)")
     if ratio is not None and not (_is_number(ratio) and 0.0 <= ratio < 1.0):
         raise ValueError(f"ratio: expected values in [0, 1), got {ratio!r}")
     if target_macs is not None and not (_is_number(target_macs) and 0.0 < target_macs <= 1.0):
