@@ -311,6 +311,20 @@ def calibration_batches(data_yaml: Path, model_config, batches: int = 8, batch_s
     return list(itertools.islice(loader, batches))
 
 
+def _sensitivity(args: argparse.Namespace) -> None:
+    from .sensitivity import PLOT_FILE, TABLE_FILE, scan
+
+    out = args.out or Path(args.checkpoint).parent / "sensitivity"
+    result = scan(args.checkpoint, args.data, out, ratios=tuple(args.ratios), images=args.images,
+                  criterion=args.criterion, measure=args.measure,
+                  round_to=args.round_to or None, budget_minutes=args.budget_minutes,
+                  seed=args.seed)
+    print((out / TABLE_FILE).read_text(), end="")
+    state = "complete" if result["complete"] else "incomplete (run again to continue)"
+    print(f"{result['measured']} points measured, scan {state}; wrote {out / TABLE_FILE} and "
+          f"{out / PLOT_FILE}")
+
+
 def add_prune_options(parser: argparse.ArgumentParser) -> None:
     """The flags of `PruneOptions`, with its defaults (``--round-to 0``: whole channels)."""
     from .pruning.options import DEFAULTS, SCOPES
@@ -590,6 +604,30 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--out", required=True, type=Path)
     prune.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     prune.set_defaults(run=_prune)
+
+    sensitivity = commands.add_parser(
+        "sensitivity", help="per-group sensitivity curves of a checkpoint (AP50 or output drift "
+        "on training images), cached and resumable")
+    sensitivity.add_argument("checkpoint", type=Path)
+    sensitivity.add_argument("--data", required=True, type=Path,
+                             help="a data.yaml; calibration images come from its TRAINING split")
+    sensitivity.add_argument("--out", type=Path,
+                             help="output folder (default: <checkpoint folder>/sensitivity)")
+    sensitivity.add_argument("--ratios", type=number_in(0, 0.95, low_open=True), nargs="+",
+                             default=[0.25, 0.5, 0.75],
+                             help="fractions of each group's channels to remove")
+    sensitivity.add_argument("--images", type=positive_int, default=64,
+                             help="calibration images sampled from the training split")
+    sensitivity.add_argument("--criterion", default="l1", choices=("l1", "l2", "bn_gamma",
+                                                                   "random"))
+    sensitivity.add_argument("--measure", default="ap50", choices=("ap50", "drift"),
+                             help="AP50 lost, or output drift (no labels needed)")
+    sensitivity.add_argument("--round-to", type=non_negative_int, default=0,
+                             help="round kept widths to multiples of this (0: whole channels)")
+    sensitivity.add_argument("--budget-minutes", type=number_in(0, 1e6, low_open=True),
+                             help="stop after this long; a second run continues")
+    sensitivity.add_argument("--seed", type=non_negative_int, default=0)
+    sensitivity.set_defaults(run=_sensitivity)
 
     info = commands.add_parser("info", help="describe a checkpoint: arch, input, plan, size, MACs")
     info.add_argument("checkpoint", type=Path)
