@@ -252,7 +252,8 @@ def _prune(args: argparse.Namespace) -> None:
     _check_output_file(args.checkpoint, args.out, args.overwrite)
     model, checkpoint = load_model(args.checkpoint)
     size = tuple(args.input_size or checkpoint.model_config.input.input_size)
-    wants_data = options.criterion in DATA_CRITERIA or options.allocation == "sensitivity"
+    wants_data = options.criterion in DATA_CRITERIA or (
+        options.allocation == "sensitivity" and options.sensitivity is None)
     if wants_data and args.data is None:
         raise ValueError(
             f"--data: the {options.criterion} criterion / {options.allocation} allocation "
@@ -356,6 +357,8 @@ def add_prune_options(parser: argparse.ArgumentParser) -> None:
                         help=f"the latency budget's runtime (default {DEFAULTS.runtime})")
     parser.add_argument("--threads", type=positive_int, default=DEFAULTS.threads,
                         help=f"the latency budget's threads (default {DEFAULTS.threads})")
+    parser.add_argument("--sensitivity", help="with --allocation sensitivity: a sensitivity.json "
+                        "of `ctprune sensitivity` to allocate from (default: measure)")
 
 
 def prune_options(args: argparse.Namespace):
@@ -372,7 +375,8 @@ def prune_options(args: argparse.Namespace):
                         scope=args.scope, max_layer_ratio=args.max_layer_ratio,
                         round_to=args.round_to or None, allocation=args.allocation,
                         target_params=args.target_params, target_latency=args.target_latency,
-                        runtime=args.runtime, threads=args.threads)
+                        runtime=args.runtime, threads=args.threads,
+                        sensitivity=args.sensitivity)
 
 
 def _export(args: argparse.Namespace) -> None:

@@ -422,6 +422,10 @@ class Runner:
         suffix = "" if config.rounds == 1 else f"_{round_index}"
         options = config.options(branch.criterion, branch.ratio, branch.target_macs)
         settings = {**to_dict(options), "recalibrate_batches": config.recalibrate_batches}
+        if options.sensitivity is not None:  # a path relative to the recipe file
+            scan = resolve_path(self.recipe, options.sensitivity)
+            options = dataclasses.replace(options, sensitivity=str(scan))
+            settings["sensitivity"] = _file_digest(scan)  # a new scan reruns the pruning
         stage = Stage(
             self.out_dir / branch.name / f"prune{suffix}",
             f"{branch.name}/prune{suffix}",
@@ -441,8 +445,8 @@ class Runner:
             size = tuple(checkpoint.model_config.input.input_size)
             # Data-driven criteria and the sensitivity allocation calibrate on the training set,
             # never on the evaluated split.
-            wants_data = (options.criterion in DATA_CRITERIA
-                          or options.allocation == "sensitivity")
+            wants_data = options.criterion in DATA_CRITERIA or (
+                options.allocation == "sensitivity" and options.sensitivity is None)
             data = self._recalibration_loader(checkpoint.model_config) if wants_data else None
             result = prune_with(model, options, example_inputs=torch.zeros(1, 3, *size),
                                 data=data, head=checkpoint.model_config.head, inplace=True)

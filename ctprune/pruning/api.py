@@ -49,7 +49,7 @@ from .graph import (
 )
 from .merge import fold_into_kept
 from .options import ALLOCATIONS, DEFAULTS, SCOPES, PruneOptions
-from .sensitivity import sensitivity_curves
+from .sensitivity import curves_at, read_scan, sensitivity_curves
 from .taylor import DEFAULT_BATCHES, accumulate_gradients
 
 # Graph building traces one forward pass; at 128 px it is ~18x faster than at 512 px and gives
@@ -167,6 +167,7 @@ def _check_arguments(
     allocation="uniform",
     target_params=None,
     target_latency=None,
+    sensitivity=None,
 ) -> None:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -233,17 +234,20 @@ def _check_arguments(
         not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() != 4
     ):
         raise ValueError("example_inputs: expected an image batch tensor of shape (B, 3, H, W)")
-    if data is None and (criterion in DATA_CRITERIA or allocation == "sensitivity"):
+    if sensitivity is not None and allocation != "sensitivity":
+        raise ValueError("sensitivity: stored curves are read by allocation='sensitivity' only")
+    measures = allocation == "sensitivity" and sensitivity is None
+    if data is None and (criterion in DATA_CRITERIA or measures):
         user = f"the {criterion} criterion" if criterion in DATA_CRITERIA else (
             "allocation='sensitivity'")
         raise ValueError(
             f"data: {user} needs calibration batches (an iterable of training batches: dicts "
             "with 'image' and the head's targets), e.g. prune(..., data=loader)"
         )
-    if data is not None and criterion not in DATA_CRITERIA and allocation != "sensitivity":
+    if data is not None and criterion not in DATA_CRITERIA and not measures:
         raise ValueError(
             f"data: the {criterion} criterion reads no data; data-driven criteria: "
-            f"{', '.join(DATA_CRITERIA)} (or allocation='sensitivity')"
+            f"{', '.join(DATA_CRITERIA)} (or allocation='sensitivity' without stored curves)"
         )
 
 
@@ -371,6 +375,8 @@ def prune(
     runtime: str = DEFAULTS.runtime,
     threads: int = DEFAULTS.threads,
     latency_cache: str | None = None,
+    sensitivity: dict[str, dict[int, float]] | str | None = None,
+    latency_model: tuple | None = None,
 ) -> PruneResult:
     """Remove channels from ``model``; everything coupled to a channel goes with it. The
     defaults are `PruneOptions`'s; `prune_with(model, options)` passes a whole options object.
@@ -416,6 +422,13 @@ def prune(
         runtime: "torch" (CPU), "onnxruntime" (CPU) or "cuda": the latency budget's runtime.
         threads: the latency budget's thread count.
         latency_cache: the folder of the latency tables (None: `latency.default_cache_dir`).
+        sensitivity: with ``allocation="sensitivity"``, curves measured before instead of
+            measuring them on ``data``: the path of a ``sensitivity.json`` that `ctprune
+            sensitivity` wrote (AP50 lost per group and width), or group name -> {kept width:
+            loss}; interpolated at the candidate widths (`sensitivity.curves_at`).
+        latency_model: with ``target_latency``, a calibrated ``(latency.LatencyModel,
+            latency.LatencyTable)`` of ``model`` to use instead of calibrating one (a model
+            pruned to several budgets is calibrated once); its runtime and threads win.
 
     Returns:
         PruneResult(model, plan, stats). Every module of the returned model is in the
@@ -453,6 +466,7 @@ def prune(
         allocation,
         target_params,
         target_latency,
+        sensitivity,
     )
     score = check_criterion(criterion)
     budget_kind, budget = next(
@@ -518,8 +532,12 @@ def prune(
 
         latency = None
         if budget_kind == "latency":
-            latency = _latency_model(working, groups, widths_before, input_size, runtime,
-                                     threads, latency_cache)
+            if latency_model is None:
+                latency = _latency_model(working, groups, widths_before, input_size, runtime,
+                                         threads, latency_cache)
+            else:
+                latency = latency_model
+                runtime, threads = latency[1].runtime, latency[1].threads
             clock = lap("latency_model", clock)
         cost = None
         if budget_kind is not None:
@@ -535,7 +553,11 @@ def prune(
             for index, value in overrides.items():  # an override fixes the group's width
                 candidates[index] = [allocate_layer([groups[index]], value, {}, round_to,
                                                     max_layer_ratio)[0]]
-            curves = sensitivity_curves(working, groups, scores, candidates, data, loss_fn)
+            if sensitivity is not None:
+                stored = sensitivity if isinstance(sensitivity, dict) else read_scan(sensitivity)
+                curves = curves_at(stored, groups, candidates)
+            else:
+                curves = sensitivity_curves(working, groups, scores, candidates, data, loss_fn)
             clock = lap("sensitivity", clock)
             keeps = allocate_budget(groups, candidates, curves, fraction, budget)
             ratio = 1 - sum(keeps) / sum(group.width for group in groups)
@@ -663,6 +685,7 @@ def prune_with(
         target_latency=options.target_latency,
         runtime=options.runtime,
         threads=options.threads,
+        sensitivity=options.sensitivity,
     )
 
 

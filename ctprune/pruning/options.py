@@ -55,12 +55,16 @@ class PruneOptions:
     """The runtime target_latency is measured on: torch (CPU), onnxruntime (CPU) or cuda."""
     threads: int = 1
     """The thread count target_latency is measured with (>= 1)."""
+    sensitivity: str | None = None
+    """With allocation sensitivity: a sensitivity.json written by `ctprune sensitivity` (AP50
+    lost per group and width) to allocate from, instead of measuring the loss on calibration
+    batches; None: measure."""
 
     def __post_init__(self) -> None:
         check_options(self.criterion, self.ratio, self.target_macs, self.scope,
                       self.max_layer_ratio, self.round_to, self.ratio_overrides,
                       self.allocation, self.target_params, self.target_latency, self.runtime,
-                      self.threads)
+                      self.threads, self.sensitivity)
 
 
 def _is_number(value) -> bool:
@@ -69,7 +73,7 @@ def _is_number(value) -> bool:
 
 def check_options(criterion, ratio, target_macs, scope, max_layer_ratio, round_to,
                   ratio_overrides=None, allocation="uniform", target_params=None,
-                  target_latency=None, runtime="torch", threads=1) -> None:
+                  target_latency=None, runtime="torch", threads=1, sensitivity=None) -> None:
     """The checks every set of pruning options passes; errors start with the field's name."""
     from .criteria import check_criterion  # here, not at the top: `ctprune --help` needs no torch
 
@@ -93,6 +97,11 @@ def check_options(criterion, ratio, target_macs, scope, max_layer_ratio, round_t
         raise ValueError(
             "ratio: expected exactly one of ratio, target_macs, target_params and target_latency"
         )
+    if sensitivity is not None and (not isinstance(sensitivity, str) or not sensitivity.strip()):
+        raise ValueError(f"sensitivity: expected the path of a sensitivity.json or null, got "
+                         f"{sensitivity!r}")
+    if sensitivity is not None and allocation != "sensitivity":
+        raise ValueError("sensitivity: expected allocation 'sensitivity' to read stored curves")
     if allocation == "sensitivity" and not budgets:
         raise ValueError("allocation: expected a budget with 'sensitivity' (it needs "
                          "target_macs, target_params or target_latency)")

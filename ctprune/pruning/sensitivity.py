@@ -122,3 +122,52 @@ def sensitivity_curves(
     finally:
         model.train(was_training)
     return curves
+
+
+def read_scan(path) -> dict[str, dict[int, float]]:
+    """Group name -> {kept width: loss} from a ``sensitivity.json`` that `ctprune sensitivity`
+    wrote (its losses: AP50 lost or output drift)."""
+    import json
+    from pathlib import Path
+
+    state = json.loads(Path(path).read_text())
+    if not isinstance(state, dict) or "groups" not in state:
+        raise ValueError(f"sensitivity: {path} is not a scan of `ctprune sensitivity`")
+    return {name: {int(point["keep"]): float(point["loss"])
+                   for point in entry["points"].values()}
+            for name, entry in state["groups"].items()}
+
+
+def curves_at(
+    stored: dict[str, dict[int, float]], groups: list[ChannelGroup], candidates: list[list[int]]
+) -> list[dict[int, float]]:
+    """Stored curves (group name -> {kept width: loss}, e.g. `read_scan`'s) at each group's
+    candidate widths: linear in the width between stored points, 0 at the full width, the
+    narrowest stored loss extrapolated along its last segment below it; then made monotone as
+    measured curves are (module docstring).
+
+    Raises:
+        ValueError: a group the stored curves do not name (a scan of another model).
+    """
+    curves = []
+    for group, options in zip(groups, candidates, strict=True):
+        if group.name not in stored:
+            raise ValueError(
+                f"sensitivity: no curve for group {group.name}; the scan is of another model "
+                f"(it names {', '.join(list(stored)[:3])}, ...)"
+            )
+        points = sorted({group.width: 0.0, **stored[group.name]}.items())
+        curve = {}
+        for keep in sorted(options, reverse=True):
+            lower = [(w, loss) for w, loss in points if w <= keep]
+            upper = [(w, loss) for w, loss in points if w >= keep]
+            if lower and upper:
+                (w0, l0), (w1, l1) = lower[-1], upper[0]
+                value = l0 if w1 == w0 else l0 + (l1 - l0) * (keep - w0) / (w1 - w0)
+            else:  # narrower than every stored point: the last segment, extended
+                (w0, l0), (w1, l1) = points[0], points[min(1, len(points) - 1)]
+                slope = 0.0 if w1 == w0 else (l1 - l0) / (w1 - w0)
+                value = l0 + slope * (keep - w0)
+            curve[keep] = max(value, max(curve.values(), default=0.0))
+        curves.append(curve)
+    return curves
