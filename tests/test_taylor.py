@@ -13,6 +13,7 @@ from ctprune.pruning import prune
 from ctprune.pruning.criteria import l1
 from ctprune.pruning.graph import build_graph, input_filters
 from ctprune.pruning.taylor import accumulate_gradients, taylor
+from cuda_ops import ModulatedDeformConv2d
 from detector.losses import centernet_loss
 
 pytestmark = pytest.mark.timeout(60)
@@ -103,3 +104,20 @@ def test_prune_with_taylor_leaves_no_gradients_and_checks_data():
         prune(model, 0.3, "l1", example_inputs=EXAMPLE, data=batches(1))
     with pytest.raises(ValueError, match=r"data\[0\]: expected a training batch"):
         prune(model, 0.3, "taylor", example_inputs=EXAMPLE, data=[torch.zeros(1, 3, 64, 64)])
+
+
+@pytest.mark.parametrize("arch", ["resdcn18", "hourglass104", "dla34", "mobilenet_v3_large"])
+def test_taylor_scores_every_group_of_other_families(arch):
+    # Deformable convs (gradients outside the trace's detached offsets), two hourglass stacks,
+    # DLA's depthwise upsampling and roots, MobileNet's depthwise convs: every group gets a
+    # finite score per channel, not all equal.
+    model = randomised(arch)
+    accumulate_gradients(model, batches(1), centernet_loss)
+    for module in model.modules():  # offsets took part in the backward (no tracing context)
+        if isinstance(module, ModulatedDeformConv2d):
+            assert float(module.conv_offset_mask.weight.grad.abs().sum()) > 0
+    for group in groups_of(model):
+        scores = taylor(group)
+        assert scores.shape == (group.width,) and bool(torch.isfinite(scores).all()), group.name
+    live = [g for g in groups_of(model) if g.width > 1 and bool((taylor(g) > 0).any())]
+    assert len(live) >= len(groups_of(model)) // 2
