@@ -331,7 +331,8 @@ def add_prune_options(parser: argparse.ArgumentParser) -> None:
     from .pruning.options import DEFAULTS, SCOPES
 
     parser.add_argument("--criterion", default=DEFAULTS.criterion,
-                        help=f"l1, l2, bn_gamma, kmeans or random (default {DEFAULTS.criterion})")
+                        help="l1, l2, bn_gamma, kmeans, random, taylor or hessian (the last two "
+                        f"need --data; default {DEFAULTS.criterion})")
     parser.add_argument("--ratio", type=number_in(0, 1, high_open=True),
                         help="fraction of channels to remove, per group or global, in [0, 1) "
                         f"(default {DEFAULTS.ratio} unless --target-macs is given)")

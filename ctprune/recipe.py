@@ -102,8 +102,8 @@ class PruneConfig(PruneOptions):
     own), plus rounds and BatchNorm recalibration."""
 
     criterion: str | list[str] = DEFAULTS.criterion
-    """One of ctprune.pruning.CRITERIA (l1, l2, bn_gamma, kmeans, random, taylor), or a list of
-    distinct ones."""
+    """One of ctprune.pruning.CRITERIA (l1, l2, bn_gamma, kmeans, random, taylor, hessian), or a
+    list of distinct ones."""
     ratio: float | list[float] | None = DEFAULTS.ratio
     """Fraction of channels removed per round (per group in layer scope), in [0, 1) and at most
     `max_layer_ratio`, or a list of distinct ones."""

@@ -283,9 +283,9 @@ def test_models_without_declared_output_layers_keep_theiroutputs_of():
         ({"ratio": True}, r"ratio: expected a number"),
         ({"ratio": 0.9}, r"ratio 0.9 exceeds max_layer_ratio 0.8"),
         (
-            {"criterion": "hessian"},
-            r"unknown criterion 'hessian'; known criteria: l1, l2, bn_gamma, kmeans, random, "
-            r"taylor",
+            {"criterion": "fpgm"},
+            r"unknown criterion 'fpgm'; known criteria: l1, l2, bn_gamma, kmeans, random, "
+            r"taylor, hessian",
         ),
         ({"scope": "local"}, r"scope: expected one of \('layer', 'global'\)"),
         ({"max_layer_ratio": 0}, r"max_layer_ratio: expected a number in \(0, 1\)"),

@@ -12,7 +12,7 @@ from torch import nn
 from ctprune.pruning import prune
 from ctprune.pruning.criteria import l1
 from ctprune.pruning.graph import build_graph, input_filters
-from ctprune.pruning.taylor import accumulate_gradients, taylor
+from ctprune.pruning.taylor import accumulate_gradients, hessian, taylor
 from cuda_ops import ModulatedDeformConv2d
 from detector.losses import centernet_loss
 
@@ -121,3 +121,31 @@ def test_taylor_scores_every_group_of_other_families(arch):
         assert scores.shape == (group.width,) and bool(torch.isfinite(scores).all()), group.name
     live = [g for g in groups_of(model) if g.width > 1 and bool((taylor(g) > 0).any())]
     assert len(live) >= len(groups_of(model)) // 2
+
+
+def test_hessian_is_weights_squared_times_the_empirical_fisher():
+    model = randomised("res18")
+    data = batches(1, size=2)
+    group = next(g for g in groups_of(model) if g.name == "backbone.layer1.0.conv1")
+    assert [len(group.producers), len(group.norms), len(group.consumers)] == [1, 1, 1]
+    conv, norm, reader = (group.producers[0].module, group.norms[0].module,
+                          group.consumers[0].module)
+    # Reference by hand: each image's squared gradient, averaged (the empirical Fisher).
+    fisher = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    model.eval()
+    for index in range(2):
+        single = {k: v[index:index + 1] for k, v in data[0].items() if torch.is_tensor(v)}
+        model.zero_grad()
+        centernet_loss(model(single["image"]), single)[0].backward()
+        for name, parameter in model.named_parameters():
+            fisher[name] += parameter.grad.pow(2) / 2
+    accumulate_gradients(model, data, centernet_loss, squared=True)
+    assert torch.allclose(conv.weight.grad, fisher["backbone.layer1.0.conv1.weight"], rtol=1e-4)
+    expected = (
+        (conv.weight.detach().pow(2) * fisher["backbone.layer1.0.conv1.weight"]).sum((1, 2, 3))
+        + norm.weight.detach().pow(2) * fisher["backbone.layer1.0.bn1.weight"]
+        + (reader.weight.detach().pow(2) * fisher["backbone.layer1.0.conv2.weight"]).sum((0, 2, 3))
+    ) / 3
+    assert torch.allclose(hessian(group), expected, rtol=1e-4)
+    result = prune(model, 0.25, "hessian", example_inputs=EXAMPLE, round_to=None, data=data)
+    assert result.stats.params_after < result.stats.params_before

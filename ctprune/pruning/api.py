@@ -388,7 +388,8 @@ def prune(
             scope, of all prunable channels together in ``"global"`` scope. None when
             ``target_macs`` is given.
         criterion: a name from `criteria.CRITERIA`: "l1", "l2", "bn_gamma", "kmeans" (merges
-            similar channels instead of dropping them), "random", "taylor" (needs ``data``).
+            similar channels instead of dropping them), "random", "taylor", "hessian" (these
+            two need ``data``).
         scope: "layer" (every group loses ``ratio``, rounded) or "global" (groups ranked
             together on mean-normalised scores; no group loses more than ``max_layer_ratio``).
         example_inputs: the input traced to find the coupled channels, also the size MACs are
@@ -492,7 +493,7 @@ def prune(
         data = list(itertools.islice(data, DEFAULT_BATCHES))
     if criterion in DATA_CRITERIA:
         # Gradients first, outside the graph's trace (it detaches deformable convs' offsets).
-        accumulate_gradients(working, data, loss_fn)
+        accumulate_gradients(working, data, loss_fn, squared=criterion == "hessian")
         clock = lap("gradients", clock)
     with modes_restored(working), requires_grad_restored(working), torch.inference_mode(False):
         widths_before = layer_widths(working)

@@ -6,8 +6,8 @@ criterion is one small function and one dict entry. In ``scope="layer"`` only th
 group's scores matters; in ``scope="global"`` they are divided by their group's mean before all
 groups are ranked together (`allocate.allocate_global`).
 
-``taylor`` (`taylor.py`) reads the gradients of the loss on calibration batches, which `prune`
-accumulates first (`DATA_CRITERIA`).
+``taylor`` and ``hessian`` (`taylor.py`) read gradients of the loss on calibration batches
+(the Fisher for ``hessian``), which `prune` accumulates first (`DATA_CRITERIA`).
 
 A group keeps its highest-scoring channels (`keep_highest`), except for criteria listed in
 `SELECTORS`, which choose the kept channels themselves: k-means keeps one channel per cluster
@@ -27,7 +27,7 @@ import torch
 
 from .graph import ChannelGroup, output_filters
 from .merge import kmeans_selection, merge_distance
-from .taylor import taylor
+from .taylor import hessian, taylor
 
 
 @dataclass
@@ -84,9 +84,10 @@ CRITERIA: dict[str, Callable[[ChannelGroup], torch.Tensor]] = {
     "kmeans": merge_distance,
     "random": random,
     "taylor": taylor,
+    "hessian": hessian,
 }
 # Criteria that read gradients of the loss on calibration batches: prune(..., data=batches).
-DATA_CRITERIA = ("taylor",)
+DATA_CRITERIA = ("taylor", "hessian")
 
 
 def keep_highest(group: ChannelGroup, scores: torch.Tensor, keep: int) -> Selection:

@@ -23,7 +23,8 @@ class PruneOptions:
 
     criterion: str = "l1"
     """One of ctprune.pruning.CRITERIA: l1, l2, bn_gamma, kmeans (merges similar channels),
-    random, taylor (first-order Taylor on calibration batches of the training data)."""
+    random, taylor (first-order Taylor on calibration batches of the training data), hessian
+    (Optimal Brain Damage with the empirical Fisher, on the same batches)."""
     ratio: float | None = 0.2
     """Fraction of channels removed, in [0, 1): of every group in layer scope, of all prunable
     channels together in global scope. None when `target_macs` is given."""
