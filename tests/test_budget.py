@@ -86,8 +86,9 @@ def test_greedy_allocation_finds_the_brute_force_optimum():
         allocate_budget([None] * 3, candidates, losses, cost, 10)
 
 
-def test_width_costs_match_counted_macs_and_parameters():
-    model = randomised("res18")
+@pytest.mark.parametrize("arch", ["res18", "resdcn18", "dla34", "mobilenet_v3_large"])
+def test_width_costs_match_counted_macs_and_parameters(arch):
+    model = randomised(arch)
     groups = groups_of(model)
     before = layer_widths(model)
     macs = WidthCost("macs", model, before, (64, 64))
@@ -99,33 +100,38 @@ def test_width_costs_match_counted_macs_and_parameters():
         keeps = [rng.choice(candidate_keeps(g.width, 4, 0.8)) for g in groups]
         after = widths_after_pruning(before, groups, keeps)
         plan = {name: value for name, value in after.items() if value != before[name]}
-        resized = apply_channel_plan(randomised("res18"), plan)
+        resized = apply_channel_plan(randomised(arch), plan)
         assert macs(after) == pytest.approx(count_macs(resized, (64, 64)), rel=1e-9)
         assert params(after) == pytest.approx(count_parameters(resized), rel=1e-9)
 
 
-@pytest.mark.parametrize("name", ["neck.0", "backbone.layer2.0.conv1", "backbone.conv1"])
-def test_unread_channels_are_pruned_channels(name):
+@pytest.mark.parametrize("arch", ["res18", "resdcn18", "dla34", "mobilenet_v3_large",
+                                  "hourglass104"])
+def test_unread_channels_are_pruned_channels(arch):
     # Sensitivity narrows a group by zeroing what its consumers read: the outputs must be the
-    # pruned model's (backbone.conv1's group is a residual stream).
-    model = randomised("res18").eval()
-    group = next(g for g in groups_of(model) if g.name == name)
-    removed = [1, 4, 7]
-    with torch.no_grad():
-        original = model(EXAMPLE + 1)[0]
-        with channels_unread(group, removed):
-            masked = model(EXAMPLE + 1)[0]
-        assert torch.equal(model(EXAMPLE + 1)[0]["heatmap"], original["heatmap"])  # restored
-    pruned = copy.deepcopy(model)
-    graph = build_graph(pruned, EXAMPLE)
-    pruned_group = next(g for g in collect_groups(graph, pruned, resolve_ignored_layers(
-        pruned, None, pruned)) if g.name == name)
-    prune_channels(graph, pruned_group, removed)
-    with torch.no_grad():
-        expected = pruned(EXAMPLE + 1)[0]
-    for key, value in expected.items():
-        assert torch.allclose(masked[key], value, atol=1e-5), key
-        assert not torch.allclose(original[key], value, atol=1e-5), key
+    # pruned model's (residual streams, deformable convs' offset convs, DLA's roots and
+    # depthwise upsampling, MobileNet's depthwise convs, two hourglass stacks).
+    model = randomised(arch).eval()
+    groups = groups_of(model)
+    rng = random.Random(0)
+    for group in rng.sample([g for g in groups if g.width > 2], 3):
+        removed = sorted(rng.sample(range(group.width), 2))
+        with torch.no_grad():
+            original = model(EXAMPLE + 1)
+            with channels_unread(group, removed):
+                masked = model(EXAMPLE + 1)
+            restored = model(EXAMPLE + 1)
+        pruned = copy.deepcopy(model)
+        graph = build_graph(pruned, EXAMPLE)
+        pruned_group = next(g for g in collect_groups(graph, pruned, resolve_ignored_layers(
+            pruned, None, pruned)) if g.name == group.name)
+        prune_channels(graph, pruned_group, removed)
+        with torch.no_grad():
+            expected = pruned(EXAMPLE + 1)
+        for stack, (ours, theirs) in enumerate(zip(masked, expected, strict=True)):
+            for key, value in theirs.items():
+                assert torch.allclose(ours[key], value, atol=1e-5), (group.name, stack, key)
+                assert torch.equal(restored[stack][key], original[stack][key])
 
 
 @pytest.mark.parametrize("kind", ["macs", "params", "latency"])

@@ -13,10 +13,13 @@ A cost is a function of the layers' widths (module path -> [in, out] or [channel
 `allocate_budget` is a greedy descent over the groups' candidate widths (multiples of
 ``round_to``): from the parent, it repeatedly narrows the group whose next narrower candidate
 costs the least predicted loss per unit of cost saved, until the cost is within budget; then it
-widens again, best loss saved first, every group whose wider candidate still fits (a last
-step that cannot be undone may overshoot). Steps that save nothing are skipped (a narrower width
-that is no faster is never chosen: the stairs of the latency model), and a group is widened for
-free when that costs nothing.
+widens again, the most loss recovered per unit of cost first, every group whose wider candidate
+still fits (the last narrowing step may have saved more than needed). Steps that save nothing
+are skipped (a narrower width that is no faster is never chosen: the stairs of the latency
+model), and a group is widened for free when that costs nothing. Greedy, not exact: the costs
+are not separable over groups (a convolution's MACs are the product of two groups' widths), so
+no knapsack applies directly; tests/test_budget.py checks it against brute force where the
+optimum is known.
 """
 
 from __future__ import annotations
