@@ -259,7 +259,8 @@ def _prune(args: argparse.Namespace) -> None:
             f"--data: the {options.criterion} criterion / {options.allocation} allocation "
             "needs calibration batches from a training split: pass --data DATA.yaml"
         )
-    data = calibration_batches(args.data, checkpoint.model_config) if wants_data else None
+    data = (calibration_batches(args.data, checkpoint.model_config, options.calibration_batches)
+            if wants_data else None)
     result = prune_with(model, options, example_inputs=torch.zeros(1, 3, *size), data=data,
                         head=checkpoint.model_config.head)
     stats = result.stats

@@ -94,6 +94,7 @@ RANGE_CASES = [
     (["prune.ratio=null", "prune.target_latency=1.5"], "prune.target_latency",
      "in (0, 1], got 1.5"),
     (["prune.threads=0"], "prune.threads", "a positive integer, got 0"),
+    (["prune.calibration_batches=0"], "prune.calibration_batches", "an integer >= 1, got 0"),
     (["prune.runtime=tensorrt"], "prune.runtime", "one of ('torch', 'onnxruntime', 'cuda')"),
     (["prune.allocation=best"], "prune.allocation", "one of ('uniform', 'sensitivity')"),
     (["prune.allocation=sensitivity"], "prune.allocation", "it needs target_macs, target_params"),

@@ -50,7 +50,7 @@ from .graph import (
 from .merge import fold_into_kept
 from .options import ALLOCATIONS, DEFAULTS, SCOPES, PruneOptions
 from .sensitivity import curves_at, read_scan, sensitivity_curves
-from .taylor import DEFAULT_BATCHES, accumulate_gradients
+from .taylor import accumulate_gradients
 
 # Graph building traces one forward pass; at 128 px it is ~18x faster than at 512 px and gives
 # the same groups (the architecture is fully convolutional).
@@ -377,6 +377,7 @@ def prune(
     latency_cache: str | None = None,
     sensitivity: dict[str, dict[int, float]] | str | None = None,
     latency_model: tuple | None = None,
+    calibration_batches: int = DEFAULTS.calibration_batches,
 ) -> PruneResult:
     """Remove channels from ``model``; everything coupled to a channel goes with it. The
     defaults are `PruneOptions`'s; `prune_with(model, options)` passes a whole options object.
@@ -406,7 +407,8 @@ def prune(
             at most this fraction of the original's.
         data: calibration batches for the data-driven criteria (``"taylor"``): training
             batches (dicts with "image" and the head's targets, as the dataset collates them),
-            of which the first `taylor.DEFAULT_BATCHES` are used.
+            of which the first ``calibration_batches`` are used; also what the sensitivity
+            allocation measures its curves on.
         head: the model's head type (`detector.heads.HEADS`), whose loss the calibration
             batches are scored with.
         inplace: prune ``model`` itself; by default a deep copy is pruned and ``model`` (often
@@ -427,6 +429,7 @@ def prune(
             measuring them on ``data``: the path of a ``sensitivity.json`` that `ctprune
             sensitivity` wrote (AP50 lost per group and width), or group name -> {kept width:
             loss}; interpolated at the candidate widths (`sensitivity.curves_at`).
+        calibration_batches: how many batches of ``data`` are read.
         latency_model: with ``target_latency``, a calibrated ``(latency.LatencyModel,
             latency.LatencyTable)`` of ``model`` to use instead of calibrating one (a model
             pruned to several budgets is calibrated once); its runtime and threads win.
@@ -469,6 +472,9 @@ def prune(
         target_latency,
         sensitivity,
     )
+    if not isinstance(calibration_batches, int) or calibration_batches < 1:
+        raise ValueError(f"calibration_batches: expected an integer >= 1, got "
+                         f"{calibration_batches!r}")
     score = check_criterion(criterion)
     budget_kind, budget = next(
         ((kind, value) for kind, value in (("macs", target_macs), ("params", target_params),
@@ -490,7 +496,7 @@ def prune(
 
     loss_fn = head_type(head).loss
     if data is not None:
-        data = list(itertools.islice(data, DEFAULT_BATCHES))
+        data = list(itertools.islice(data, calibration_batches))
     if criterion in DATA_CRITERIA:
         # Gradients first, outside the graph's trace (it detaches deformable convs' offsets).
         accumulate_gradients(working, data, loss_fn, squared=criterion == "hessian")
@@ -687,6 +693,7 @@ def prune_with(
         runtime=options.runtime,
         threads=options.threads,
         sensitivity=options.sensitivity,
+        calibration_batches=options.calibration_batches,
     )
 
 

@@ -56,6 +56,10 @@ class PruneOptions:
     """The runtime target_latency is measured on: torch (CPU), onnxruntime (CPU) or cuda."""
     threads: int = 1
     """The thread count target_latency is measured with (>= 1)."""
+    calibration_batches: int = 8
+    """Training batches the data-driven criteria (taylor, hessian) and the sensitivity
+    allocation read (>= 1); the sensitivity allocation forwards all of them once per group and
+    candidate width."""
     sensitivity: str | None = None
     """With allocation sensitivity: a sensitivity.json written by `ctprune sensitivity` (AP50
     lost per group and width) to allocate from, instead of measuring the loss on calibration
@@ -65,7 +69,7 @@ class PruneOptions:
         check_options(self.criterion, self.ratio, self.target_macs, self.scope,
                       self.max_layer_ratio, self.round_to, self.ratio_overrides,
                       self.allocation, self.target_params, self.target_latency, self.runtime,
-                      self.threads, self.sensitivity)
+                      self.threads, self.sensitivity, self.calibration_batches)
 
 
 def _is_number(value) -> bool:
@@ -74,7 +78,8 @@ def _is_number(value) -> bool:
 
 def check_options(criterion, ratio, target_macs, scope, max_layer_ratio, round_to,
                   ratio_overrides=None, allocation="uniform", target_params=None,
-                  target_latency=None, runtime="torch", threads=1, sensitivity=None) -> None:
+                  target_latency=None, runtime="torch", threads=1, sensitivity=None,
+                  calibration_batches=8) -> None:
     """The checks every set of pruning options passes; errors start with the field's name."""
     from .criteria import check_criterion  # here, not at the top: `ctprune --help` needs no torch
 
@@ -98,6 +103,10 @@ def check_options(criterion, ratio, target_macs, scope, max_layer_ratio, round_t
         raise ValueError(
             "ratio: expected exactly one of ratio, target_macs, target_params and target_latency"
         )
+    if (not isinstance(calibration_batches, int) or isinstance(calibration_batches, bool)
+            or calibration_batches < 1):
+        raise ValueError(f"calibration_batches: expected an integer >= 1, got "
+                         f"{calibration_batches!r}")
     if sensitivity is not None and (not isinstance(sensitivity, str) or not sensitivity.strip()):
         raise ValueError(f"sensitivity: expected the path of a sensitivity.json or null, got "
                          f"{sensitivity!r}")
