@@ -119,3 +119,38 @@ def test_bad_scan_arguments_are_named(trained, tmp_path):
         scan(checkpoint, data, tmp_path, criterion="taylor")
     with pytest.raises(ValueError, match=r"ratios: expected values in \(0, 0.95\], got 1.0"):
         scan(checkpoint, data, tmp_path, ratios=(1.0,))
+
+
+def test_cli_prune_calibrates_on_the_training_split(trained, tmp_path, capsys):
+    from detector import count_macs, load_model
+
+    checkpoint, data = trained
+    out = tmp_path / "pruned.pt"
+    common = ["prune", str(checkpoint), "--allocation", "sensitivity", "--target-macs", "0.6",
+              "--round-to", "4", "--out", str(out), "--overwrite"]
+    assert main([*common, "--criterion", "taylor", "--data", str(data)]) == 0
+    parent, _ = load_model(checkpoint)
+    pruned, _ = load_model(out)
+    assert count_macs(pruned, (64, 64)) <= 0.6 * count_macs(parent, (64, 64))
+    # From a stored scan: no data needed.
+    scan(checkpoint, data, tmp_path / "scan", ratios=(0.25, 0.5), images=4, measure="drift",
+         progress=False)
+    assert main([*common, "--sensitivity", str(tmp_path / "scan" / SCAN_FILE)]) == 0
+    capsys.readouterr()
+    assert main([*common, "--criterion", "taylor"]) == 2
+    assert "--data: the taylor criterion" in capsys.readouterr().err
+
+
+def test_preflight_names_a_missing_scan(tmp_path):
+    from ctprune.preflight import PreflightError, preflight
+    from ctprune.recipe import load_recipe
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "name: scan\nmodel: {arch: res18}\ndata: data.yaml\n"
+        "baseline: {checkpoint: base.pt}\nfinetune: {epochs: 1, lr_steps: []}\n"
+        "prune: {ratio: null, target_macs: 0.5, allocation: sensitivity, "
+        "sensitivity: missing.json}\n"
+    )
+    with pytest.raises(PreflightError, match=r"prune.sensitivity: .*missing.json does not exist"):
+        preflight(load_recipe(recipe, check_files=False), tmp_path / "run", "cpu")
