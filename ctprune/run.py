@@ -450,6 +450,8 @@ class Runner:
             data = self._recalibration_loader(checkpoint.model_config) if wants_data else None
             result = prune_with(model, options, example_inputs=torch.zeros(1, 3, *size),
                                 data=data, head=checkpoint.model_config.head, inplace=True)
+            if result.stats.latency:  # the realised latency beside the target
+                self.log(f"[prune] {stage.name}: {result.stats.latency_line()}")
             if config.recalibrate_batches > 0:
                 recalibrate_bn(result.model, self._recalibration_loader(checkpoint.model_config),
                                config.recalibrate_batches)

@@ -13,7 +13,7 @@ from test_pruning_invariants import EXAMPLE, groups_of, randomised
 from torch import nn
 
 from ctprune.pruning import prune, widths_after_pruning
-from ctprune.pruning.budget import WidthCost, allocate_budget, candidate_keeps
+from ctprune.pruning.budget import WidthCost, allocate_budget, candidate_keeps, widen_for_free
 from ctprune.pruning.graph import (
     build_graph,
     collect_groups,
@@ -215,3 +215,17 @@ def test_stored_curves_are_interpolated_and_allocated_from():
     assert result.stats.macs_after <= 0.5 * result.stats.macs_before
     with pytest.raises(ValueError, match="sensitivity: stored curves are read by allocation"):
         prune(Toy(), None, "l1", example_inputs=SIZE, target_macs=0.7, sensitivity=stored)
+
+
+def test_widths_no_faster_than_wider_ones_are_widened():
+    # A runtime padding to 16: 40 costs what 48 does, 24 what 32 does.
+    def padded(width):
+        return -(-width // 16)
+
+    def cost(keeps):
+        return sum(padded(keep) for keep in keeps)
+
+    candidates = [[8, 16, 24, 32, 40, 48, 56, 64]] * 2
+    assert widen_for_free(candidates, [40, 24], cost) == [48, 32]
+    assert widen_for_free(candidates, [48, 16], cost) == [48, 16]  # already on the stairs
+    assert cost(widen_for_free(candidates, [40, 24], cost)) == cost([40, 24])

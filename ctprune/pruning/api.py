@@ -26,7 +26,7 @@ from detector import count_macs, count_parameters, layer_widths, output_layers, 
 from detector.channel_plan import ChannelPlan, apply_channel_plan
 
 from .allocate import allocate_global, allocate_layer, match_overrides, min_keep
-from .budget import WidthCost, allocate_budget, candidate_keeps
+from .budget import WidthCost, allocate_budget, candidate_keeps, widen_for_free
 from .criteria import (
     DATA_CRITERIA,
     SELECTORS,
@@ -585,6 +585,14 @@ def prune(
                 ratio = _bisect_ratio(budget, max_layer_ratio, budget_fraction, budget_kind)
                 clock = lap(f"target_{budget_kind}", clock)
             keeps = allocate(ratio)
+            if budget_kind == "latency":
+                # A uniform width no faster than a wider one gives its channels back.
+                candidates = [candidate_keeps(group.width, round_to, max_layer_ratio)
+                              for group in groups]
+                for index, keep in enumerate(keeps):
+                    if keep not in candidates[index]:
+                        candidates[index] = sorted({*candidates[index], keep})
+                keeps = widen_for_free(candidates, keeps, fraction)
             if budget_kind is None:  # a budget that cannot be met raises in _bisect_ratio
                 requested = [overrides.get(index, ratio) for index in range(len(groups))]
                 warn_on_shortfall(groups, keeps, requested, scope, round_to, max_layer_ratio)

@@ -150,6 +150,27 @@ def widths_of(parent_widths: Widths, groups: list[ChannelGroup], keeps: list[int
     return widths_after_pruning(parent_widths, groups, keeps)
 
 
+def widen_for_free(
+    candidates: list[list[int]], keeps: list[int], cost: Callable[[list[int]], float]
+) -> list[int]:
+    """``keeps`` with every group moved up its candidates while that costs nothing more: a width
+    no faster than a wider one (a step of the latency model's stairs) is never kept. Groups are
+    visited in order, each as far as it goes, until no group moves."""
+    keeps = list(keeps)
+    current = cost(keeps)
+    moved = True
+    while moved:
+        moved = False
+        for index, options in enumerate(candidates):
+            wider = [option for option in options if option > keeps[index]]
+            for option in wider:
+                trial = keeps[:index] + [option] + keeps[index + 1:]
+                after = cost(trial)
+                if after <= current:
+                    keeps, current, moved = trial, after, True
+    return keeps
+
+
 def allocate_budget(
     groups: list[ChannelGroup],
     candidates: list[list[int]],
