@@ -16,7 +16,9 @@ So latency is measured, not counted:
   layers the table does not model), both fitted on two measured models: the parent and a
   narrower probe (`LatencyModel.calibrate`).
 - `LatencyTable.stairs` gives a layer's lower envelope over output widths: only widths faster
-  than every wider one, so that an allocator never picks a width slower than a wider one.
+  than every wider one. The allocation applies the same rule to whole groups, on the whole
+  model's predicted latency (`budget.allocate_budget` skips narrowings that save nothing,
+  `budget.widen_for_free` gives back width that costs nothing).
 
 Timing uses `bench.interleaved_times` (the one timer) and takes the median of its rounds.
 """
@@ -37,10 +39,11 @@ import torch
 from torch import nn
 
 from .graph import is_depthwise, meta_copy
+from .options import LATENCY_RUNTIMES
 
-RUNTIMES = ("torch", "onnxruntime", "cuda")
-# Rounds per layer timing (after 2 warm-up calls); a median of this many holds steady to a few
-# per cent on a quiet machine.
+RUNTIMES = LATENCY_RUNTIMES
+# Rounds per layer timing (after 2 warm-up calls), the median taken: what
+# experiments/bench/latency_model/report.md used.
 DEFAULT_ROUNDS = 15
 # Rounds when timing a whole model (parent or pruned).
 MODEL_ROUNDS = 20
