@@ -22,7 +22,9 @@ from ctprune.pruning.latency import (
 pytestmark = pytest.mark.timeout(120)
 
 SIZE = (48, 48)
-# Per plan: |predicted / measured - 1| at most this (measured under load: within 10 %).
+# Per plan: |predicted / measured - 1| at most this, the measured latency rescaled by the
+# parent's drift. Measured on the shared 2-core machine under load (five repetitions of this
+# test): the largest error of the five plans was 4.8 %, 6.3 %, 12.3 %, 18.9 % and 20.7 %.
 TOLERANCE = 0.3
 
 
@@ -56,8 +58,11 @@ def test_predictions_of_five_random_plans(tmp_path):
     for _ in range(5):
         widths = tuple(rng.choice(range(16, 65, 8)) for _ in range(3))
         predicted = latency.predict_ms(table, widths_of(widths))
-        measured = measure_model_ms(chain(widths), "torch", 1, SIZE)["model"]
-        errors.append(predicted / measured - 1)
+        # Timed interleaved with the parent, and rescaled by the parent's drift since the
+        # calibration: load that comes and goes on a shared machine moves both alike.
+        measured = measure_model_ms(parent, "torch", 1, SIZE, others={"plan": chain(widths)})
+        drift = latency.parent_ms / measured["model"]
+        errors.append(predicted / (measured["plan"] * drift) - 1)
     assert max(abs(error) for error in errors) <= TOLERANCE, errors
     # and it tells narrow from wide: a quarter of the widths is predicted much faster
     quarter = latency.predict_ms(table, widths_of((16, 16, 16)))
