@@ -14,6 +14,7 @@ which sections a recipe left to the defaults.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -197,6 +198,28 @@ def _check_precision(recipe: Recipe, device: str, problems: list[str]) -> None:
             problems.append(f"{section}.lr: expected a finite positive value, got {config.lr}")
 
 
+def _check_prune(recipe: Recipe, problems: list[str], notes: list[str]) -> None:
+    """What the prune stage reads besides the checkpoint: a stored sensitivity scan, and the
+    runtime a latency budget is measured on."""
+    prune = recipe.prune
+    if prune is None:
+        return
+    if prune.sensitivity is not None:
+        path = resolve_path(recipe, prune.sensitivity)
+        if not path.is_file():
+            problems.append(f"prune.sensitivity: {path} does not exist (write it with "
+                            "`ctprune sensitivity CHECKPOINT --data DATA.yaml`)")
+        else:
+            notes.append(f"prune.sensitivity: {path}")
+    if prune.target_latency is None:
+        return
+    if prune.runtime == "cuda" and not torch.cuda.is_available():
+        problems.append("prune.runtime: 'cuda' for target_latency, but torch sees no CUDA device")
+    if prune.runtime == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
+        problems.append("prune.runtime: 'onnxruntime' for target_latency, but onnxruntime is not "
+                        "installed (pip install onnxruntime)")
+
+
 def _probe_folder(out_dir: Path) -> Path:
     """The folder a probe file is written in: ``out_dir`` or its nearest existing parent."""
     folder = out_dir.resolve()
@@ -271,6 +294,7 @@ def preflight(recipe: Recipe, out_dir: str | Path, device: str | None, *,
         problems.append(str(error))
         device = "cpu"
     _check_precision(recipe, device, problems)
+    _check_prune(recipe, problems, notes)
     class_names = _check_data(recipe, problems, notes)
     for key in ("checkpoint", "original"):
         value = getattr(recipe.baseline, key)

@@ -76,6 +76,7 @@ from .layout import (
 from .lock import LOCK_FILE, run_lock
 from .preflight import preflight
 from .pruning import prune_with
+from .pruning.criteria import DATA_CRITERIA
 from .pruning.recalibrate import recalibrate_bn
 from .recipe import Branch, Recipe, branches, prepare_data, resolve_path, stage_fingerprint
 from .report import build_report, stage_figures
@@ -417,6 +418,10 @@ class Runner:
         suffix = "" if config.rounds == 1 else f"_{round_index}"
         options = config.options(branch.criterion, branch.ratio, branch.target_macs)
         settings = {**to_dict(options), "recalibrate_batches": config.recalibrate_batches}
+        if options.sensitivity is not None:  # a path relative to the recipe file
+            scan = resolve_path(self.recipe, options.sensitivity)
+            options = dataclasses.replace(options, sensitivity=str(scan))
+            settings["sensitivity"] = _file_digest(scan)  # a new scan reruns the pruning
         stage = Stage(
             self.out_dir / branch.name / f"prune{suffix}",
             f"{branch.name}/prune{suffix}",
@@ -434,8 +439,15 @@ class Runner:
         def prune_and_save() -> dict:
             model, checkpoint = load_model(source.folder / CHECKPOINT)
             size = tuple(checkpoint.model_config.input.input_size)
+            # Data-driven criteria and the sensitivity allocation calibrate on the training set,
+            # never on the evaluated split.
+            wants_data = options.criterion in DATA_CRITERIA or (
+                options.allocation == "sensitivity" and options.sensitivity is None)
+            data = self._recalibration_loader(checkpoint.model_config) if wants_data else None
             result = prune_with(model, options, example_inputs=torch.zeros(1, 3, *size),
-                                inplace=True)
+                                data=data, head=checkpoint.model_config.head, inplace=True)
+            if result.stats.latency:  # the realised latency beside the target
+                self.log(f"[prune] {stage.name}: {result.stats.latency_line()}")
             if config.recalibrate_batches > 0:
                 recalibrate_bn(result.model, self._recalibration_loader(checkpoint.model_config),
                                config.recalibrate_batches)
