@@ -311,7 +311,7 @@ def prune_options(args: argparse.Namespace):
 
 def _export(args: argparse.Namespace) -> None:
     from detector import load_model
-    from detector.export import export_onnx, export_pt2
+    from detector.export import export_onnx, export_pt2, output_names
 
     out = args.out or Path(args.checkpoint).with_suffix(f".{args.format}")
     _check_output_file(args.checkpoint, out, args.overwrite)
@@ -324,7 +324,8 @@ def _export(args: argparse.Namespace) -> None:
         path = export_onnx(out, model, checkpoint.model_config.input, **options)
     else:
         path = export_pt2(out, model, checkpoint.model_config.input, **options)
-    outputs = "detections (B, K, 6) in input pixels" if args.decode else "heatmap, wh, offset"
+    outputs = ("detections (B, K, 6) in input pixels" if args.decode
+               else ", ".join(output_names(False, checkpoint.model_config.head)))
     print(f"wrote {path}: input images (B, 3, H, W), outputs {outputs}")
 
 
