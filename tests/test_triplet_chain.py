@@ -329,6 +329,13 @@ def test_onnx_raw_heads_parity(tmp_path) -> None:
         np.testing.assert_allclose(value, expected[name].numpy(), atol=1e-4, err_msg=name)
 
 
+# The decoded graphs are compared at 128 px: a 64 px input's 16 x 16 maps of 3 classes hold fewer
+# 3 x 3 peaks than the K = 70 keypoints the decoder takes, so its top K also takes cells of score
+# 0, in an order each runtime breaks ties in its own way (the original's as much as ours): the
+# pairs built from them differ. A 32 x 32 map has peaks enough.
+DECODE_IMAGES = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(5))
+
+
 def _decoded_reference(model: nn.Module, images: torch.Tensor, k: int) -> np.ndarray:
     with torch.no_grad():
         detections = decode_triplet(model(images)[-1], None, k)
@@ -338,39 +345,43 @@ def _decoded_reference(model: nn.Module, images: torch.Tensor, k: int) -> np.nda
 
 def _assert_same_detections(actual: np.ndarray, expected: np.ndarray) -> None:
     live = expected[..., 4] > 0
-    assert live.any()
+    assert live.sum() >= 10  # a comparison of many detections, not of an empty list
     np.testing.assert_allclose(actual[..., 4], expected[..., 4], atol=1e-4)
     np.testing.assert_array_equal(actual[..., 5][live], expected[..., 5][live])
     np.testing.assert_allclose(actual[..., :4][live], expected[..., :4][live], atol=1e-3)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 @SLOW
 def test_onnx_decoded_parity_without_nonzero(tmp_path) -> None:
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxslim")
     model, spec = distinct(triplet_model()), triplet_config().input
+    images = DECODE_IMAGES
     with torch.no_grad():
-        eager = DeployModel(model, spec, head="triplet", decode=True, max_detections=20)(IMAGES)
-    _assert_same_detections(eager.numpy(), _decoded_reference(model, IMAGES, 20))
+        eager = DeployModel(model, spec, head="triplet", decode=True, max_detections=20)(images)
+    expected = _decoded_reference(model, images, 20)
+    _assert_same_detections(eager.numpy(), expected)
     path = export_onnx(tmp_path / "decoded.onnx", model, spec, head="triplet", decode=True,
-                       batch=2, max_detections=20)
+                       batch=2, max_detections=20, input_size=(128, 128))
     operators = {node.op_type for node in onnx.load(str(path)).graph.node}
     assert "TopK" in operators and not operators & {"NonZero", "Loop", "Scan"}
-    [actual] = onnx_session(path, threads=1).run(None, {"images": IMAGES.numpy()})
+    [actual] = onnx_session(path, threads=1).run(None, {"images": images.numpy()})
     assert actual.shape == (2, 20, 6)
-    _assert_same_detections(actual, _decoded_reference(model, IMAGES, 20))
+    _assert_same_detections(actual, expected)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 @SLOW
 def test_pt2_decoded_dynamic_round_trip(tmp_path) -> None:
     model, spec = distinct(triplet_model()), triplet_config().input
     path = export_pt2(tmp_path / "triplet.pt2", model, spec, head="triplet", decode=True,
                       dynamic=True, max_detections=20)
     loaded = torch.export.load(path).module()
-    for shape in [(1, 3, 64, 64), (2, 3, 96, 64)]:
+    for shape in [(1, 3, 128, 128), (2, 3, 160, 128)]:
         images = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
             actual = loaded(images)
