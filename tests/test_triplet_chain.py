@@ -48,7 +48,7 @@ from detector.triplet.decode import (
     merge_triplet_multiscale,
     triplet_candidates,
 )
-from detector.triplet.heads import TripletHeads
+from detector.triplet.heads import PoolFusion, TripletHeads
 from detector.triplet.loss import triplet_loss
 from detector.triplet.targets import encode_triplet_targets
 
@@ -329,11 +329,23 @@ def test_onnx_raw_heads_parity(tmp_path) -> None:
         np.testing.assert_allclose(value, expected[name].numpy(), atol=1e-4, err_msg=name)
 
 
-# The decoded graphs are compared at 128 px: a 64 px input's 16 x 16 maps of 3 classes hold fewer
-# 3 x 3 peaks than the K = 70 keypoints the decoder takes, so its top K also takes cells of score
-# 0, in an order each runtime breaks ties in its own way (the original's as much as ours): the
-# pairs built from them differ. A 32 x 32 map has peaks enough.
-DECODE_IMAGES = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(5))
+def decodable(num_classes: int = 6) -> nn.Module:
+    """A `distinct` model whose decoded detections a runtime cannot order differently: random
+    weights behind a corner pooling (a running max) leave plateaus of equal heatmap scores, and
+    a tiny map may hold fewer peaks than the K = 70 keypoints decoding takes (the rest score
+    0); ORT's TopK and torch's break such ties differently (the original's as arbitrarily).
+    So the pooled branches are switched off (``p_conv1`` zero: the heatmaps come from the
+    shortcut, plateau-free; the raw-heads parity test covers the pooling), there are 6 classes
+    (enough peaks at 64 px) and the embeddings are near 0, so that corners pair and some pairs
+    find a centre."""
+    model = distinct(triplet_model(num_classes))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, PoolFusion):
+                module.p_conv1.weight.zero_()
+        for name in ("tl_embedding", "br_embedding"):
+            model.heads.heads[name][-1].weight.mul_(0.01)
+    return model
 
 
 def _decoded_reference(model: nn.Module, images: torch.Tensor, k: int) -> np.ndarray:
@@ -345,7 +357,7 @@ def _decoded_reference(model: nn.Module, images: torch.Tensor, k: int) -> np.nda
 
 def _assert_same_detections(actual: np.ndarray, expected: np.ndarray) -> None:
     live = expected[..., 4] > 0
-    assert live.sum() >= 10  # a comparison of many detections, not of an empty list
+    assert live.sum() >= 5  # a comparison of many detections, not of an empty list
     np.testing.assert_allclose(actual[..., 4], expected[..., 4], atol=1e-4)
     np.testing.assert_array_equal(actual[..., 5][live], expected[..., 5][live])
     np.testing.assert_allclose(actual[..., :4][live], expected[..., :4][live], atol=1e-3)
@@ -358,14 +370,14 @@ def test_onnx_decoded_parity_without_nonzero(tmp_path) -> None:
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxslim")
-    model, spec = distinct(triplet_model()), triplet_config().input
-    images = DECODE_IMAGES
+    model, spec = decodable(), triplet_config(6).input
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         eager = DeployModel(model, spec, head="triplet", decode=True, max_detections=20)(images)
     expected = _decoded_reference(model, images, 20)
     _assert_same_detections(eager.numpy(), expected)
     path = export_onnx(tmp_path / "decoded.onnx", model, spec, head="triplet", decode=True,
-                       batch=2, max_detections=20, input_size=(128, 128))
+                       batch=2, max_detections=20)
     operators = {node.op_type for node in onnx.load(str(path)).graph.node}
     assert "TopK" in operators and not operators & {"NonZero", "Loop", "Scan"}
     [actual] = onnx_session(path, threads=1).run(None, {"images": images.numpy()})
@@ -377,11 +389,11 @@ def test_onnx_decoded_parity_without_nonzero(tmp_path) -> None:
 @pytest.mark.timeout(300)
 @SLOW
 def test_pt2_decoded_dynamic_round_trip(tmp_path) -> None:
-    model, spec = distinct(triplet_model()), triplet_config().input
+    model, spec = decodable(), triplet_config(6).input
     path = export_pt2(tmp_path / "triplet.pt2", model, spec, head="triplet", decode=True,
                       dynamic=True, max_detections=20)
     loaded = torch.export.load(path).module()
-    for shape in [(1, 3, 128, 128), (2, 3, 160, 128)]:
+    for shape in [(1, 3, 64, 64), (2, 3, 96, 64)]:
         images = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
             actual = loaded(images)
