@@ -10,15 +10,20 @@ decode}.py.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from tiny import tiny_config, tiny_model
+import yaml
+from tiny import TINY_HEAD_CONV, TINY_WIDTHS, child_environment, tiny_config, tiny_model
 from torch import nn
 from torch.utils.data import default_collate
 
@@ -183,6 +188,43 @@ def test_resume_matches_an_uninterrupted_run(tmp_path) -> None:
     resumed, _ = load_model(tmp_path / "split" / "last.pt")
     for name, value in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(
+    not os.environ.get("CTPRUNE_SLOW_TESTS"),
+    reason="a torchrun job of two processes (about 10 s on 2 cores); set CTPRUNE_SLOW_TESTS=1",
+)
+def test_ddp_under_torchrun_trains_one_triplet_model(tmp_path) -> None:
+    """Two gloo processes (tests/ddp_train.py, as tests/test_distributed.py runs it) train
+    one triplet model: the ranks end with the same parameters and the loss falls."""
+    generate_shapes(tmp_path / "shapes", num_train=16, num_val=4, image_size=64, seed=5)
+    recipe = {
+        "name": "ddp_triplet",
+        "model": {"arch": ARCH, "head": "triplet", "head_conv": TINY_HEAD_CONV,
+                  "widths": TINY_WIDTHS["resunet"], "input": {"input_size": [64, 64]}},
+        "data": str(tmp_path / "shapes" / "data.yaml"),
+        "train": {"epochs": 2, "batch_size": 8, "optimizer": "sgd", "lr": 0.02, "workers": 0,
+                  "eval_interval": 0, "lr_steps": [], "log_interval": 1},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    script = Path(__file__).parent / "ddp_train.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--standalone", "--max_restarts", "0",
+               str(script), str(path), str(tmp_path / "run"), "-1", "0", "fresh", "cpu"]
+    job = subprocess.run(command, env=child_environment(OMP_NUM_THREADS="1"),
+                         capture_output=True, text=True, timeout=280)
+    assert job.returncode == 0, job.stderr[-3000:]
+    checksums = re.findall(r"FINAL epochs=2 checksum=(-?\d+\.\d{6})", job.stdout)
+    assert len(checksums) == 2 and checksums[0] == checksums[1]  # the ranks hold one model
+    _, checkpoint = load_model(tmp_path / "run" / "last.pt")
+    assert checkpoint.model_config.head == "triplet"
+    records = [json.loads(line) for line in
+               (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [record["loss_total"] for record in records if record["kind"] == "train"]
+    assert len(losses) >= 2 and losses[-1] < losses[0]
 
 
 SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke.yaml"
