@@ -9,8 +9,9 @@ raw outputs to detections. ``model.head`` in a recipe or checkpoint names an ent
 (`head_type`).
 
 TTFNet (``ttfnet``: outputs ``heatmap`` and ``ltrb``, its own Gaussian targets, GIoU loss,
-ltrb decoder; `detector.ttfnet`) is the second entry. Later head types are one entry each, e.g.
-the keypoint triplet (``tl_heatmap``, ``br_heatmap``, ``ct_heatmap``, embeddings and offsets).
+ltrb decoder; `detector.ttfnet`) is the second entry, the keypoint triplet (``triplet``:
+``tl_heatmap``, ``br_heatmap``, ``ct_heatmap``, embeddings and offsets; `detector.triplet`) the
+third, with its own merge of test scales (`ScaleMerge`).
 """
 
 from __future__ import annotations

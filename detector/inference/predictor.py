@@ -131,7 +131,10 @@ class Predictor:
         """(N, 6) x1, y1, x2, y2, score, class in image pixels for each image (paths or BGR
         arrays), in input order. Per test scale, the images whose prepared inputs have the same
         size (all of them at a fixed input size; those of one size with keep_resolution) run
-        through the model in one forward pass."""
+        through the model in one forward pass. Several scales are merged by the head type's
+        ``merge_scales`` when it has one (`detector.heads.ScaleMerge`: the keypoint triplet
+        pools its corner pairs before centre matching), else with per-class soft-NMS
+        (`merge_multiscale`)."""
         images = [read_bgr(image) for image in images]
         head = head_type(self.config.head)
         # A single scale is decoded by the head's decoder; several are merged by the head
