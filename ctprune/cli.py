@@ -361,7 +361,8 @@ def _info(args: argparse.Namespace) -> None:
     names = config.class_names or []
     shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
     print(f"checkpoint   {args.checkpoint}")
-    print(f"arch         {config.arch}  (head_conv {config.head_conv}, widths {config.widths})")
+    print(f"arch         {config.arch}  (head {config.head}, head_conv {config.head_conv}, "
+          f"widths {config.widths})")
     print(f"classes      {config.num_classes}" + (f": {shown}" if names else ""))
     print(
         f"input        {spec.color_order}, mean {list(spec.mean)}, std {list(spec.std)}, "

@@ -310,7 +310,7 @@ def test_cli_info_detect_and_eval(shapes, tmp_path, capsys) -> None:
     checkpoint = save_checkpoint(tmp_path / "triplet.pt",
                                  distinct(triplet_model(config.num_classes)), config)
     assert main(["info", str(checkpoint)]) == 0
-    assert "arch         resunet18" in capsys.readouterr().out
+    assert "arch         resunet18  (head triplet," in capsys.readouterr().out
     image = source.records[0].path
     out = tmp_path / "drawn"
     assert main(["detect", str(checkpoint), str(image), "--out", str(out), "--flip",
