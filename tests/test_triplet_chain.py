@@ -51,6 +51,7 @@ from detector.inference.predictor import Predictor, detect
 from detector.triplet.decode import (
     decode_triplet,
     merge_triplet_multiscale,
+    merge_triplet_scales,
     triplet_candidates,
 )
 from detector.triplet.heads import PoolFusion, TripletHeads
@@ -272,6 +273,21 @@ def _reference_multiscale(model, config, image, scales, max_detections):
         if scale == 1.0:
             centres = points.astype(np.float32)
     return merge_triplet_multiscale(per_scale, centres, config.num_classes, max_detections)
+
+
+def test_the_head_table_merges_triplet_scales_its_own_way() -> None:
+    merge = HEADS["triplet"].merge_scales
+    assert merge is not None and merge.merge is merge_triplet_scales
+    assert HEADS["centernet"].merge_scales is None  # decoded scales, per-class soft-NMS
+    arrays = {"candidates": np.array([[1, 2, 3, 4, 0.5, 0.4, 0.6, 1]], np.float32),
+              "centres": np.array([[2, 3, 1, 0.7]], np.float32)}
+    # output map -> image: x 4 + 1, y 2 + 3 (corners and centres alike; scores, classes kept)
+    affine = np.array([[4.0, 0, 1], [0, 2.0, 3]])
+    mapped = merge.to_image(arrays, affine)
+    np.testing.assert_allclose(mapped["candidates"], [[5, 7, 13, 11, 0.5, 0.4, 0.6, 1]])
+    np.testing.assert_allclose(mapped["centres"], [[9, 9, 1, 0.7]])
+    with pytest.raises(ValueError, match="expected one array dict per scale"):
+        merge_triplet_scales([mapped], (0.5, 1.0), 3, 10)
 
 
 def test_predictor_single_flip_and_multiscale_use_the_triplet_decoding() -> None:
