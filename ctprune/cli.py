@@ -383,7 +383,7 @@ def prune_options(args: argparse.Namespace):
 
 def _export(args: argparse.Namespace) -> None:
     from detector import load_model
-    from detector.export import export_onnx, export_pt2
+    from detector.export import export_onnx, export_pt2, output_names
 
     out = args.out or Path(args.checkpoint).with_suffix(f".{args.format}")
     _check_output_file(args.checkpoint, out, args.overwrite)
@@ -396,7 +396,8 @@ def _export(args: argparse.Namespace) -> None:
         path = export_onnx(out, model, checkpoint.model_config.input, **options)
     else:
         path = export_pt2(out, model, checkpoint.model_config.input, **options)
-    outputs = "detections (B, K, 6) in input pixels" if args.decode else "heatmap, wh, offset"
+    outputs = ("detections (B, K, 6) in input pixels" if args.decode
+               else ", ".join(output_names(False, checkpoint.model_config.head)))
     print(f"wrote {path}: input images (B, 3, H, W), outputs {outputs}")
 
 
@@ -432,7 +433,8 @@ def _info(args: argparse.Namespace) -> None:
     names = config.class_names or []
     shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
     print(f"checkpoint   {args.checkpoint}")
-    print(f"arch         {config.arch}  (head_conv {config.head_conv}, widths {config.widths})")
+    print(f"arch         {config.arch}  (head {config.head}, head_conv {config.head_conv}, "
+          f"widths {config.widths})")
     print(f"classes      {config.num_classes}" + (f": {shown}" if names else ""))
     print(
         f"input        {spec.color_order}, mean {list(spec.mean)}, std {list(spec.std)}, "
