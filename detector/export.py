@@ -15,6 +15,9 @@ these functions.
 - `fold_batchnorm` folds each BatchNorm into the (transposed) convolution before it.
 - `export_onnx` / `export_pt2` write the files; deformable convolutions (torchvision's
   ``deform_conv2d``) become ONNX ``DeformConv`` (opset 19), see `DEFORM_CONV_MIN_ORT`.
+- Given the model config, `export_onnx` stores it (input spec, head type, class names) and
+  what the graph computes in the file's metadata (`onnx_metadata`), which makes the file a
+  model of its own: `detector.inference.onnx_model` evaluates and runs it like a checkpoint.
 
 onnx, onnxscript, onnxruntime and onnxslim are the ``export`` extra; they are imported only
 when an ONNX function runs.
@@ -29,9 +32,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .config import InputSpec
+from .config import InputSpec, ModelConfig, to_dict
 from .heads import head_type
-from .models.centernet import CenterNet, FusedHeads
+from .models.centernet import CenterNet, FusedHeads, output_layers
+from .stats import count_parameters
 
 # ONNX opset of the exported graphs: 19 is the first with DeformConv; everything else CenterNet
 # needs exists since opset 11.
@@ -42,6 +46,9 @@ ONNX_OPSET = 19
 DEFORM_CONV_MIN_ORT = "1.25.0"
 # Raw pixels are 8-bit: the input spec's mean/std are for pixels scaled to [0, 1].
 PIXEL_MAX = 255.0
+# The ONNX metadata keys (JSON values) that make an exported file a self-describing model.
+MODEL_CONFIG_KEY = "ctprune.model_config"
+GRAPH_KEY = "ctprune.graph"
 
 
 class ExportError(ValueError):
@@ -314,11 +321,47 @@ def check_runtime_supports(onnx_model) -> None:
         )
 
 
+def onnx_metadata(model: nn.Module, model_config: ModelConfig, *, decode: bool,
+                  raw_pixels: bool, max_detections: int, precision: str = "fp32") -> dict:
+    """The metadata `export_onnx` stores (key -> JSON text): `MODEL_CONFIG_KEY` the model
+    config (input spec, head type, class names), `GRAPH_KEY` what the graph computes
+    (``outputs``: the head type's raw outputs or ``detections``, ``raw_pixels``,
+    ``max_detections``), its ``precision``, the ``params`` of the fp32 model (a quantized
+    file keeps its fp32 twin's count) and ``output_layer_weights``: the initializer names of
+    the layers that must stay in floating point (`detector.models.output_layers`: every head's
+    last conv and the deformable convs' offset convs), which quantization reads."""
+    import json
+
+    paths = {id(module): name for name, module in model.named_modules()}
+    # DeployModel wraps the model as ``model``: its parameters are named ``model.<path>``.
+    output_weights = [f"model.{paths[id(layer)]}.weight" for layer in output_layers(model)]
+    graph = {
+        "outputs": output_names(decode, model_config.head),
+        "raw_pixels": raw_pixels,
+        "max_detections": max_detections if decode else None,
+        "precision": precision,
+        "params": count_parameters(model),
+        "output_layer_weights": output_weights,
+    }
+    return {MODEL_CONFIG_KEY: json.dumps(to_dict(model_config)), GRAPH_KEY: json.dumps(graph)}
+
+
+def set_metadata(onnx_model, metadata: dict[str, str]) -> None:
+    """Write ``metadata`` into ``onnx_model``'s metadata_props (replacing equal keys)."""
+    kept = [prop for prop in onnx_model.metadata_props if prop.key not in metadata]
+    del onnx_model.metadata_props[:]
+    onnx_model.metadata_props.extend(kept)
+    for key, value in metadata.items():
+        entry = onnx_model.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
 def export_onnx(
     path: str | Path,
     model: nn.Module,
     spec: InputSpec,
     *,
+    model_config: ModelConfig | None = None,
     head: str = "centernet",
     decode: bool = False,
     max_detections: int = 100,
@@ -335,7 +378,9 @@ def export_onnx(
     ``wh``, ``offset``) or, with ``decode``, ``detections`` (B, K, 6) in input pixels (see
     `DeployModel`; ``head`` is the model config's ``head``). ``dynamic``: batch and image
     sides (multiples of `side_multiple`) are free; otherwise the graph takes ``batch`` images of
-    ``input_size``. Raises ExportError when a package is missing.
+    ``input_size``. With ``model_config`` (whose input spec must be ``spec``) the file's
+    metadata describes the model (`onnx_metadata`). Raises ExportError when a package is
+    missing.
     """
     onnx = _require("onnx")
     _require("onnxscript")
@@ -364,6 +409,10 @@ def export_onnx(
         onnxslim = _require("onnxslim")
         onnx_model = onnxslim.slim(onnx_model)
         onnx.checker.check_model(onnx_model, full_check=True)
+    if model_config is not None:
+        set_metadata(onnx_model, onnx_metadata(model, model_config, decode=decode,
+                                               raw_pixels=raw_pixels,
+                                               max_detections=max_detections))
     onnx.save(onnx_model, path)
     return path
 
