@@ -14,11 +14,11 @@ fuse into integer kernels, with
   time;
 - reduced range (7-bit weights) where the CPU lacks VNNI: without it, x86's u8 x s8 multiply-add
   (``vpmaddubsw``) saturates its 16-bit sums (`reduce_range_decision`);
-- kept in floating point (`float_nodes`): every head's last conv and the deformable convs'
-  offset convs (`detector.models.output_layers`, named in the file's metadata), everything
-  after the heads' last convs (the in-graph decoding of a ``decode`` graph: sigmoid, max-pool,
-  TopK, gathers; quantized scores would tie at the peaks and TopK would pick among equals) and
-  deformable convolutions (onnxruntime has no integer DeformConv).
+- kept in floating point (`detector.export.float_nodes`): every head's last conv and the
+  deformable convs' offset convs (`detector.models.output_layers`, named in the file's
+  metadata), everything after the heads' last convs (the in-graph decoding of a ``decode``
+  graph: sigmoid, max-pool, TopK, gathers; quantized scores would tie at the peaks and TopK
+  would pick among equals) and deformable convolutions (onnxruntime has no integer DeformConv).
 
 The quantized file carries its fp32 model's metadata with ``precision: int8`` and the settings
 under ``quantization``, so `ctprune eval`, `detect`, `info` and `bench` take it as they take
@@ -31,15 +31,12 @@ import json
 import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # the command line reads this module's constants without importing torch
+    import numpy as np
 
-from detector.config import require_int, require_number
-from detector.data.dataset import read_image
-from detector.data.records import DetectionSource
-from detector.data.transforms import test_transform
-from detector.export import GRAPH_KEY, ExportError, export_onnx, set_metadata
-from detector.inference.onnx_model import read_onnx_metadata
+    from detector.data.records import DetectionSource
 
 CALIBRATIONS = ("minmax", "entropy", "percentile")
 REDUCE_RANGE = ("auto", "on", "off")
@@ -50,8 +47,6 @@ memory (histograms are built at the end): 128 images of a 512 px res18 are about
 FP32_FILE = "model.fp32.onnx"
 INT8_FILE = "model.int8.onnx"
 SUMMARY_FILE = "quantize.json"
-# Opset-19 DeformConv has no integer kernel in onnxruntime; it stays float whatever the list.
-FLOAT_OP_TYPES = ("DeformConv",)
 # The x86 instruction-set flags (Linux /proc/cpuinfo names) with the 8-bit dot product that
 # accumulates without 16-bit saturation: AVX512-VNNI, AVX-VNNI (Alder Lake and later), AMX.
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
@@ -82,6 +77,8 @@ class QuantizeConfig:
     in torchao) is not available here."""
 
     def __post_init__(self) -> None:
+        from detector.config import require_int, require_number
+
         if self.calibration not in CALIBRATIONS:
             raise ValueError(
                 f"calibration: expected one of {', '.join(CALIBRATIONS)}, got {self.calibration!r}"
@@ -146,6 +143,12 @@ def calibration_images(source: DetectionSource, spec, count: int) -> np.ndarray:
     """(N, 3, H, W) float32: ``count`` images of ``source`` (a training split) evenly spaced
     through its records, prepared as evaluation prepares them at the spec's input size (fixed
     resolution, no augmentation). N = min(count, images in the split)."""
+    import numpy as np
+
+    from detector.config import require_int
+    from detector.data.dataset import read_image
+    from detector.data.transforms import test_transform
+
     require_int(count, "images", 1, MAX_CALIBRATION_IMAGES)
     records = source.records
     if not records:
@@ -154,39 +157,6 @@ def calibration_images(source: DetectionSource, spec, count: int) -> np.ndarray:
     arrays = [test_transform(read_image(records[int(position)]), spec,
                              keep_resolution=False)[0] for position in positions]
     return np.stack(arrays).astype(np.float32)
-
-
-def float_nodes(onnx_model, output_layer_weights: list[str]) -> list[str]:
-    """Names of the nodes quantization must leave in floating point: the nodes whose weight is
-    one of ``output_layer_weights`` (the heads' last convs, DCN offset convs), every node that
-    reads their outputs directly or further down (decoding), and `FLOAT_OP_TYPES`. Raises when
-    a named weight is in no node (the metadata does not belong to this graph)."""
-    nodes = list(onnx_model.graph.node)
-    for index, node in enumerate(nodes):
-        if not node.name:  # nodes_to_exclude needs names; exporters name every node anyway
-            node.name = f"{node.op_type}_{index}"
-    weights = set(output_layer_weights)
-    roots = [node for node in nodes if len(node.input) > 1 and node.input[1] in weights]
-    found = {node.input[1] for node in roots}
-    if found != weights:
-        raise QuantizeError(
-            f"the graph has no conv reading {sorted(weights - found)}: its metadata "
-            "(output_layer_weights) does not describe it; export it again"
-        )
-    readers: dict[str, list] = {}
-    for node in nodes:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    kept, stack = {}, list(roots)
-    while stack:
-        node = stack.pop()
-        if node.name in kept:
-            continue
-        kept[node.name] = node
-        for output in node.output:
-            stack += readers.get(output, [])
-    kept.update({node.name: node for node in nodes if node.op_type in FLOAT_OP_TYPES})
-    return sorted(kept)
 
 
 class _Reader:
@@ -227,6 +197,9 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, images: np.ndarra
         quantize_static,
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from detector.export import GRAPH_KEY, float_nodes, set_metadata
+    from detector.inference.onnx_model import read_onnx_metadata
 
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     info = read_onnx_metadata(fp32_path)
@@ -289,6 +262,7 @@ def quantize_checkpoint(checkpoint_path: str | Path, train_source: DetectionSour
     ``out_dir/model.int8.onnx`` (module docstring), calibrated on ``train_source`` (the train
     split); writes the summary to ``out_dir/quantize.json`` too."""
     from detector import load_model
+    from detector.export import ExportError, export_onnx
     from detector.files import atomic_write_json
 
     model, checkpoint = load_model(checkpoint_path)

@@ -49,6 +49,9 @@ PIXEL_MAX = 255.0
 # The ONNX metadata keys (JSON values) that make an exported file a self-describing model.
 MODEL_CONFIG_KEY = "ctprune.model_config"
 GRAPH_KEY = "ctprune.graph"
+PRECISIONS = ("fp32", "fp16")
+# Opset-19 DeformConv: onnxruntime has neither an integer nor an fp16 kernel for it.
+FLOAT_OP_TYPES = ("DeformConv",)
 
 
 class ExportError(ValueError):
@@ -356,6 +359,57 @@ def set_metadata(onnx_model, metadata: dict[str, str]) -> None:
         entry.key, entry.value = key, value
 
 
+def float_nodes(onnx_model, output_layer_weights: list[str]) -> list[str]:
+    """Names of the nodes quantization must leave in floating point: the nodes whose weight is
+    one of ``output_layer_weights`` (the heads' last convs, DCN offset convs), every node that
+    reads their outputs directly or further down (the decoding of a ``decode`` graph), and
+    `FLOAT_OP_TYPES`. Quantization and the fp16 conversion keep them in fp32: the raw outputs
+    keep their precision and quantized or fp16 scores would tie at the peaks TopK ranks. Raises when
+    a named weight is in no node (the metadata does not belong to this graph)."""
+    nodes = list(onnx_model.graph.node)
+    for index, node in enumerate(nodes):
+        if not node.name:  # nodes_to_exclude needs names; exporters name every node anyway
+            node.name = f"{node.op_type}_{index}"
+    weights = set(output_layer_weights)
+    roots = [node for node in nodes if len(node.input) > 1 and node.input[1] in weights]
+    found = {node.input[1] for node in roots}
+    if found != weights:
+        raise ExportError(
+            f"the graph has no conv reading {sorted(weights - found)}: its metadata "
+            "(output_layer_weights) does not describe it; export it again"
+        )
+    readers: dict[str, list] = {}
+    for node in nodes:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    kept, stack = {}, list(roots)
+    while stack:
+        node = stack.pop()
+        if node.name in kept:
+            continue
+        kept[node.name] = node
+        for output in node.output:
+            stack += readers.get(output, [])
+    kept.update({node.name: node for node in nodes if node.op_type in FLOAT_OP_TYPES})
+    return sorted(kept)
+
+
+def convert_to_fp16(onnx_model):
+    """``onnx_model`` (with ctprune metadata) with its weights and arithmetic in float16,
+    except `float_nodes` (heads' last convs, decoding, deformable convs), with float32 input
+    and outputs (onnxruntime's converter inserts the casts), and ``precision: fp16``."""
+    import json
+
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    props = {prop.key: prop.value for prop in onnx_model.metadata_props}
+    graph = json.loads(props[GRAPH_KEY])
+    keep = float_nodes(onnx_model, graph.get("output_layer_weights", []))
+    converted = convert_float_to_float16(onnx_model, keep_io_types=True, node_block_list=keep)
+    set_metadata(converted, {GRAPH_KEY: json.dumps({**graph, "precision": "fp16"})})
+    return converted
+
+
 def export_onnx(
     path: str | Path,
     model: nn.Module,
@@ -370,6 +424,7 @@ def export_onnx(
     input_size: tuple[int, int] | None = None,
     batch: int = 1,
     simplify: bool = True,
+    precision: str = "fp32",
 ) -> Path:
     """Write ``model`` as ONNX (opset `ONNX_OPSET`) through torch.export, check it with
     ``onnx.checker``, simplify it with onnxslim and check it again.
@@ -379,11 +434,16 @@ def export_onnx(
     `DeployModel`; ``head`` is the model config's ``head``). ``dynamic``: batch and image
     sides (multiples of `side_multiple`) are free; otherwise the graph takes ``batch`` images of
     ``input_size``. With ``model_config`` (whose input spec must be ``spec``) the file's
-    metadata describes the model (`onnx_metadata`). Raises ExportError when a package is
-    missing.
+    metadata describes the model (`onnx_metadata`); ``precision`` fp16 (which needs it)
+    converts the graph with `convert_to_fp16`. Raises ExportError when a package is missing.
     """
     onnx = _require("onnx")
     _require("onnxscript")
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "fp32" and model_config is None:
+        raise ExportError(f"precision {precision}: needs the model config (its metadata names "
+                          "the layers kept in fp32)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     program = export_program(
@@ -413,6 +473,8 @@ def export_onnx(
         set_metadata(onnx_model, onnx_metadata(model, model_config, decode=decode,
                                                raw_pixels=raw_pixels,
                                                max_detections=max_detections))
+    if precision == "fp16":
+        onnx_model = convert_to_fp16(onnx_model)
     onnx.save(onnx_model, path)
     return path
 
