@@ -35,7 +35,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from .config import InputSpec, ModelConfig, to_dict
 from .heads import head_type
 from .models.centernet import CenterNet, FusedHeads, output_layers
-from .stats import count_parameters
+from .stats import count_macs, count_parameters
 
 # ONNX opset of the exported graphs: 19 is the first with DeformConv; everything else CenterNet
 # needs exists since opset 11.
@@ -330,7 +330,9 @@ def onnx_metadata(model: nn.Module, model_config: ModelConfig, *, decode: bool,
     config (input spec, head type, class names), `GRAPH_KEY` what the graph computes
     (``outputs``: the head type's raw outputs or ``detections``, ``raw_pixels``,
     ``max_detections``), its ``precision``, the ``params`` of the fp32 model (a quantized
-    file keeps its fp32 twin's count) and ``output_layer_weights``: the initializer names of
+    file keeps its fp32 twin's count), its ``macs`` at the config's ``input_size`` (scale by
+    the image area for other sizes: the network is fully convolutional) and
+    ``output_layer_weights``: the initializer names of
     the layers that must stay in floating point (`detector.models.output_layers`: every head's
     last conv and the deformable convs' offset convs), which quantization reads."""
     import json
@@ -344,6 +346,8 @@ def onnx_metadata(model: nn.Module, model_config: ModelConfig, *, decode: bool,
         "max_detections": max_detections if decode else None,
         "precision": precision,
         "params": count_parameters(model),
+        "macs": count_macs(model, tuple(model_config.input.input_size)),
+        "input_size": list(model_config.input.input_size),
         "output_layer_weights": output_weights,
     }
     return {MODEL_CONFIG_KEY: json.dumps(to_dict(model_config)), GRAPH_KEY: json.dumps(graph)}
