@@ -96,9 +96,9 @@ class QuantizeConfig:
             )
         if self.runtime == "torch":
             raise ValueError(
-                "runtime: torch (PT2E with the x86 Inductor quantizer) needs torchao, which "
-                "ctprune does not use; its speed against onnxruntime INT8 was not measured. "
-                "Use runtime onnxruntime"
+                "runtime: expected onnxruntime; torch (PT2E with the x86 Inductor quantizer) "
+                "needs torchao, which ctprune does not use: its speed against onnxruntime INT8 "
+                "was not measured"
             )
 
 

@@ -319,7 +319,7 @@ def test_config_and_torch_runtime_errors():
         QuantizeConfig(images=129)
     with pytest.raises(ValueError, match="calibration: expected one of"):
         QuantizeConfig(calibration="mse")
-    with pytest.raises(ValueError, match="runtime: torch .* needs torchao"):
+    with pytest.raises(ValueError, match="runtime: expected onnxruntime; torch .* needs torchao"):
         QuantizeConfig(runtime="torch")
     with pytest.raises(ValueError, match="percentile: expected"):
         QuantizeConfig(calibration="percentile", percentile=50.0)
