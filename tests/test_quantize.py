@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import statistics
 
 import numpy as np
 import onnx
@@ -400,3 +402,66 @@ def test_a_checkpoint_with_other_classes_is_refused(tmp_path, shapes):
     source = load_source(load_data_yaml(shapes / "data.yaml"), "train")
     with pytest.raises(ValueError, match="differ from the checkpoint"):
         quantize_checkpoint(tmp_path / "c.pt", source, QuantizeConfig(images=2), tmp_path / "q")
+
+
+RUN_RECIPE = """\
+name: int8
+synthetic: {out_dir: shapes, num_train: 16, num_val: 4, image_size: 64, seed: 1}
+model:
+  arch: res18
+  head_conv: 8
+  widths: {stem: 8, stages: [8, 16, 16, 32], neck: [16, 16, 16]}
+  input: {input_size: [64, 64]}
+data: shapes/data.yaml
+train: {epochs: 1, batch_size: 8, lr: 2.0e-3, lr_steps: [], workers: 0, eval_interval: 1}
+prune: {criterion: l1, ratio: 0.5, round_to: null, recalibrate_batches: 1}
+finetune: {epochs: 1}
+quantize: {images: 4}
+evaluate: {batch_size: 8, workers: 0}
+report: {latency: true, latency_repeats: 1, threads: 1}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("CTPRUNE_SLOW_TESTS"),
+    reason="the whole chain with two quantizations, 30-40 s; set CTPRUNE_SLOW_TESTS=1",
+)
+@pytest.mark.timeout(180)
+def test_a_recipe_quantizes_every_final_model_after_fine_tuning(tmp_path):
+    from ctprune.recipe import load_recipe
+    from ctprune.run import run_recipe
+
+    (tmp_path / "recipe.yaml").write_text(RUN_RECIPE)
+    recipe = load_recipe(tmp_path / "recipe.yaml")
+    log = []
+    report = run_recipe(recipe, tmp_path / "run", log=log.append)
+    rows = {row["name"]: row for row in report["rows"]}
+    assert list(rows) == ["baseline", "l1_r0.5/prune", "l1_r0.5/finetune", "baseline_int8",
+                          "l1_r0.5/int8"]
+    for name, twin in (("baseline_int8", "baseline"), ("l1_r0.5/int8", "l1_r0.5/finetune")):
+        row, folder = rows[name], tmp_path / "run" / name
+        assert row["stage"] == "quantize" and row["precision"] == "int8"
+        assert row["params"] == rows[twin]["params"]  # the fp32 twin's
+        assert row["gmacs"] == pytest.approx(rows[twin]["gmacs"])
+        assert row["size_mib"] == pytest.approx((folder / INT8_FILE).stat().st_size / 2**20)
+        assert row["latency_ms"] > 0 and 0 <= row["ap50"] <= 1
+        stage = json.loads((folder / "stage.json").read_text())
+        assert stage["complete"] and stage["model_file"] == INT8_FILE
+        assert stage["figures"]["runtime"] == "onnxruntime"
+        assert stage["figures"]["twin_latency_ms"] > 0
+        assert stage["quantize"]["calibration"] == "minmax" and stage["quantize"]["images"] == 4
+    # the baseline row keeps its eager latency: the onnxruntime pairs do not enter it
+    eager = [pair["baseline_ms"] for pair in report["latency_pairs"]
+             if pair["runtime"] == "torch"]
+    assert len(eager) == 2 and rows["baseline"]["latency_ms"] == statistics.median(eager)
+    speedups = {entry["name"] for entry in report["speedups"]}
+    assert {"baseline_int8", "l1_r0.5/int8"} <= speedups
+    assert "timed in onnxruntime" in (tmp_path / "run" / "report.md").read_text()
+    log.clear()
+    run_recipe(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "run", log=log.append)
+    assert "[skip] l1_r0.5/int8: done, unchanged" in log
+    log.clear()
+    run_recipe(load_recipe(tmp_path / "recipe.yaml", ["quantize.calibration=percentile"]),
+               tmp_path / "run", log=log.append)
+    assert "[run] baseline_int8" in log and "[skip] l1_r0.5/finetune: done, unchanged" in log
