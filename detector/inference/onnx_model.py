@@ -140,7 +140,7 @@ def load_any_model(path: str | Path) -> tuple[nn.Module, ModelConfig]:
     if is_onnx_file(path):
         model, info = load_onnx_model(path)
         return model, info.model_config
-    from ..checkpoint import load_model
+    from .. import load_model
 
     model, checkpoint = load_model(path)
     return model, checkpoint.model_config
