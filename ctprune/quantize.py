@@ -1,9 +1,11 @@
 """INT8 post-training quantization of a (pruned or unpruned) checkpoint through onnxruntime.
 
 `quantize_checkpoint` exports the model as ONNX (raw heads, free batch and sides, metadata as
-`detector.export.onnx_metadata`), calibrates activation ranges on training images and writes
-a QDQ graph: QuantizeLinear/DequantizeLinear pairs around the ops onnxruntime (and TensorRT)
-fuse into integer kernels, with
+`detector.export.onnx_metadata`, the neck's transposed convs as sub-pixel convs:
+`detector.export.subpixel_deconvs`, since onnxruntime has no integer transposed conv),
+calibrates activation ranges on training images and writes a QDQ graph:
+QuantizeLinear/DequantizeLinear pairs around the ops onnxruntime (and TensorRT) fuse into
+integer kernels, with
 
 - weights int8, symmetric, per output channel; activations uint8 with a zero point, the pairing
   onnxruntime's x86 kernels run fastest (its own guidance for CPU inference);
@@ -214,10 +216,12 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, images: np.ndarra
     if config.calibration == "percentile":
         extra["CalibPercentile"] = config.percentile
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    # Shape inference only: onnxruntime's graph optimisations here would rename the nodes
-    # that `float_nodes` names.
+    # ONNX shape inference only: onnxruntime's graph optimisations here would rename the nodes
+    # that `float_nodes` names, and its symbolic shape inference gives up on the sub-pixel
+    # convs' slices of dynamic sides.
     prepared = out_path.with_name(out_path.stem + ".prepared.onnx")
-    quant_pre_process(str(fp32_path), str(prepared), skip_optimization=True)
+    quant_pre_process(str(fp32_path), str(prepared), skip_optimization=True,
+                      skip_symbolic_shape=True)
     try:
         quantize_static(
             str(prepared), str(out_path), _Reader(model.graph.input[0].name, images),
@@ -275,9 +279,12 @@ def quantize_checkpoint(checkpoint_path: str | Path, train_source: DetectionSour
         )
     out_dir = Path(out_dir)
     try:
+        # subpixel: onnxruntime has no integer ConvTranspose on CPU; the neck's 4x4 stride-2
+        # deconvs would run in float between a dequantize and a quantize (res18's neck holds
+        # a quarter of its MACs there).
         fp32_path = export_onnx(out_dir / FP32_FILE, model, model_config.input,
                                 model_config=model_config, head=model_config.head,
-                                dynamic=True)
+                                dynamic=True, subpixel=True)
     except ExportError as error:
         raise QuantizeError(
             f"{checkpoint_path}: cannot export it for quantization: {error}") from None

@@ -33,7 +33,13 @@ from detector import load_model, output_layers, save_checkpoint
 from detector.config import from_dict, input_preset
 from detector.data.shapes import generate_shapes
 from detector.data.sources import load_data_yaml, load_source
-from detector.export import ExportError, export_onnx, float_nodes
+from detector.export import (
+    ExportError,
+    SubpixelConvTranspose,
+    export_onnx,
+    float_nodes,
+    subpixel_deconvs,
+)
 from detector.inference.onnx_model import load_onnx_model, read_onnx_metadata
 from detector.inference.predictor import Predictor
 
@@ -183,6 +189,8 @@ def test_qdq_nodes_where_expected_and_none_in_the_float_layers(quantized):
         assert node.output[0] in {output.name for output in model.graph.output}
     others = [node for node in convs if node not in head_convs]
     assert len(others) > 10
+    # the neck's deconvs went in as sub-pixel convs: onnxruntime has no integer ConvTranspose
+    assert not any(node.op_type == "ConvTranspose" for node in model.graph.node)
     for node in others:  # every other conv reads a dequantized input and dequantized weights
         for tensor in node.input[:2]:
             assert producers[tensor].op_type == "DequantizeLinear", (node.name, tensor)
@@ -314,6 +322,30 @@ def _largest_weight_code(path) -> int:
              if init.data_type == onnx.TensorProto.INT8 and init.name.endswith("_quantized")]
     assert codes
     return int(max(codes))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_subpixel_conv_transpose_equals_the_transposed_conv(bias):
+    deconv = nn.ConvTranspose2d(6, 5, 4, stride=2, padding=1, bias=bias).eval()
+    features = torch.randn(2, 6, 7, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(SubpixelConvTranspose(deconv)(features), deconv(features),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_subpixel_deconvs_rewrites_only_the_convertible_deconvs():
+    model = nn.Sequential(nn.ConvTranspose2d(4, 4, 4, 2, 1, bias=False),
+                          nn.ConvTranspose2d(4, 4, 4, 2, 1, groups=4, bias=False),
+                          nn.ConvTranspose2d(4, 4, 3, 2, 1, output_padding=1)).eval()
+    rewritten = subpixel_deconvs(model)
+    assert isinstance(rewritten[0], SubpixelConvTranspose) and rewritten is not model
+    assert isinstance(model[0], nn.ConvTranspose2d)  # the input is not changed
+    assert [type(layer) for layer in rewritten[1:]] == [nn.ConvTranspose2d] * 2
+    features = torch.randn(1, 4, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(rewritten(features), model(features), atol=1e-5, rtol=1e-5)
+    plain = nn.Sequential(nn.Conv2d(3, 3, 3))
+    assert subpixel_deconvs(plain) is plain
 
 
 def test_config_and_torch_runtime_errors():
