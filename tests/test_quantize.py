@@ -143,7 +143,11 @@ def test_files_without_metadata_or_with_decoding_are_refused(tmp_path):
                       QuantizeConfig())
 
 
-def test_calibration_is_deterministic_and_uses_training_images(trained, shapes, tmp_path):
+def test_calibration_is_deterministic_and_uses_training_images(trained, shapes, tmp_path,
+                                                               monkeypatch):
+    # The entropy search is pure Python: 2048 bins take 10-20 s on a tiny model; 256 bins (65
+    # candidate ranges) test the same code.
+    monkeypatch.setattr("ctprune.quantize.ENTROPY_BINS", 256)
     source = load_source(load_data_yaml(shapes / "data.yaml"), "train")
     model, checkpoint = load_model(trained)
     spec = checkpoint.model_config.input
@@ -152,7 +156,8 @@ def test_calibration_is_deterministic_and_uses_training_images(trained, shapes, 
     np.testing.assert_array_equal(images, calibration_images(source, spec, 5))
     fp32 = export_onnx(tmp_path / FP32_FILE, model, spec, model_config=checkpoint.model_config,
                        dynamic=True)
-    for calibration in ("minmax", "percentile"):
+    first = {}
+    for calibration in ("minmax", "entropy", "percentile"):
         config = QuantizeConfig(calibration=calibration, images=5)
         scales = []
         for attempt in range(2):
@@ -162,6 +167,12 @@ def test_calibration_is_deterministic_and_uses_training_images(trained, shapes, 
         assert scales[0].keys() == scales[1].keys() and len(scales[0]) > 10
         for name, value in scales[0].items():
             np.testing.assert_array_equal(value, scales[1][name], err_msg=name)
+        first[calibration] = scales[0]
+    # each method its own ranges (onnxruntime's entropy defaults alone would give min-max's)
+    for method in ("entropy", "percentile"):
+        activations = [name for name in first["minmax"] if "weight" not in name]
+        assert any(not np.array_equal(first[method][name], first["minmax"][name])
+                   for name in activations), method
 
 
 def _scales(path) -> dict[str, np.ndarray]:
@@ -490,6 +501,14 @@ def test_a_recipe_quantizes_every_final_model_after_fine_tuning(tmp_path):
     speedups = {entry["name"] for entry in report["speedups"]}
     assert {"baseline_int8", "l1_r0.5/int8"} <= speedups
     assert "timed in onnxruntime" in (tmp_path / "run" / "report.md").read_text()
+    # `ctprune report --measure` times the ONNX stages again, the same way
+    from ctprune.report import build_report
+
+    measured = build_report([tmp_path / "run"], tmp_path / "measured", measure=True,
+                            latency_repeats=1, threads=1)
+    again = {row["name"]: row for row in measured["rows"]}
+    assert again["l1_r0.5/int8"]["latency_ms"] > 0 and again["l1_r0.5/int8"]["precision"] == "int8"
+    assert again["baseline_int8"]["params"] == rows["baseline"]["params"]
     log.clear()
     run_recipe(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "run", log=log.append)
     assert "[skip] l1_r0.5/int8: done, unchanged" in log
