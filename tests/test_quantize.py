@@ -516,3 +516,24 @@ def test_a_recipe_quantizes_every_final_model_after_fine_tuning(tmp_path):
     run_recipe(load_recipe(tmp_path / "recipe.yaml", ["quantize.calibration=percentile"]),
                tmp_path / "run", log=log.append)
     assert "[run] baseline_int8" in log and "[skip] l1_r0.5/finetune: done, unchanged" in log
+
+
+def test_a_static_raw_pixel_graph_runs_batches_of_normalised_images(tmp_path):
+    """A graph exported for batch 1 (the default) runs larger batches in slices, and one that
+    normalises raw pixels itself gets them back from the prepared images."""
+    config = tiny_config()
+    model = tiny_model().eval()
+    path = export_onnx(tmp_path / "static.onnx", model, config.input, model_config=config,
+                       raw_pixels=True)
+    onnx_model, info = load_onnx_model(path)
+    assert onnx_model.fixed_batch == 1 and info.graph["raw_pixels"] is True
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(images)[-1]
+    for name, value in onnx_model(images)[0].items():
+        torch.testing.assert_close(value, expected[name], atol=1e-4, rtol=1e-4)
+
+
+def test_bench_refuses_an_onnx_file_on_the_torch_path(quantized):
+    with pytest.raises(ValueError, match="timed in onnxruntime: pass --runtime onnxruntime"):
+        bench_checkpoints([quantized.int8_path], input_size=64, runtime="torch", rounds=1)
