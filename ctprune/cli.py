@@ -247,12 +247,23 @@ def _prune(args: argparse.Namespace) -> None:
     from detector import load_model, save_checkpoint
 
     from .pruning import prune_with
+    from .pruning.criteria import DATA_CRITERIA
 
     options = prune_options(args)
     _check_output_file(args.checkpoint, args.out, args.overwrite)
     model, checkpoint = load_model(args.checkpoint)
     size = tuple(args.input_size or checkpoint.model_config.input.input_size)
-    result = prune_with(model, options, example_inputs=torch.zeros(1, 3, *size))
+    wants_data = options.criterion in DATA_CRITERIA or (
+        options.allocation == "sensitivity" and options.sensitivity is None)
+    if wants_data and args.data is None:
+        raise ValueError(
+            f"--data: the {options.criterion} criterion / {options.allocation} allocation "
+            "needs calibration batches from a training split: pass --data DATA.yaml"
+        )
+    data = (calibration_batches(args.data, checkpoint.model_config, options.calibration_batches)
+            if wants_data else None)
+    result = prune_with(model, options, example_inputs=torch.zeros(1, 3, *size), data=data,
+                        head=checkpoint.model_config.head)
     stats = result.stats
     meta = {
         "pruned_from": str(args.checkpoint),
@@ -274,7 +285,47 @@ def _prune(args: argparse.Namespace) -> None:
     print("|---|---|---|---|")
     for name, before, after in rows:
         print(f"| {name} | {before:.2f} | {after:.2f} | {(after / before - 1) * 100:+.1f}% |")
+    if stats.latency:
+        print(stats.latency_line())
     print(f"pruned in {stats.seconds:.2f} s; wrote {args.out}")
+
+
+def calibration_batches(data_yaml: Path, model_config, batches: int = 8, batch_size: int = 8,
+                        seed: int = 0) -> list[dict]:
+    """``batches`` batches of the TRAINING split of ``data_yaml`` (never the evaluated one),
+    without augmentation, in a seeded order: what data-driven pruning calibrates on."""
+    import itertools
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from detector.data.dataset import CenterNetDataset, collate
+    from detector.data.sources import load_data_yaml, load_source
+    from detector.data.transforms import AugmentConfig
+
+    source = load_source(load_data_yaml(data_yaml), "train")
+    dataset = CenterNetDataset(source.records, model_config.num_classes, model_config.input,
+                               train=True, augment=AugmentConfig(random_crop=False, flip=0.0,
+                                                                 shift=0.0, scale=0.0,
+                                                                 color=False),
+                               seed=seed, head=model_config.head)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate,
+                        generator=torch.Generator().manual_seed(seed))
+    return list(itertools.islice(loader, batches))
+
+
+def _sensitivity(args: argparse.Namespace) -> None:
+    from .sensitivity import PLOT_FILE, TABLE_FILE, scan
+
+    out = args.out or Path(args.checkpoint).parent / "sensitivity"
+    result = scan(args.checkpoint, args.data, out, ratios=tuple(args.ratios), images=args.images,
+                  criterion=args.criterion, measure=args.measure,
+                  round_to=args.round_to or None, budget_minutes=args.budget_minutes,
+                  seed=args.seed)
+    print((out / TABLE_FILE).read_text(), end="")
+    state = "complete" if result["complete"] else "incomplete (run again to continue)"
+    print(f"{result['measured']} points measured, scan {state}; wrote {out / TABLE_FILE} and "
+          f"{out / PLOT_FILE}")
 
 
 def add_prune_options(parser: argparse.ArgumentParser) -> None:
@@ -282,7 +333,8 @@ def add_prune_options(parser: argparse.ArgumentParser) -> None:
     from .pruning.options import DEFAULTS, SCOPES
 
     parser.add_argument("--criterion", default=DEFAULTS.criterion,
-                        help=f"l1, l2, bn_gamma, kmeans or random (default {DEFAULTS.criterion})")
+                        help="l1, l2, bn_gamma, kmeans, random, taylor or hessian (the last two "
+                        f"need --data; default {DEFAULTS.criterion})")
     parser.add_argument("--ratio", type=number_in(0, 1, high_open=True),
                         help="fraction of channels to remove, per group or global, in [0, 1) "
                         f"(default {DEFAULTS.ratio} unless --target-macs is given)")
@@ -295,6 +347,21 @@ def add_prune_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--round-to", type=non_negative_int, default=DEFAULTS.round_to,
                         help=f"keep multiples of this (default {DEFAULTS.round_to}; "
                              "0: no rounding)")
+    parser.add_argument("--allocation", default=DEFAULTS.allocation,
+                        choices=("uniform", "sensitivity"),
+                        help="uniform ratio, or per-group widths from measured sensitivity "
+                        "(needs a --target-* budget and --data)")
+    parser.add_argument("--target-params", type=number_in(0, 1, low_open=True),
+                        help="instead of --ratio: keep this fraction of parameters")
+    parser.add_argument("--target-latency", type=number_in(0, 1, low_open=True),
+                        help="instead of --ratio: keep this fraction of the latency on --runtime")
+    parser.add_argument("--runtime", default=DEFAULTS.runtime,
+                        choices=("torch", "onnxruntime", "cuda"),
+                        help=f"the latency budget's runtime (default {DEFAULTS.runtime})")
+    parser.add_argument("--threads", type=positive_int, default=DEFAULTS.threads,
+                        help=f"the latency budget's threads (default {DEFAULTS.threads})")
+    parser.add_argument("--sensitivity", help="with --allocation sensitivity: a sensitivity.json "
+                        "of `ctprune sensitivity` to allocate from (default: measure)")
 
 
 def prune_options(args: argparse.Namespace):
@@ -303,11 +370,16 @@ def prune_options(args: argparse.Namespace):
     from .pruning.options import DEFAULTS
 
     ratio = args.ratio
-    if ratio is None and args.target_macs is None:
+    if ratio is None and args.target_macs is None and args.target_params is None and (
+        args.target_latency is None
+    ):
         ratio = DEFAULTS.ratio
     return PruneOptions(criterion=args.criterion, ratio=ratio, target_macs=args.target_macs,
                         scope=args.scope, max_layer_ratio=args.max_layer_ratio,
-                        round_to=args.round_to or None)
+                        round_to=args.round_to or None, allocation=args.allocation,
+                        target_params=args.target_params, target_latency=args.target_latency,
+                        runtime=args.runtime, threads=args.threads,
+                        sensitivity=args.sensitivity)
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -599,9 +671,36 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("H", "W"),
         help="for MACs (default: the model's)",
     )
+    prune.add_argument("--data", type=Path,
+                       help="a data.yaml whose TRAINING split calibrates the taylor criterion "
+                       "and the sensitivity allocation")
     prune.add_argument("--out", required=True, type=Path)
     prune.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     prune.set_defaults(run=_prune)
+
+    sensitivity = commands.add_parser(
+        "sensitivity", help="per-group sensitivity curves of a checkpoint (AP50 or output drift "
+        "on training images), cached and resumable")
+    sensitivity.add_argument("checkpoint", type=Path)
+    sensitivity.add_argument("--data", required=True, type=Path,
+                             help="a data.yaml; calibration images come from its TRAINING split")
+    sensitivity.add_argument("--out", type=Path,
+                             help="output folder (default: <checkpoint folder>/sensitivity)")
+    sensitivity.add_argument("--ratios", type=number_in(0, 0.95, low_open=True), nargs="+",
+                             default=[0.25, 0.5, 0.75],
+                             help="fractions of each group's channels to remove")
+    sensitivity.add_argument("--images", type=positive_int, default=64,
+                             help="calibration images sampled from the training split")
+    sensitivity.add_argument("--criterion", default="l1", choices=("l1", "l2", "bn_gamma",
+                                                                   "random"))
+    sensitivity.add_argument("--measure", default="ap50", choices=("ap50", "drift"),
+                             help="AP50 lost, or output drift (no labels needed)")
+    sensitivity.add_argument("--round-to", type=non_negative_int, default=0,
+                             help="round kept widths to multiples of this (0: whole channels)")
+    sensitivity.add_argument("--budget-minutes", type=number_in(0, 1e6, low_open=True),
+                             help="stop after this long; a second run continues")
+    sensitivity.add_argument("--seed", type=non_negative_int, default=0)
+    sensitivity.set_defaults(run=_sensitivity)
 
     info = commands.add_parser(
         "info", help="describe a checkpoint or .onnx file: arch, input, plan, size, MACs")
@@ -667,7 +766,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=_bench)
 
     original = commands.add_parser(
-        "import-original", help="convert a checkpoint of the original CenterNet code"
+        "import-original", help="convert a checkpoint of the original CenterNet or TTFNet code"
     )
     original.add_argument("checkpoint", type=Path)
     original.add_argument("--arch", required=True)

@@ -19,6 +19,17 @@ at the same output cell, and the teacher's classes mapped to student channels ``
   (relative size errors, for data whose boxes span many sizes), else 1.
 - offset: ``sum |W S_offset - W T_offset| / Z``.
 
+The TTFNet head (``model.head: ttfnet``) is distilled as the ChHanXiao/centerX fork does
+(``ttfnet_kdloss.py``): the same heatmap term and peak weight W, no offset term, and in place of
+wh its four ltrb distances (input pixels):
+
+- ltrb: ``sum |W S_ltrb / n - W T_ltrb / n| / Z`` over the 4 channels, with
+  ``n = (T_l + T_t + T_r + T_b) / 2 + 1e-4`` when ``normalize_wh`` (the teacher box's mean side),
+  else 1; weighted by ``wh_weight`` (the fork's KD_WH_WEIGHT).
+
+The loss dispatches on the student's head type (`detector.heads`), and every teacher must have
+the student's head type; the keypoint-triplet head has no distillation loss yet.
+
 Options beyond centerX: ``heatmap_loss: kl`` (temperature-softened binary KL per cell, times
 T^2 as Hinton et al. do so that gradients keep their size when T changes), and feature
 distillation: an MSE between the student's neck output, through a 1x1 adapter per teacher, and
@@ -27,11 +38,15 @@ pruned student of other widths still learns from its teacher through a learned p
 
 Where centerX is deliberately not followed:
 - its "communism" loss balancing rescales every term whose name contains cls/wh/off to a fixed
-  value, which silently cancels the distillation weights; there is no such balancing here, the
-  weights below are what the terms get.
-- with ``normalize_wh`` the divisor is clamped to at least one output cell instead of adding
-  1e-4: at background peaks the teacher's predicted size can be near 0 or negative, where
-  centerX divides by almost nothing.
+  value; its distillation terms (``kd_cls_loss``, ``kd_wh_loss``, ``kd_off_loss``) match too, so
+  turning it on silently cancels the distillation weights. Here distillation terms are never
+  rebalanced: ``train.balance_losses`` acts on the task loss alone (the ``task_loss`` given,
+  `detector.heads.task_loss`), and the weights below are what the distillation terms get.
+- with ``normalize_wh`` the CenterNet head's wh divisor is clamped to at least one output cell
+  instead of adding 1e-4: at background peaks the teacher's predicted size can be near 0 or
+  negative, where centerX divides by almost nothing. (The TTFNet head's ltrb divisor follows the
+  fork, + 1e-4: its distances are a ReLU's output, never negative, but they can be 0 at a
+  background peak, where the divisor is then 1e-4.)
 
 The adapters are trained as fit's ``extra_parameters``: not part of the student's checkpoint,
 but kept in ``resume.pt`` so a resumed fine-tune continues with them, and under torchrun their
@@ -64,6 +79,8 @@ LossFn = Callable[[list[dict[str, Tensor]], dict], tuple[Tensor, dict[str, Tenso
 
 # centerX's normaliser of the peak-weighted regression sums (Z = sum W + 1e-4).
 PEAK_EPSILON = 1e-4
+# The ChHanXiao fork's ltrb divisor with normalize_wh: (l + t + r + b) / 2 + 1e-4.
+LTRB_NORM_EPSILON = 1e-4
 # The smallest wh divisor with normalize_wh: one output-map cell (see the module docstring).
 MIN_WH_NORM = 1.0
 # Local maxima are found over this window, as CenterNet's decoding pseudo-NMS does.
@@ -126,11 +143,14 @@ class DistillConfig:
     over all cells, mostly background, so it is small and needs a large weight."""
     wh_weight: float = DEFAULT_WH_WEIGHT
     """Weight of the peak-weighted L1 on box sizes (>= 0; KD_WEIGHT x KD_WH_WEIGHT); sizes are in
-    output cells, so as in the task loss it is 10x below the offset's."""
+    output cells, so as in the task loss it is 10x below the offset's. For the TTFNet head it
+    weighs the L1 on the ltrb distances (input pixels) instead."""
     offset_weight: float = DEFAULT_OFFSET_WEIGHT
-    """Weight of the peak-weighted L1 on centre offsets (>= 0; KD_WEIGHT x KD_REG_WEIGHT)."""
+    """Weight of the peak-weighted L1 on centre offsets (>= 0; KD_WEIGHT x KD_REG_WEIGHT); the
+    TTFNet head has no offset."""
     normalize_wh: bool = False
-    """Divide wh by the teacher's mean box side (centerX's NORM_WH): relative size errors."""
+    """Divide wh (TTFNet: ltrb) by the teacher's mean box side (centerX's NORM_WH): relative
+    size errors."""
     heatmap_loss: Literal["mse", "kl"] = "mse"
     """mse: centerX's MSE of probabilities; kl: binary KL between temperature-softened teacher
     and student probabilities, times temperature^2."""
@@ -181,6 +201,30 @@ def check_input_spec(student: ModelConfig, teacher: ModelConfig, name: str) -> N
             )
 
 
+DISTILLED_HEADS = ("centernet", "ttfnet")
+"""Head types (`detector.heads.HEADS`) with a distillation loss."""
+
+
+def check_head(student: str, teacher: str, name: str) -> None:
+    """Refuse a student head type (``model.head``) without a distillation loss, and a teacher
+    whose head type differs from the student's (their outputs would not correspond)."""
+    if student == "triplet":
+        raise DistillError(
+            f"{name}: the student's head type is 'triplet': no triplet distillation loss yet "
+            f"(distillable head types: {', '.join(DISTILLED_HEADS)})"
+        )
+    if student not in DISTILLED_HEADS:
+        raise DistillError(
+            f"{name}: the student's head type {student!r} has no distillation loss "
+            f"(distillable head types: {', '.join(DISTILLED_HEADS)})"
+        )
+    if teacher != student:
+        raise DistillError(
+            f"{name}: its head type is {teacher!r} but the student's is {student!r}; "
+            "a teacher must predict what the student predicts"
+        )
+
+
 def _plain(value):
     return [float(item) for item in value] if isinstance(value, (list, tuple)) else value
 
@@ -195,6 +239,7 @@ def load_teacher(
         raise FileNotFoundError(f"distill teacher: checkpoint {path} does not exist")
     model, checkpoint = load_model(path)
     teacher_config = checkpoint.model_config
+    check_head(student.head, teacher_config.head, f"distill teacher {path}")
     check_input_spec(student, teacher_config, f"distill teacher {path}")
     classes = resolve_classes(config.classes, teacher_config, student, str(path))
     return Teacher(freeze(model), teacher_config, classes, config.weight, name=str(path))
@@ -285,6 +330,46 @@ def regression_term(
     return difference / (weight.sum() + PEAK_EPSILON)
 
 
+def centernet_regression_terms(
+    output: dict[str, Tensor], teacher_output: dict[str, Tensor], weight: Tensor,
+    normalize_wh: bool,
+) -> dict[str, Tensor]:
+    """The CenterNet head's peak-weighted terms for one student stack: ``distill_wh`` (wh / n
+    with n the teacher's mean side clamped to >= 1 cell when ``normalize_wh``) and
+    ``distill_offset`` (when both predict an offset)."""
+    norm: Tensor | float = 1.0
+    if normalize_wh:
+        norm = teacher_output["wh"].mean(dim=1, keepdim=True).clamp(min=MIN_WH_NORM)  # (w + h) / 2
+    terms = {"distill_wh": regression_term(output["wh"].float(), teacher_output["wh"], weight,
+                                           norm)}
+    if "offset" in output and "offset" in teacher_output:
+        terms["distill_offset"] = regression_term(
+            output["offset"].float(), teacher_output["offset"], weight
+        )
+    return terms
+
+
+def ttfnet_regression_terms(
+    output: dict[str, Tensor], teacher_output: dict[str, Tensor], weight: Tensor,
+    normalize_wh: bool,
+) -> dict[str, Tensor]:
+    """The TTFNet head's peak-weighted term for one student stack, as the ChHanXiao fork:
+    ``distill_ltrb`` over the 4 distances, divided by ``(l + t + r + b) / 2 + 1e-4`` of the
+    teacher when ``normalize_wh``; no offset term."""
+    norm: Tensor | float = 1.0
+    if normalize_wh:
+        norm = teacher_output["ltrb"].sum(dim=1, keepdim=True) / 2 + LTRB_NORM_EPSILON
+    return {"distill_ltrb": regression_term(output["ltrb"].float(), teacher_output["ltrb"],
+                                            weight, norm)}
+
+
+# Head type -> (its regression term names, the function computing them for one student stack).
+REGRESSION_TERMS = {
+    "centernet": (("distill_wh", "distill_offset"), centernet_regression_terms),
+    "ttfnet": (("distill_ltrb",), ttfnet_regression_terms),
+}
+
+
 def feature_adapters(
     student: nn.Module, teachers: Sequence[Teacher], example: Tensor
 ) -> nn.ModuleList:
@@ -320,6 +405,7 @@ def distillation_loss(
     config: DistillConfig,
     *,
     task_loss: LossFn = centernet_loss,
+    head: str = "centernet",
     adapters: nn.ModuleList | None = None,
     precision: str = "fp32",
 ) -> LossFn:
@@ -328,15 +414,23 @@ def distillation_loss(
     feature distillation is on: fit's ``forward_kwargs={"return_features": True}``); batch:
     the training batch, whose ``image`` (B, 3, H, W) the teachers run on.
 
-    ``total = task (when config.with_labels) + sum_k weight_k (heatmap_weight L_heatmap +
-    wh_weight L_wh + offset_weight L_offset + feature_weight L_feature)``; every student stack
+    ``head``: the student's head type, whose terms are distilled (every teacher must have it):
+    centernet ``total = task (when config.with_labels) + sum_k weight_k (heatmap_weight
+    L_heatmap + wh_weight L_wh + offset_weight L_offset + feature_weight L_feature)``; ttfnet
+    the same with ``wh_weight L_ltrb`` in place of the wh and offset terms. ``task_loss``: the
+    student's task loss (`detector.heads.task_loss`, with the recipe's heatmap loss and
+    balancing); distillation terms are added after it and never rebalanced. Every student stack
     is distilled from the teacher's last stack and the terms are averaged over the stacks.
-    parts: the task parts, ``distill_heatmap``, ``distill_wh``, ``distill_offset``,
-    ``distill_feature`` (unweighted sums over teachers) and ``total``, all detached.
+    parts: the task parts, ``distill_heatmap``, the head's regression terms (``distill_wh``,
+    ``distill_offset``; ttfnet ``distill_ltrb``), ``distill_feature`` (unweighted sums over
+    teachers) and ``total``, all detached.
     """
     teachers = list(teachers)
     if not teachers:
         raise DistillError("distill: no teacher")
+    for teacher in teachers:
+        check_head(head, teacher.model_config.head, f"distill teacher {teacher.name}")
+    regression_names, regression_terms = REGRESSION_TERMS[head]
     check_teachers(teachers)
     if config.feature_weight > 0 and (adapters is None or len(adapters) != len(teachers)):
         raise DistillError(
@@ -354,7 +448,7 @@ def distillation_loss(
             total, parts = images.new_zeros((), dtype=torch.float32), {}
         sums = {
             name: images.new_zeros((), dtype=torch.float32)
-            for name in ("distill_heatmap", "distill_wh", "distill_offset", "distill_feature")
+            for name in ("distill_heatmap", *regression_names, "distill_feature")
         }
         for index, teacher in enumerate(teachers):
             if teacher.model.training:  # someone called .train() on it: statistics must not move
@@ -365,10 +459,6 @@ def distillation_loss(
             teacher_output = {key: value.float() for key, value in stacks[-1].items()}
             teacher_probability = torch.sigmoid(teacher_output["heatmap"])
             weight = peak_weight(teacher_probability)
-            norm: Tensor | float = 1.0
-            if config.normalize_wh:
-                mean_side = teacher_output["wh"].mean(dim=1, keepdim=True)  # (w + h) / 2
-                norm = mean_side.clamp(min=MIN_WH_NORM)
             classes = torch.as_tensor(teacher.classes, device=images.device)
             terms = {name: [] for name in sums}
             for output in outputs:
@@ -381,13 +471,10 @@ def distillation_loss(
                         config.temperature,
                     )
                 )
-                terms["distill_wh"].append(
-                    regression_term(output["wh"].float(), teacher_output["wh"], weight, norm)
-                )
-                if "offset" in output and "offset" in teacher_output:
-                    terms["distill_offset"].append(
-                        regression_term(output["offset"].float(), teacher_output["offset"], weight)
-                    )
+                for name, value in regression_terms(
+                    output, teacher_output, weight, config.normalize_wh
+                ).items():
+                    terms[name].append(value)
                 if config.feature_weight > 0:
                     if "features" not in output:
                         raise DistillError(
@@ -415,6 +502,7 @@ def _weight_of(config: DistillConfig, name: str) -> float:
     return {
         "distill_heatmap": config.heatmap_weight,
         "distill_wh": config.wh_weight,
+        "distill_ltrb": config.wh_weight,
         "distill_offset": config.offset_weight,
         "distill_feature": config.feature_weight,
     }[name]

@@ -14,6 +14,7 @@ which sections a recipe left to the defaults.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -159,9 +160,10 @@ def _check_baseline(path: Path, recipe: Recipe, class_names: list[str] | None,
 
 def _check_teacher(index: int, recipe: Recipe, class_names: list[str] | None,
                    problems: list[str], notes: list[str]) -> None:
-    """A teacher checkpoint: readable, the student's input spec, classes that map onto the
-    student's (the checks `load_teacher` makes when the fine-tune starts)."""
-    from .distill import check_input_spec, resolve_classes
+    """A teacher checkpoint: readable, the student's head type (one with a distillation loss)
+    and input spec, classes that map onto the student's (the checks `load_teacher` makes when
+    the fine-tune starts)."""
+    from .distill import check_head, check_input_spec, resolve_classes
 
     teacher = recipe.finetune.distill.teachers[index]
     key = f"finetune.distill.teachers[{index}].checkpoint"
@@ -174,6 +176,7 @@ def _check_teacher(index: int, recipe: Recipe, class_names: list[str] | None,
         student = dataclasses.replace(student, num_classes=len(class_names),
                                       class_names=list(class_names))
     try:
+        check_head(student.head, config.head, f"{key} {path}")
         check_input_spec(student, config, f"{key} {path}")
         if class_names is not None:
             resolve_classes(teacher.classes, config, student, f"{key} {path}")
@@ -193,6 +196,28 @@ def _check_precision(recipe: Recipe, device: str, problems: list[str]) -> None:
                             f"CUDA, the device is {device}; use 'bf16' on CPU")
         if not (math.isfinite(config.lr) and config.lr > 0):
             problems.append(f"{section}.lr: expected a finite positive value, got {config.lr}")
+
+
+def _check_prune(recipe: Recipe, problems: list[str], notes: list[str]) -> None:
+    """What the prune stage reads besides the checkpoint: a stored sensitivity scan, and the
+    runtime a latency budget is measured on."""
+    prune = recipe.prune
+    if prune is None:
+        return
+    if prune.sensitivity is not None:
+        path = resolve_path(recipe, prune.sensitivity)
+        if not path.is_file():
+            problems.append(f"prune.sensitivity: {path} does not exist (write it with "
+                            "`ctprune sensitivity CHECKPOINT --data DATA.yaml`)")
+        else:
+            notes.append(f"prune.sensitivity: {path}")
+    if prune.target_latency is None:
+        return
+    if prune.runtime == "cuda" and not torch.cuda.is_available():
+        problems.append("prune.runtime: 'cuda' for target_latency, but torch sees no CUDA device")
+    if prune.runtime == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
+        problems.append("prune.runtime: 'onnxruntime' for target_latency, but onnxruntime is not "
+                        "installed (pip install onnxruntime)")
 
 
 def _probe_folder(out_dir: Path) -> Path:
@@ -284,6 +309,7 @@ def preflight(recipe: Recipe, out_dir: str | Path, device: str | None, *,
         problems.append(str(error))
         device = "cpu"
     _check_precision(recipe, device, problems)
+    _check_prune(recipe, problems, notes)
     class_names = _check_data(recipe, problems, notes)
     for key in ("checkpoint", "original"):
         value = getattr(recipe.baseline, key)

@@ -105,8 +105,8 @@ class PruneConfig(PruneOptions):
     own), plus rounds and BatchNorm recalibration."""
 
     criterion: str | list[str] = DEFAULTS.criterion
-    """One of ctprune.pruning.CRITERIA (l1, l2, bn_gamma, kmeans, random), or a list of
-    distinct ones."""
+    """One of ctprune.pruning.CRITERIA (l1, l2, bn_gamma, kmeans, random, taylor, hessian), or a
+    list of distinct ones."""
     ratio: float | list[float] | None = DEFAULTS.ratio
     """Fraction of channels removed per round (per group in layer scope), in [0, 1) and at most
     `max_layer_ratio`, or a list of distinct ones."""
@@ -122,8 +122,11 @@ class PruneConfig(PruneOptions):
 
     def __post_init__(self) -> None:
         ratios, targets = _as_list(self.ratio), _as_list(self.target_macs)
-        if bool(ratios) == bool(targets):
-            raise ValueError("ratio: give exactly one of prune.ratio and prune.target_macs")
+        budgets = [value for value in (self.target_params, self.target_latency)
+                   if value is not None]
+        if bool(ratios) + bool(targets) + bool(budgets) != 1:
+            raise ValueError("ratio: expected exactly one of prune.ratio, prune.target_macs, "
+                             "prune.target_params and prune.target_latency")
         for criterion in _as_list(self.criterion):
             for ratio in ratios or [None]:
                 for target in targets or [None]:
@@ -233,7 +236,8 @@ class Recipe:
 
 @dataclass(frozen=True)
 class Branch:
-    """One sweep point: a criterion with a ratio or a MAC target."""
+    """One sweep point: a criterion with a ratio or a MAC target (or the section's parameter or
+    latency target, when neither is given)."""
 
     name: str
     criterion: str
@@ -255,20 +259,22 @@ def branches(recipe: Recipe) -> list[Branch]:
     config = recipe.prune
     if config is None:
         return []
-    amounts = [("r", ratio, None) for ratio in _as_list(config.ratio)]
-    amounts += [("macs", None, target) for target in _as_list(config.target_macs)]
+    amounts = [(f"r{ratio}", ratio, None) for ratio in _as_list(config.ratio)]
+    amounts += [(f"macs{target}", None, target) for target in _as_list(config.target_macs)]
+    for kind in ("params", "latency"):
+        if getattr(config, f"target_{kind}") is not None:
+            amounts.append((f"{kind}{getattr(config, f'target_{kind}')}", None, None))
+    # A sensitivity allocation names its branches apart from the uniform ones.
+    allocation = "_sensitivity" if config.allocation == "sensitivity" else ""
     result = [
-        Branch(
-            f"{criterion}_{tag}{ratio if ratio is not None else target}", criterion, ratio, target
-        )
+        Branch(f"{criterion}{allocation}_{label}", criterion, ratio, target)
         for criterion in _as_list(config.criterion)
-        for tag, ratio, target in amounts
+        for label, ratio, target in amounts
     ]
     if recipe.report.controls:
-        for tag, ratio, target in amounts:
-            amount = ratio if ratio is not None else target
+        for label, ratio, target in amounts:
             result.append(
-                Branch(f"control_random_{tag}{amount}", "random", ratio, target, control="random")
+                Branch(f"control_random_{label}", "random", ratio, target, control="random")
             )
         result.append(Branch("control_unpruned", "none", None, None, control="unpruned"))
     return result

@@ -61,7 +61,7 @@ from detector.files import (
     atomic_write_text,
     remove_stale_temporaries,
 )
-from detector.layout import BEST_CHECKPOINT, LAST_CHECKPOINT, LAST_EMA_CHECKPOINT
+from detector.layout import trained_model
 from detector.original import import_original_checkpoint
 
 from .distill import DistillConfig
@@ -78,6 +78,7 @@ from .layout import (
 from .lock import LOCK_FILE, run_lock
 from .preflight import preflight
 from .pruning import prune_with
+from .pruning.criteria import DATA_CRITERIA
 from .pruning.recalibrate import recalibrate_bn
 from .quantize import INT8_FILE, quantize_checkpoint
 from .recipe import Branch, Recipe, branches, prepare_data, resolve_path, stage_fingerprint
@@ -349,11 +350,7 @@ class Runner:
         train(recipe, stage.folder, sparsity=sparsity, distill=distill, teacher_paths=teacher_paths,
               resume=resume, device=self.device, initial_model=initial_model,
               on_epoch_end=self.on_epoch_end)
-        # The stage's model: the best by the selection metric, else the weights evaluation
-        # would have seen (the average, with train.ema_decay), else the last raw weights.
-        candidates = [stage.folder / name
-                      for name in (BEST_CHECKPOINT, LAST_EMA_CHECKPOINT, LAST_CHECKPOINT)]
-        chosen = next(path for path in candidates if path.is_file())
+        chosen = trained_model(stage.folder)
         distributed.run_on_main(lambda: atomic_copy(chosen, stage.folder / CHECKPOINT))
         model, _ = load_model(stage.folder / CHECKPOINT)
         return model
@@ -427,6 +424,10 @@ class Runner:
         suffix = "" if config.rounds == 1 else f"_{round_index}"
         options = config.options(branch.criterion, branch.ratio, branch.target_macs)
         settings = {**to_dict(options), "recalibrate_batches": config.recalibrate_batches}
+        if options.sensitivity is not None:  # a path relative to the recipe file
+            scan = resolve_path(self.recipe, options.sensitivity)
+            options = dataclasses.replace(options, sensitivity=str(scan))
+            settings["sensitivity"] = _file_digest(scan)  # a new scan reruns the pruning
         stage = Stage(
             self.out_dir / branch.name / f"prune{suffix}",
             f"{branch.name}/prune{suffix}",
@@ -444,8 +445,15 @@ class Runner:
         def prune_and_save() -> dict:
             model, checkpoint = load_model(source.folder / CHECKPOINT)
             size = tuple(checkpoint.model_config.input.input_size)
+            # Data-driven criteria and the sensitivity allocation calibrate on the training set,
+            # never on the evaluated split.
+            wants_data = options.criterion in DATA_CRITERIA or (
+                options.allocation == "sensitivity" and options.sensitivity is None)
+            data = self._recalibration_loader(checkpoint.model_config) if wants_data else None
             result = prune_with(model, options, example_inputs=torch.zeros(1, 3, *size),
-                                inplace=True)
+                                data=data, head=checkpoint.model_config.head, inplace=True)
+            if result.stats.latency:  # the realised latency beside the target
+                self.log(f"[prune] {stage.name}: {result.stats.latency_line()}")
             if config.recalibrate_batches > 0:
                 recalibrate_bn(result.model, self._recalibration_loader(checkpoint.model_config),
                                config.recalibrate_batches)

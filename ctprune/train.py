@@ -30,7 +30,7 @@ from detector.engine.config import TrainConfig, TrainRecipe
 from detector.engine.fit import FitResult, LossFn, fit
 from detector.engine.logs import run_log
 from detector.engine.train import Prepared, prepare_run
-from detector.heads import head_type
+from detector.heads import task_loss
 
 from .distill import (
     DistillConfig,
@@ -135,6 +135,7 @@ def _distillation(
         adapters = feature_adapters(run.plain_model, teachers, example).to(run.device)
         extra_parameters = list(adapters.parameters())
         forward_kwargs = {"return_features": True}
+    head = run.model_config.head
     loss_fn = distillation_loss(teachers, distill, adapters=adapters, precision=config.precision,
-                                task_loss=head_type(run.model_config.head).loss)
+                                task_loss=task_loss(head, config), head=head)
     return loss_fn, extra_parameters, forward_kwargs

@@ -139,14 +139,17 @@ class ModelConfig:
     """Backbone family and depth, e.g. res18, res50, res101 (see `detector.ARCHITECTURES`)."""
     head: str = "centernet"
     """Head type: the outputs the model predicts, their training targets, loss and decoder
-    (see `detector.heads.HEADS`); centernet: class heatmaps, box size and centre offset.
-    Checkpoints written before this key existed are centernet."""
+    (see `detector.heads.HEADS`); centernet: class heatmaps, box size and centre offset;
+    ttfnet: class heatmaps and the distances to the box's four sides, trained over each
+    object's Gaussian area with a GIoU loss (`detector.ttfnet`). Checkpoints written before
+    this key existed are centernet."""
     num_classes: int | None = None
     """Number of object classes, i.e. heatmap channels (>= 1); None takes the data's class
     count."""
     head_conv: int | None = None
     """Width of each head's 3x3 conv (>= 0); None takes the architecture's default (64 for
-    ResNets), 0 makes every head a single 1x1 conv."""
+    ResNets), 0 makes every head a single 1x1 conv. ttfnet: the heatmap branch's two 3x3
+    convs; its box branch is half as wide."""
     widths: dict | None = None
     """Channel widths of a scaled-down model (see the architecture's builder); None for the
     original widths. Pruned models keep the base widths here and store a channel plan."""

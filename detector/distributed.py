@@ -78,6 +78,16 @@ def average_gradients(parameters: list[nn.Parameter]) -> None:
         parameter.grad /= dist.get_world_size()
 
 
+def average_value(value: float, device: torch.device) -> float:
+    """The mean of ``value`` over the processes (one all_reduce on ``device``, where the
+    backend can reach it); ``value`` itself in one process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.item() / dist.get_world_size()
+
+
 def gather_to_main(value: object) -> list[object] | None:
     """Every rank's ``value`` on rank 0 (a list in rank order), None on the other ranks; the
     value itself in a list outside torch.distributed."""

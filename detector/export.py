@@ -38,7 +38,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .config import InputSpec, ModelConfig, to_dict
 from .heads import head_type
-from .models.centernet import CenterNet, FusedHeads, output_layers
+from .models.centernet import CenterNet, FusedHeads, HeadSet, output_layers
 from .stats import count_macs, count_parameters
 
 # ONNX opset of the exported graphs: 19 is the first with DeformConv; everything else CenterNet
@@ -225,9 +225,11 @@ def subpixel_deconvs(model: nn.Module) -> nn.Module:
 def fuse_heads(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose heads run as `FusedHeads`; ``model`` itself when its heads are
     not all 3x3 conv + ReLU + 1x1 conv reading one feature map (multi-stack hourglass, heads
-    without head_conv). For inference: a pruned model keeps its per-head widths."""
+    without head_conv) or are not the CenterNet head type's per-output heads (a `HeadSet`:
+    TTFNet's box branch scales its output, which `FusedHeads` would drop). For inference: a
+    pruned model keeps its per-head widths."""
     heads = getattr(model, "heads", None)
-    if not isinstance(model, CenterNet) or not isinstance(heads, nn.ModuleDict):
+    if not isinstance(model, CenterNet) or not isinstance(heads, HeadSet):
         return model
     shapes = [[type(layer) for layer in head] for head in heads.values()]
     if any(shape != [nn.Conv2d, nn.ReLU, nn.Conv2d] for shape in shapes):

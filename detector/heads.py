@@ -8,9 +8,9 @@ raw outputs to detections. ``model.head`` in a recipe or checkpoint names an ent
 `build_model`, the dataset, evaluation, the predictor and export all look it up here
 (`head_type`).
 
-Later head types are one entry each, e.g. TTFNet (outputs ``heatmap`` and ``ltrb``, its own
-Gaussian targets, GIoU loss, ltrb decoder) or the keypoint triplet (``tl_heatmap``,
-``br_heatmap``, ``ct_heatmap``, embeddings and offsets).
+TTFNet (``ttfnet``: outputs ``heatmap`` and ``ltrb``, its own Gaussian targets, GIoU loss,
+ltrb decoder; `detector.ttfnet`) is the second entry. Later head types are one entry each, e.g.
+the keypoint triplet (``tl_heatmap``, ``br_heatmap``, ``ct_heatmap``, embeddings and offsets).
 """
 
 from __future__ import annotations
@@ -18,14 +18,28 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 from torch import Tensor, nn
 
 from .inference.decode import decode_centernet
-from .losses import centernet_loss
+from .losses import centernet_loss, heatmap_loss_named
 from .models.centernet import HeadFactory, per_output_heads
 from .targets import encode_targets
+from .triplet.decode import decode_triplet
+from .triplet.heads import build_triplet_heads
+from .triplet.loss import triplet_loss
+from .triplet.targets import encode_triplet_targets
+from .ttfnet.decode import decode_ttfnet
+from .ttfnet.heads import build_ttfnet_heads
+from .ttfnet.loss import ttfnet_loss
+from .ttfnet.targets import encode_ttfnet_targets
+
+if TYPE_CHECKING:
+    from .engine.config import TrainConfig
+
+LossFn = Callable[[list[dict[str, Tensor]], dict[str, Tensor]], tuple[Tensor, dict[str, Tensor]]]
 
 # In `HeadType.outputs`: one channel per class (a class heatmap).
 NUM_CLASSES = "num_classes"
@@ -58,10 +72,10 @@ class HeadType:
     neck's features to the dict of raw outputs, with ``output_convs()`` (the convs pruning
     never cuts), as `detector.models.centernet.per_output_heads`."""
 
-    def head_factory(self, num_classes: int) -> HeadFactory:
-        """``make_heads(in_channels, head_conv)`` for a model of ``num_classes`` classes: what
-        every backbone family in `detector.models.ARCHITECTURES` calls to build its heads."""
-        return partial(self.build_heads, outputs=self.output_channels(num_classes))
+    loss_terms: tuple[str, ...] = ("heatmap", "wh", "offset")
+    """The names of the loss's terms (its parts besides "total"), which
+    ``train.balance_magnitudes`` names (`detector.engine.config.LOSS_TERM_NAMES` is their
+    union over the table)."""
 
     def output_channels(self, num_classes: int) -> dict[str, int]:
         """Output name -> channels for a model of ``num_classes`` classes."""
@@ -78,6 +92,35 @@ HEADS: dict[str, HeadType] = {
         loss=centernet_loss,
         decode=decode_centernet,
     ),
+    # TTFNet (`detector.ttfnet`): Gaussian-area box targets, GIoU loss, ltrb decoder.
+    "ttfnet": HeadType(
+        outputs={"heatmap": NUM_CLASSES, "ltrb": 4},
+        encode_targets=encode_ttfnet_targets,
+        loss=ttfnet_loss,
+        decode=decode_ttfnet,
+        build_heads=build_ttfnet_heads,
+        loss_terms=("heatmap", "ltrb"),
+    ),
+    # The keypoint triplet (`detector.triplet`, Duan et al.): corner and center heatmaps with
+    # cascade corner / center pooling, associative embeddings, offsets; corner pairs kept when
+    # a center keypoint confirms them.
+    "triplet": HeadType(
+        outputs={
+            "tl_heatmap": NUM_CLASSES,
+            "br_heatmap": NUM_CLASSES,
+            "ct_heatmap": NUM_CLASSES,
+            "tl_embedding": 1,
+            "br_embedding": 1,
+            "tl_offset": 2,
+            "br_offset": 2,
+            "ct_offset": 2,
+        },
+        encode_targets=encode_triplet_targets,
+        loss=triplet_loss,
+        decode=decode_triplet,
+        build_heads=build_triplet_heads,
+        loss_terms=("heatmap", "pull", "push", "offset"),
+    ),
 }
 
 
@@ -86,3 +129,45 @@ def head_type(name: str) -> HeadType:
     if name not in HEADS:
         raise ValueError(f"unknown head type {name!r}; known head types: {', '.join(HEADS)}")
     return HEADS[name]
+
+
+def head_factory(head: str, num_classes: int) -> HeadFactory:
+    """``make_heads(in_channels, head_conv, options=None)`` for head type ``head`` and a model
+    of ``num_classes`` classes: what every backbone family in `detector.models.ARCHITECTURES`
+    calls to build its heads. ``options`` maps head-type names to keyword arguments for that
+    type's ``build_heads``: a family's original settings for one head type (TTFNet-34's two box
+    convs: ``{"ttfnet": {"ltrb_convs": 2}}``); entries for other head types are ignored."""
+    entry = head_type(head)
+    outputs = entry.output_channels(num_classes)
+
+    def make_heads(
+        in_channels: int, head_conv: int, options: dict[str, dict] | None = None
+    ) -> nn.Module:
+        return entry.build_heads(in_channels, head_conv, outputs, **(options or {}).get(head, {}))
+
+    return make_heads
+
+
+def task_loss(head: str, config: TrainConfig, *, balanced: bool = True) -> LossFn:
+    """Head type ``head``'s loss with the recipe's loss switches: the one place a training
+    config becomes a loss, used by `fit`, the validation loss and distillation's task term.
+
+    ``config.heatmap_loss`` picks the loss on the class heatmaps (`HEATMAP_LOSSES`);
+    ``config.balance_losses`` rescales the head's terms named in ``config.balance_magnitudes``
+    to those magnitudes (centerX's loss balancing, `detector.losses.combine_terms`), unless
+    ``balanced`` is False: the validation loss is computed unbalanced, since a balanced total is
+    worth the sum of the magnitudes whatever the model does and could not select a best model.
+    """
+    entry = head_type(head)
+    balance = None
+    if balanced and config.balance_losses:
+        terms = entry.loss_terms
+        # The magnitudes cover every head's terms; each head balances those it has.
+        balance = {
+            name: magnitude
+            for name, magnitude in config.balance_magnitudes.items()
+            if name in terms
+        }
+    return partial(
+        entry.loss, heatmap_loss=heatmap_loss_named(config.heatmap_loss), balance=balance
+    )

@@ -19,7 +19,7 @@ write into such a folder (its recipe.yaml is the run's).
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 RECIPE_FILE = "recipe.yaml"
 MANIFEST_FILE = "manifest.json"
@@ -39,3 +39,14 @@ PR_CURVES_FOLDER_NAME = "pr_curves"
 METRICS_FILE = PurePosixPath(EVAL_FOLDER, EVAL_METRICS_FILE)
 """The evaluation metrics, relative to a run folder."""
 PR_CURVES_FOLDER = PurePosixPath(EVAL_FOLDER, PR_CURVES_FOLDER_NAME)
+
+
+def trained_model(folder: str | Path) -> Path:
+    """A training folder's model: the best by the selection metric, else the weights
+    evaluation would have seen (the average, with train.ema_decay), else the last raw weights.
+    FileNotFoundError when no epoch finished."""
+    names = (BEST_CHECKPOINT, LAST_EMA_CHECKPOINT, LAST_CHECKPOINT)
+    for name in names:
+        if Path(folder, name).is_file():
+            return Path(folder, name)
+    raise FileNotFoundError(f"{folder}: none of {', '.join(names)}: no epoch finished")

@@ -58,6 +58,71 @@ def focal_loss(pred: Tensor, gt: Tensor) -> Tensor:
         return -(positive_loss.sum() + negative_loss.sum()) / num_positive.clamp(min=1)
 
 
+def mse_heatmap_loss(pred: Tensor, gt: Tensor) -> Tensor:
+    """centerX's MSE heatmap loss (``LOSS.MSE``), a scalar: the mean of ``(pred - gt)^2`` over
+    every image, class and cell, background included (``torch.nn.MSELoss()``).
+
+    pred: (B, C, H, W) probabilities; gt: (B, C, H, W) target heatmap. Unlike the focal loss it
+    is not divided by the number of objects, so it is orders of magnitude smaller (a heatmap
+    weight or ``train.balance_losses`` makes up for it). Computed in float32.
+    """
+    _check_same_shape("mse_heatmap_loss", pred, gt)
+    with torch.autocast(device_type=pred.device.type, enabled=False):
+        return (pred.float() - gt.float()).pow(2).mean()
+
+
+def ignore_unlabelled_focal_loss(pred: Tensor, gt: Tensor) -> Tensor:
+    """`focal_loss` without the negatives of every (image, class) channel that holds no
+    positive (centerX's ``ignore_unlabel_focal_loss``, ``LOSS.IGNORE_UNLABEL``), a scalar.
+
+    For data sets merged from single-class sets: an image of the "person" set has no "car"
+    labels although it may show cars, so its car channel says nothing and must not teach the
+    model that everything there is background. Only channels with an object (gt == 1
+    somewhere) contribute negatives; positives and the normaliser (the batch's positives) are
+    the focal loss's. centerX tests ``gt[n, c].sum() == 0``; that is the same test here, where
+    every drawn Gaussian has its peak of 1. A batch without any positive gives 0.
+
+    pred, gt: (B, C, H, W) probabilities and target heatmap. Computed in float32.
+    """
+    _check_same_shape("ignore_unlabelled_focal_loss", pred, gt)
+    with torch.autocast(device_type=pred.device.type, enabled=False):
+        pred = pred.float()
+        gt = gt.float()
+        positive = gt.eq(1).float()
+        # (B, C, 1, 1): 1 for the channels that hold an object; vectorised, not centerX's loop
+        labelled = positive.amax(dim=(2, 3), keepdim=True)
+        negative = gt.lt(1).float() * labelled
+        positive_loss = torch.log(pred) * (1 - pred).pow(2) * positive
+        negative_loss = torch.log(1 - pred) * pred.pow(2) * (1 - gt).pow(4) * negative
+        return -(positive_loss.sum() + negative_loss.sum()) / positive.sum().clamp(min=1)
+
+
+HEATMAP_LOSSES = {
+    "focal": focal_loss,
+    "mse": mse_heatmap_loss,
+    "focal_labelled": ignore_unlabelled_focal_loss,
+}
+"""``train.heatmap_loss`` -> the ``heatmap_loss(probabilities, gt) -> scalar`` every head's loss
+applies to its class heatmaps."""
+
+
+def heatmap_loss_named(name: str) -> HeatmapLoss:
+    """The `HEATMAP_LOSSES` entry ``name``; a ValueError listing the known ones otherwise."""
+    if name not in HEATMAP_LOSSES:
+        raise ValueError(
+            f"heatmap_loss: expected one of {', '.join(HEATMAP_LOSSES)}, got {name!r}"
+        )
+    return HEATMAP_LOSSES[name]
+
+
+def _check_same_shape(function: str, pred: Tensor, gt: Tensor) -> None:
+    if pred.shape != gt.shape:
+        raise ValueError(
+            f"{function}: pred and gt must have the same shape, got {tuple(pred.shape)} "
+            f"and {tuple(gt.shape)}"
+        )
+
+
 def _gather_at(output: Tensor, index: Tensor) -> Tensor:
     """output (B, D, H, W), index (B, M) flat cells -> (B, M, D) values at those cells."""
     batch, channels = output.shape[:2]

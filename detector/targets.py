@@ -92,16 +92,17 @@ def _radius(height: float, width: float, overlap: float, variant: str) -> float:
     return min(corrected_r1, corrected_r2, (b3 + sq3) / (2 * a3))
 
 
-@functools.cache  # lru_cache without a size limit: one kernel per radius
-def _gaussian_kernel(radius: int) -> np.ndarray:
-    """Read-only float32 (2r+1, 2r+1) kernel with peak 1.0 at the centre.
+@functools.cache  # lru_cache without a size limit: one kernel per (radius, divisor)
+def _gaussian_kernel(radius: int, sigma_divisor: float = 6) -> np.ndarray:
+    """Read-only float32 (2r+1, 2r+1) kernel with peak 1.0 at the centre, sigma = (2r + 1) /
+    sigma_divisor.
 
     Computed in float64 as the original does, then stored as float32: the heatmap is float32
     and rounding is monotone, so max(heatmap, float32(g)) equals the original's
     float32(max(heatmap, g)).
     """
     diameter = 2 * radius + 1
-    sigma = diameter / 6
+    sigma = diameter / sigma_divisor
     steps = np.arange(-radius, radius + 1, dtype=np.float64)
     squared_distance = steps[:, None] * steps[:, None] + steps[None, :] * steps[None, :]
     kernel = np.exp(-squared_distance / (2 * sigma * sigma))
@@ -112,10 +113,12 @@ def _gaussian_kernel(radius: int) -> np.ndarray:
     return kernel
 
 
-def _paste_kernel(heatmap: np.ndarray, center_x: int, center_y: int, radius: int) -> None:
+def _paste_kernel(
+    heatmap: np.ndarray, center_x: int, center_y: int, radius: int, sigma_divisor: float = 6
+) -> None:
     """heatmap = max(heatmap, kernel) on the kernel's window, cropped at the borders."""
     height, width = heatmap.shape
-    kernel = _gaussian_kernel(radius)
+    kernel = _gaussian_kernel(radius, sigma_divisor)
     top, bottom = max(0, center_y - radius), min(height, center_y + radius + 1)
     left, right = max(0, center_x - radius), min(width, center_x + radius + 1)
     window = heatmap[top:bottom, left:right]
@@ -126,16 +129,19 @@ def _paste_kernel(heatmap: np.ndarray, center_x: int, center_y: int, radius: int
     np.maximum(window, kernel_window, out=window)
 
 
-def draw_gaussian(heatmap: np.ndarray, center: tuple[int, int], radius: int) -> np.ndarray:
+def draw_gaussian(
+    heatmap: np.ndarray, center: tuple[int, int], radius: int, sigma_divisor: float = 6
+) -> np.ndarray:
     """Merge a Gaussian peak into one class's heatmap, in place (the original's
-    ``draw_umich_gaussian``).
+    ``draw_umich_gaussian``; with ``sigma_divisor``, the keypoint-triplet original's
+    ``draw_gaussian(..., delte=sigma_divisor)``, 5 for its centre keypoints).
 
     heatmap: (H, W) float array, modified in place and returned.
     center: integer cell (x, y) inside the heatmap; it receives exactly 1.0.
     radius: r >= 0. The kernel is ``exp(-(dx^2 + dy^2) / (2 sigma^2))`` on the integer grid
-    dx, dy in [-r, r] with sigma = (2r + 1) / 6, and values below float64 eps (relative to the
-    peak) are zeroed. Where it overlaps earlier peaks the element-wise maximum wins. r = 0
-    writes a single 1.
+    dx, dy in [-r, r] with sigma = (2r + 1) / sigma_divisor, and values below float64 eps
+    (relative to the peak) are zeroed. Where it overlaps earlier peaks the element-wise
+    maximum wins. r = 0 writes a single 1.
     """
     if heatmap.ndim != 2:
         raise ValueError(f"draw_gaussian: expected an (H, W) heatmap, got shape {heatmap.shape}")
@@ -148,7 +154,9 @@ def draw_gaussian(heatmap: np.ndarray, center: tuple[int, int], radius: int) -> 
         )
     if int(radius) != radius or radius < 0:
         raise ValueError(f"draw_gaussian: radius must be a non-negative integer, got {radius!r}")
-    _paste_kernel(heatmap, center_x, center_y, int(radius))
+    if not isinstance(sigma_divisor, (int, float)) or sigma_divisor <= 0:
+        raise ValueError(f"draw_gaussian: sigma_divisor must be > 0, got {sigma_divisor!r}")
+    _paste_kernel(heatmap, center_x, center_y, int(radius), sigma_divisor)
     return heatmap
 
 
@@ -156,36 +164,66 @@ def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _check_annotations(
-    boxes: np.ndarray, labels: np.ndarray, num_classes: int
-) -> tuple[np.ndarray, np.ndarray]:
+def check_target_inputs(
+    name: str,
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    output_size: tuple[int, int],
+    max_objects: int = 0,
+    min_overlap: float = 0.5,
+    radius_variant: str = "original",
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """Every head type's target encoder's arguments checked (``name``, the encoder, starts each
+    message): (N, 4) finite boxes, N 0-based integer labels below ``num_classes``, a (height,
+    width) of positive integers, and the radius settings. Returns the boxes, the labels as
+    integers and the output size as ints."""
+    if not _is_int(num_classes) or num_classes < 1:
+        raise ValueError(f"{name}: num_classes must be a positive integer, got {num_classes!r}")
+    if (
+        not isinstance(output_size, (tuple, list))
+        or len(output_size) != 2
+        or any(not _is_int(side) or side < 1 for side in output_size)
+    ):
+        raise ValueError(
+            f"{name}: output_size must be (height, width) positive integers, got {output_size!r}"
+        )
+    if not _is_int(max_objects) or max_objects < 0:
+        raise ValueError(f"{name}: max_objects must be a non-negative integer, got {max_objects!r}")
+    if radius_variant not in RADIUS_VARIANTS:
+        raise ValueError(
+            f"{name}: unknown radius_variant {radius_variant!r}; "
+            f"expected one of {list(RADIUS_VARIANTS)}"
+        )
+    if not isinstance(min_overlap, (int, float)) or not 0.0 < min_overlap < 1.0:
+        raise ValueError(f"{name}: min_overlap must lie in (0, 1), got {min_overlap!r}")
     boxes = np.asarray(boxes)
     labels = np.asarray(labels)
     if boxes.size == 0:
         boxes = boxes.reshape(0, 4)
     if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"encode_targets: boxes must have shape (N, 4), got {boxes.shape}")
+        raise ValueError(f"{name}: boxes must have shape (N, 4), got {boxes.shape}")
     if labels.shape != (len(boxes),):
         raise ValueError(
-            f"encode_targets: labels must have shape ({len(boxes)},) to match the boxes, "
+            f"{name}: labels must have shape ({len(boxes)},) to match the boxes, "
             f"got {labels.shape}"
         )
     if not np.isfinite(boxes).all():
         row = int(np.flatnonzero(~np.isfinite(boxes).all(axis=1))[0])
-        raise ValueError(f"encode_targets: box {row} has a non-finite coordinate: {boxes[row]}")
+        raise ValueError(f"{name}: box {row} has a non-finite coordinate: {boxes[row]}")
     if labels.dtype.kind not in "iu":
         if labels.dtype.kind != "f" or not np.array_equal(labels, np.round(labels)):
             raise ValueError(
-                f"encode_targets: labels must be integer class indices, got dtype {labels.dtype}"
+                f"{name}: labels must be integer class indices, got dtype {labels.dtype}"
             )
         labels = labels.astype(np.int64)
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         outside = (labels < 0) | (labels >= num_classes)
         raise ValueError(
-            f"encode_targets: label {int(labels[outside][0])} is outside [0, {num_classes}) "
+            f"{name}: label {int(labels[outside][0])} is outside [0, {num_classes}) "
             f"(labels are 0-based class indices)"
         )
-    return boxes, labels
+    return boxes, labels, (int(output_size[0]), int(output_size[1]))
 
 
 def encode_targets(
@@ -217,32 +255,10 @@ def encode_targets(
         mask: (M,) float32, 1 where the slot holds an object.
     with M = max_objects.
     """
-    if not _is_int(num_classes) or num_classes < 1:
-        raise ValueError(
-            f"encode_targets: num_classes must be a positive integer, got {num_classes!r}"
-        )
-    if (
-        not isinstance(output_size, (tuple, list))
-        or len(output_size) != 2
-        or any(not _is_int(side) or side < 1 for side in output_size)
-    ):
-        raise ValueError(
-            f"encode_targets: output_size must be (height, width) positive integers, "
-            f"got {output_size!r}"
-        )
-    if not _is_int(max_objects) or max_objects < 0:
-        raise ValueError(
-            f"encode_targets: max_objects must be a non-negative integer, got {max_objects!r}"
-        )
-    if radius_variant not in RADIUS_VARIANTS:
-        raise ValueError(
-            f"encode_targets: unknown radius_variant {radius_variant!r}; "
-            f"expected one of {list(RADIUS_VARIANTS)}"
-        )
-    if not isinstance(min_overlap, (int, float)) or not 0.0 < min_overlap < 1.0:
-        raise ValueError(f"encode_targets: min_overlap must lie in (0, 1), got {min_overlap!r}")
-    boxes, labels = _check_annotations(boxes, labels, num_classes)
-    height, width = (int(side) for side in output_size)
+    boxes, labels, (height, width) = check_target_inputs(
+        "encode_targets", boxes, labels, num_classes, output_size, max_objects, min_overlap,
+        radius_variant,
+    )
 
     heatmap = np.zeros((num_classes, height, width), dtype=np.float32)
     wh = np.zeros((max_objects, 2), dtype=np.float32)

@@ -1,5 +1,6 @@
 """cuda_ops: the deformable conv and the corner/center poolings against their slow references,
-hand-computed cases, gradients (float64 gradcheck) and the DCN's FLOP formula."""
+hand-computed cases, gradients (float64 gradcheck), the DCN's FLOP formula, and the poolings'
+export-safe form (torch.export and ONNX without cummax)."""
 
 import pytest
 import torch
@@ -291,6 +292,80 @@ def test_pools_gradcheck_float64(pool):
 def test_pools_refuse_other_shapes():
     with pytest.raises(ValueError, match="B x C x H x W"):
         top_pool(torch.randn(3, 4, 5))
+
+
+# The export-safe form: the log-step running max (pad/slice/maximum), which ONNX translates.
+
+SIZES = [(1, 1), (1, 6), (2, 3), (5, 7), (8, 8), (9, 17)]
+
+
+@pytest.mark.parametrize("size", SIZES, ids=[f"{h}x{w}" for h, w in SIZES])
+@pytest.mark.parametrize("pool, reference, module", POOLS, ids=POOL_IDS)
+def test_log_step_pools_match_their_references(pool, reference, module, size):
+    # Integer-valued floats: many ties, where a wrong shift would show.
+    x = torch.randint(-4, 5, (2, 3, *size)).float()
+    torch.testing.assert_close(pool(x, method="log_step"), reference(x), rtol=0, atol=0)
+    torch.testing.assert_close(pool(x, method="cummax"), reference(x), rtol=0, atol=0)
+    vertical, horizontal = torch.randn(2, 3, *size), torch.randn(2, 3, *size)
+    torch.testing.assert_close(
+        center_pool(vertical, horizontal, method="log_step"),
+        corner_pool_module.center_pool_reference(vertical, horizontal),
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_unknown_pool_method_is_named():
+    with pytest.raises(ValueError, match="'fast'"):
+        top_pool(torch.randn(1, 1, 2, 2), method="fast")
+
+
+class _AllPools(nn.Module):
+    def forward(self, x):
+        return top_pool(x) + bottom_pool(x) * 2 + left_pool(x) * 3 + right_pool(x) * 4 + (
+            center_pool(x, -x)
+        )
+
+
+def _pooled_reference(x):
+    m = corner_pool_module
+    return (
+        m.top_pool_reference(x) + m.bottom_pool_reference(x) * 2 + m.left_pool_reference(x) * 3
+        + m.right_pool_reference(x) * 4 + m.center_pool_reference(x, -x)
+    )
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_pools_export_without_cummax(dynamic):
+    """torch.export traces the log-step form (no cummax in the graph); the program matches
+    the slow references, with a symbolic side at sizes other than the traced one."""
+    from torch.export import Dim
+
+    x = torch.randn(2, 3, 8, 12)
+    shapes = {"x": {2: Dim("height", min=2, max=64), 3: Dim("width", min=2, max=64)}}
+    program = torch.export.export(_AllPools(), (x,), dynamic_shapes=shapes if dynamic else None)
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert not any("cummax" in target for target in targets)
+    for size in [(8, 12)] + ([(5, 33), (64, 2)] if dynamic else []):
+        images = torch.randn(2, 3, *size)
+        torch.testing.assert_close(
+            program.module()(images), _pooled_reference(images), rtol=0, atol=0
+        )
+
+
+def test_pools_onnx_matches_onnxruntime():
+    """The ONNX exporter (through torch.export) picks the log-step form by itself."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    x = torch.randn(1, 2, 7, 9)
+    program = torch.onnx.export(
+        _AllPools().eval(), (x,), dynamo=True, opset_version=19, verbose=False
+    )
+    session = onnxruntime.InferenceSession(
+        program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    [actual] = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(actual), _pooled_reference(x), rtol=0, atol=0)
 
 
 @pytest.mark.gpu

@@ -48,14 +48,14 @@ def test_model_config_head_defaults_to_centernet() -> None:
 
 
 def test_unknown_head_is_a_config_error_naming_the_key_and_the_known_heads() -> None:
-    with pytest.raises(ConfigError, match=r"^model\.head: unknown head type 'ttfnet'.*centernet"):
-        from_dict(ModelConfig, {"head": "ttfnet"}, "model")
-    with pytest.raises(ValueError, match="unknown head type 'ttfnet'; known head types: centernet"):
-        build_model("res18", 3, head="ttfnet")
+    with pytest.raises(ConfigError, match=r"^model\.head: unknown head type 'yolo'.*centernet"):
+        from_dict(ModelConfig, {"head": "yolo"}, "model")
+    with pytest.raises(ValueError, match="unknown head type 'yolo'; known head types: centernet"):
+        build_model("res18", 3, head="yolo")
+    with pytest.raises(ValueError, match="known head types: centernet, ttfnet"):
+        DeployModel(tiny_model(), tiny_config().input, head="yolo")
     with pytest.raises(ValueError, match="known head types: centernet"):
-        DeployModel(tiny_model(), tiny_config().input, head="ttfnet")
-    with pytest.raises(ValueError, match="known head types: centernet"):
-        CenterNetDataset([], 3, tiny_config().input, train=False, head="ttfnet")
+        CenterNetDataset([], 3, tiny_config().input, train=False, head="yolo")
 
 
 @pytest.fixture

@@ -283,8 +283,9 @@ def test_models_without_declared_output_layers_keep_theiroutputs_of():
         ({"ratio": True}, r"ratio: expected a number"),
         ({"ratio": 0.9}, r"ratio 0.9 exceeds max_layer_ratio 0.8"),
         (
-            {"criterion": "taylor"},
-            r"unknown criterion 'taylor'; known criteria: l1, l2, bn_gamma, kmeans, random",
+            {"criterion": "fpgm"},
+            r"unknown criterion 'fpgm'; known criteria: l1, l2, bn_gamma, kmeans, random, "
+            r"taylor, hessian",
         ),
         ({"scope": "local"}, r"scope: expected one of \('layer', 'global'\)"),
         ({"max_layer_ratio": 0}, r"max_layer_ratio: expected a number in \(0, 1\)"),
@@ -312,7 +313,7 @@ def test_models_without_declared_output_layers_keep_theiroutputs_of():
         ({"ignored_layers": [nn.Conv2d]}, r"ignored_layers\[0\]: got the class Conv2d"),
         ({"ignored_layers": ["backbone", "neck", "heads"]}, r"nothing to prune"),
         ({"example_inputs": torch.zeros(3, 64, 64)}, r"example_inputs: expected an image batch"),
-        ({"data": [1]}, r"data: none of the criteria"),
+        ({"data": [1]}, r"data: the l1 criterion reads no data"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):

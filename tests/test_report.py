@@ -28,10 +28,13 @@ from ctprune.cli import main
 from ctprune.report import (
     ROW_KEYS,
     build_report,
+    chain_rows,
     measure,
     paired_latency,
     pareto_front,
     read_history,
+    run_stage_rows,
+    training_record,
 )
 from ctprune.report.measure import model_figures
 from ctprune.report.plots import new_figure, place_labels
@@ -508,3 +511,22 @@ def test_stages_of_an_earlier_recipe_are_not_reported_as_current(run_a, tmp_path
     [stale] = [entry for entry in report["incomplete"] if entry["stage"] == "l1_0.5/finetune"]
     assert "earlier recipe" in stale["reason"]
     assert "l1_0.5/finetune" in (tmp_path / "report.md").read_text().split("| run |")[-1]
+
+
+def test_study_readers_take_a_run_folder_apart(run_a, report_a, tmp_path):
+    """training_record reads a training folder's epoch log; run_stage_rows a run's report."""
+    _, out_dir = report_a
+    record = training_record(run_a / "baseline")
+    assert record["epochs"] == 3
+    assert [point["epoch"] for point in record["curve"]] == [2, 3]
+    assert record["curve"][-1]["ap50"] == pytest.approx(0.6)
+    shutil.copy(out_dir / "report.json", tmp_path / "report.json")
+    rows = run_stage_rows(tmp_path)
+    assert list(rows) == ["baseline", "prune", "finetune"]
+    assert rows["prune"]["name"] == "l1_0.5/prune" and rows["prune"]["ap"] == pytest.approx(0.20)
+    names = {"baseline": "s0/baseline", "finetune": "s0/finetune"}
+    study = chain_rows("arm", names, rows)
+    assert [row["name"] for row in study] == ["s0/baseline", "s0/finetune"]
+    assert all(tuple(row) == ROW_KEYS for row in study)
+    assert study[1]["ap"] == rows["finetune"]["ap"]
+    assert study[1]["ap_kept"] == pytest.approx(rows["finetune"]["ap"] / rows["baseline"]["ap"])

@@ -14,12 +14,21 @@ TINY_WIDTHS = {
     # two hourglass levels (the original has five), still two stacks; two residuals on the
     # level that widens, so the order of its residuals shows in the import parity test
     "hourglass": {"stem": 8, "dims": [8, 8, 16], "modules": [1, 2, 2], "cnv": 8},
+    # centernet52 / centernet104: the same hourglass with one / two stacks (triplet head only)
+    "centernet": {"stem": 8, "dims": [8, 8, 16], "modules": [1, 2, 2], "cnv": 8},
     "hrnet_w": {"stem": 8, "stage1": 4, "branches": [4, 8, 8, 16], "modules": [1, 1, 1],
                 "blocks": 1, "neck": 16},
     "mobilenet_v3_large": {"width_mult": 0.25, "neck": [16, 8, 8]},
     # DLA-34's six level widths, all different as in the original (the neck follows them)
     "dla": {"channels": [4, 8, 12, 16, 20, 24]},
+    # HrCenterNet's HRNet and DLA models (triplet head only): the tiny trunks, an 8-wide cnvs
+    "hrcenternet_w": {"stem": 8, "stage1": 4, "branches": [4, 8, 8, 16], "modules": [1, 1, 1],
+                      "blocks": 1, "neck": 8},
+    "hrcenternet_dla": {"channels": [4, 8, 12, 16, 20, 24], "cnv": 8},
     "dlav0_": {"channels": [4, 8, 12, 16, 20, 24]},
+    # the original's 1/2/3 shortcut convs; neck widths differ from the stages they add to
+    "ttfnet": {"stem": 8, "stages": [8, 16, 16, 32], "neck": [16, 12, 8],
+               "shortcut_convs": [1, 2, 3]},
 }
 TINY_HEAD_CONV = 8
 TINY_INPUT = (64, 64)

@@ -1,9 +1,11 @@
 """Channel pruning of CenterNet models on torch-pruning's dependency graph.
 
 One entry point, `prune(model, ratio, criterion, ...) -> PruneResult(model, plan, stats)`;
-the folders mirror the algorithm: `graph` (coupled channels) -> `criteria` (importance) ->
-`allocate` (how many channels each group keeps) -> `merge` (k-means merging) -> `api`; beside
-them `slimming` (sparsity training of BN scales) and `recalibrate` (BN statistics after pruning).
+the folders mirror the algorithm: `graph` (coupled channels) -> `criteria` (importance; `taylor`
+reads calibration gradients) -> `allocate` (how many channels each group keeps; `budget` and
+`sensitivity` for a MAC, parameter or `latency` budget) -> `merge` (k-means merging) -> `api`;
+beside them `slimming` (sparsity training of BN scales) and `recalibrate` (BN statistics after
+pruning).
 """
 
 from detector.lazy import lazy_exports

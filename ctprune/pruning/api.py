@@ -3,6 +3,8 @@
 result = prune(model, 0.3, "l1")                        # every group loses 30 %
 result = prune(model, 0.3, "bn_gamma", scope="global")  # 30 % of all channels, ranked together
 result = prune(model, None, "l1", target_macs=0.5)      # half the MACs
+result = prune(model, None, "taylor", data=batches, allocation="sensitivity",
+               target_latency=0.4)                      # 40 % of the latency, least loss
 result = prune_with(model, PruneOptions(ratio=0.3))     # the knobs as one object
 save_checkpoint(path, result.model, config)             # config + channel plan + weights
 """
@@ -10,6 +12,7 @@ save_checkpoint(path, result.model, config)             # config + channel plan 
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 import warnings
 from collections.abc import Iterable
@@ -23,7 +26,9 @@ from detector import count_macs, count_parameters, layer_widths, output_layers, 
 from detector.channel_plan import ChannelPlan, apply_channel_plan
 
 from .allocate import allocate_global, allocate_layer, match_overrides, min_keep
+from .budget import WidthCost, allocate_budget, candidate_keeps, widen_for_free
 from .criteria import (
+    DATA_CRITERIA,
     SELECTORS,
     Selection,
     check_applicable,
@@ -43,7 +48,9 @@ from .graph import (
     resolve_ignored_layers,
 )
 from .merge import fold_into_kept
-from .options import DEFAULTS, SCOPES, PruneOptions
+from .options import ALLOCATIONS, DEFAULTS, SCOPES, PruneOptions
+from .sensitivity import curves_at, read_scan, sensitivity_curves
+from .taylor import accumulate_gradients
 
 # Graph building traces one forward pass; at 128 px it is ~18x faster than at 512 px and gives
 # the same groups (the architecture is fully convolutional).
@@ -93,6 +100,12 @@ class PruneStats:
     widths_after: dict[str, list[int]]
     groups: list[dict]
     timings: dict[str, float] = field(default_factory=dict)
+    allocation: str = "uniform"
+    target_params: float | None = None
+    target_latency: float | None = None
+    latency: dict | None = None
+    """With ``target_latency``: runtime, threads, the parent's and the pruned model's measured
+    milliseconds (timed interleaved), the realised ratio and the latency model's prediction."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -111,7 +124,18 @@ class PruneStats:
                 f"params (M) {change(self.params_before / 1e6, self.params_after / 1e6)}; "
                 f"state dict (MiB) {change(self.mib_before, self.mib_after)}",
                 f"GMACs at {size} {change(self.macs_before / 1e9, self.macs_after / 1e9)}",
+                *([self.latency_line()] if self.latency else []),
             ]
+        )
+
+    def latency_line(self) -> str:
+        """The realised latency beside the target."""
+        latency = self.latency
+        return (
+            f"latency ({latency['runtime']}, {latency['threads']} threads, {self.input_size[0]}"
+            f"x{self.input_size[1]}) {latency['before_ms']:.2f} -> {latency['after_ms']:.2f} ms: "
+            f"realised {latency['realised']:.3f} of the parent's, target {self.target_latency}, "
+            f"predicted {latency['predicted']:.3f}"
         )
 
 
@@ -140,6 +164,10 @@ def _check_arguments(
     round_to,
     target_macs,
     data,
+    allocation="uniform",
+    target_params=None,
+    target_latency=None,
+    sensitivity=None,
 ) -> None:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -148,6 +176,26 @@ def _check_arguments(
         raise ValueError(f"scope: expected one of {SCOPES}, got {scope!r}")
     if not _is_number(max_layer_ratio) or not 0 < max_layer_ratio < 1:
         raise ValueError(f"max_layer_ratio: expected a number in (0, 1), got {max_layer_ratio!r}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation: expected one of {ALLOCATIONS}, got {allocation!r}")
+    targets = {"target_macs": target_macs, "target_params": target_params,
+               "target_latency": target_latency}
+    given = [name for name, value in targets.items() if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"give one budget, not {' and '.join(given)}")
+    for name in given[:1]:
+        value = targets[name]
+        if name != "target_macs" and (not _is_number(value) or not 0 < value <= 1):
+            raise ValueError(f"{name}: expected the fraction of the parent's to keep, in (0, 1], "
+                             f"got {value!r}")
+        if name != "target_macs":
+            if ratio is not None:
+                raise ValueError(f"give either ratio or {name}, not both (pass ratio=None)")
+            target_macs = None  # the checks below are for a ratio; this budget is checked
+            ratio = 0.0
+    if allocation == "sensitivity" and not given:
+        raise ValueError("allocation: 'sensitivity' needs a budget: target_macs, target_params "
+                         "or target_latency")
     if target_macs is None:
         if not _is_number(ratio) or not 0 <= ratio < 1:
             raise ValueError(f"ratio: expected a number in [0, 1), got {ratio!r}")
@@ -186,10 +234,20 @@ def _check_arguments(
         not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() != 4
     ):
         raise ValueError("example_inputs: expected an image batch tensor of shape (B, 3, H, W)")
-    if data is not None:
+    if sensitivity is not None and allocation != "sensitivity":
+        raise ValueError("sensitivity: stored curves are read by allocation='sensitivity' only")
+    measures = allocation == "sensitivity" and sensitivity is None
+    if data is None and (criterion in DATA_CRITERIA or measures):
+        user = f"the {criterion} criterion" if criterion in DATA_CRITERIA else (
+            "allocation='sensitivity'")
         raise ValueError(
-            "data: none of the criteria (l1, l2, bn_gamma, kmeans, random) reads data; the "
-            "argument is reserved for data-driven criteria"
+            f"data: {user} needs calibration batches (an iterable of training batches: dicts "
+            "with 'image' and the head's targets), e.g. prune(..., data=loader)"
+        )
+    if data is not None and criterion not in DATA_CRITERIA and not measures:
+        raise ValueError(
+            f"data: the {criterion} criterion reads no data; data-driven criteria: "
+            f"{', '.join(DATA_CRITERIA)} (or allocation='sensitivity' without stored curves)"
         )
 
 
@@ -272,16 +330,18 @@ def warn_on_shortfall(
     )
 
 
-def _bisect_ratio(target_macs: float, high: float, macs_of) -> float:
-    """The smallest ratio in [0, high] whose MACs fraction is at most ``target_macs``
-    (MACs fall monotonically with the ratio in both scopes)."""
+def _bisect_ratio(target_macs: float, high: float, macs_of, what: str = "macs") -> float:
+    """The smallest ratio in [0, high] whose MACs fraction (or ``what``'s: params, latency) is
+    at most ``target_macs`` (they fall monotonically with the ratio in both scopes; predicted
+    latency nearly so, and the bisection then finds one crossing)."""
     if macs_of(0.0) <= target_macs:
         return 0.0
     reachable = macs_of(high)
     if reachable > target_macs:
+        noun = {"macs": "MACs", "params": "parameters", "latency": "predicted latency"}[what]
         raise ValueError(
-            f"target_macs {target_macs} is out of reach: with every layer at max_layer_ratio "
-            f"({high}) the model keeps {reachable:.3f} of its MACs; raise max_layer_ratio or "
+            f"target_{what} {target_macs} is out of reach: with every layer at max_layer_ratio "
+            f"({high}) the model keeps {reachable:.3f} of its {noun}; raise max_layer_ratio or "
             "aim higher"
         )
     low = 0.0
@@ -306,8 +366,18 @@ def prune(
     max_layer_ratio: float = DEFAULTS.max_layer_ratio,
     round_to: int | None = DEFAULTS.round_to,
     target_macs: float | None = DEFAULTS.target_macs,
-    data: object = None,
+    data: Iterable[dict] | None = None,
+    head: str = "centernet",
     inplace: bool = False,
+    allocation: str = DEFAULTS.allocation,
+    target_params: float | None = DEFAULTS.target_params,
+    target_latency: float | None = DEFAULTS.target_latency,
+    runtime: str = DEFAULTS.runtime,
+    threads: int = DEFAULTS.threads,
+    latency_cache: str | None = None,
+    sensitivity: dict[str, dict[int, float]] | str | None = None,
+    latency_model: tuple | None = None,
+    calibration_batches: int = DEFAULTS.calibration_batches,
 ) -> PruneResult:
     """Remove channels from ``model``; everything coupled to a channel goes with it. The
     defaults are `PruneOptions`'s; `prune_with(model, options)` passes a whole options object.
@@ -319,7 +389,8 @@ def prune(
             scope, of all prunable channels together in ``"global"`` scope. None when
             ``target_macs`` is given.
         criterion: a name from `criteria.CRITERIA`: "l1", "l2", "bn_gamma", "kmeans" (merges
-            similar channels instead of dropping them), "random".
+            similar channels instead of dropping them), "random", "taylor", "hessian" (these
+            two need ``data``).
         scope: "layer" (every group loses ``ratio``, rounded) or "global" (groups ranked
             together on mean-normalised scores; no group loses more than ``max_layer_ratio``).
         example_inputs: the input traced to find the coupled channels, also the size MACs are
@@ -334,9 +405,34 @@ def prune(
         target_macs: instead of ``ratio``, the fraction of MACs to keep, in (0, 1]: the ratio
             (global or per layer, by ``scope``) is bisected until the pruned model's MACs are
             at most this fraction of the original's.
-        data: reserved for data-driven criteria; none of today's criteria reads data.
+        data: calibration batches for the data-driven criteria (``"taylor"``): training
+            batches (dicts with "image" and the head's targets, as the dataset collates them),
+            of which the first ``calibration_batches`` are used; also what the sensitivity
+            allocation measures its curves on.
+        head: the model's head type (`detector.heads.HEADS`), whose loss the calibration
+            batches are scored with.
         inplace: prune ``model`` itself; by default a deep copy is pruned and ``model`` (often
             the distillation teacher) is left untouched.
+        allocation: "uniform" (every group the same ratio in layer scope, or the global
+            ranking; a budget bisects the ratio) or "sensitivity" (each group's width from its
+            measured sensitivity curve on ``data``, `sensitivity.py`: the least predicted loss
+            that meets the budget, `budget.allocate_budget`; needs a budget and ``data``).
+        target_params: instead of ``ratio``, the fraction of parameters to keep, in (0, 1].
+        target_latency: instead of ``ratio``, the fraction of the parent's latency to keep, in
+            (0, 1], on ``runtime`` with ``threads`` at the example input's size, as the latency
+            model (`latency.py`) predicts it; the realised latency is then measured (parent and
+            pruned model interleaved) into ``stats.latency``.
+        runtime: "torch" (CPU), "onnxruntime" (CPU) or "cuda": the latency budget's runtime.
+        threads: the latency budget's thread count.
+        latency_cache: the folder of the latency tables (None: `latency.default_cache_dir`).
+        sensitivity: with ``allocation="sensitivity"``, curves measured before instead of
+            measuring them on ``data``: the path of a ``sensitivity.json`` that `ctprune
+            sensitivity` wrote (AP50 lost per group and width), or group name -> {kept width:
+            loss}; interpolated at the candidate widths (`sensitivity.curves_at`).
+        calibration_batches: how many batches of ``data`` are read.
+        latency_model: with ``target_latency``, a calibrated ``(latency.LatencyModel,
+            latency.LatencyTable)`` of ``model`` to use instead of calibrating one (a model
+            pruned to several budgets is calibrated once); its runtime and threads win.
 
     Returns:
         PruneResult(model, plan, stats). Every module of the returned model is in the
@@ -344,7 +440,8 @@ def prune(
 
     Raises:
         ValueError: bad arguments, unknown criterion, nothing prunable, bn_gamma on a model
-            without BatchNorm or with untrained (all equal) gammas, unreachable target_macs.
+            without BatchNorm or with untrained (all equal) gammas, unreachable target_macs,
+            a pruned model (target_latency) measured slower than its parent.
 
     Warns:
         PruneShortfallWarning: less than half of the channels asked for were removed (e.g.
@@ -370,8 +467,20 @@ def prune(
         round_to,
         target_macs,
         data,
+        allocation,
+        target_params,
+        target_latency,
+        sensitivity,
     )
+    if not isinstance(calibration_batches, int) or calibration_batches < 1:
+        raise ValueError(f"calibration_batches: expected an integer >= 1, got "
+                         f"{calibration_batches!r}")
     score = check_criterion(criterion)
+    budget_kind, budget = next(
+        ((kind, value) for kind, value in (("macs", target_macs), ("params", target_params),
+                                          ("latency", target_latency)) if value is not None),
+        (None, None),
+    )
     parameter = next(model.parameters(), None)
     if parameter is None:
         raise ValueError("nothing to prune: the model has no parameters")
@@ -383,6 +492,15 @@ def prune(
 
     working = model if inplace else copy.deepcopy(model)
     clock = lap("copy", started)
+    from detector.heads import head_type
+
+    loss_fn = head_type(head).loss
+    if data is not None:
+        data = list(itertools.islice(data, calibration_batches))
+    if criterion in DATA_CRITERIA:
+        # Gradients first, outside the graph's trace (it detaches deformable convs' offsets).
+        accumulate_gradients(working, data, loss_fn, squared=criterion == "hessian")
+        clock = lap("gradients", clock)
     with modes_restored(working), requires_grad_restored(working), torch.inference_mode(False):
         widths_before = layer_widths(working)
         params_before = count_parameters(working)
@@ -402,10 +520,14 @@ def prune(
         check_applicable(criterion, groups)
         clock = lap("graph", clock)
 
-        need_scores = scope == "global" or criterion not in SELECTORS
+        need_scores = (
+            scope == "global" or criterion not in SELECTORS or allocation == "sensitivity"
+        )
         scores = [score(group) for group in groups] if need_scores else [None] * len(groups)
         if need_scores:
             check_ties(criterion, groups, scores)
+        if criterion in DATA_CRITERIA:
+            working.zero_grad(set_to_none=True)  # the calibration gradients are spent
         clock = lap("scores", clock)
 
         def allocate(applied_ratio: float) -> list[int]:
@@ -415,18 +537,66 @@ def prune(
                 )
             return allocate_layer(groups, applied_ratio, overrides, round_to, max_layer_ratio)
 
-        if target_macs is not None:
+        latency = None
+        if budget_kind == "latency":
+            if latency_model is None:
+                latency = _latency_model(working, groups, widths_before, input_size, runtime,
+                                         threads, latency_cache)
+            else:
+                latency = latency_model
+                runtime, threads = latency[1].runtime, latency[1].threads
+            clock = lap("latency_model", clock)
+        cost = None
+        if budget_kind is not None:
+            cost = WidthCost(budget_kind, working, widths_before, input_size, latency)
 
-            def macs_fraction(applied_ratio: float) -> float:
-                after = widths_after_pruning(widths_before, groups, allocate(applied_ratio))
-                return _macs_of_widths(working, widths_before, after, input_size) / macs_before
+            def fraction(keeps: list[int]) -> float:
+                return cost(widths_after_pruning(widths_before, groups, keeps)) / cost.parent
 
-            ratio = _bisect_ratio(target_macs, max_layer_ratio, macs_fraction)
-            clock = lap("target_macs", clock)
-        keeps = allocate(ratio)
-        if target_macs is None:  # a target_macs that cannot be met raises in _bisect_ratio
-            requested = [overrides.get(index, ratio) for index in range(len(groups))]
-            warn_on_shortfall(groups, keeps, requested, scope, round_to, max_layer_ratio)
+        curves = None
+        if allocation == "sensitivity":
+            candidates = [candidate_keeps(group.width, round_to, max_layer_ratio)
+                          for group in groups]
+            for index, value in overrides.items():  # an override fixes the group's width
+                candidates[index] = [allocate_layer([groups[index]], value, {}, round_to,
+                                                    max_layer_ratio)[0]]
+            if sensitivity is not None:
+                stored = sensitivity if isinstance(sensitivity, dict) else read_scan(sensitivity)
+                curves = curves_at(stored, groups, candidates)
+            else:
+                curves = sensitivity_curves(working, groups, scores, candidates, data, loss_fn)
+            clock = lap("sensitivity", clock)
+            keeps = allocate_budget(groups, candidates, curves, fraction, budget)
+            ratio = 1 - sum(keeps) / sum(group.width for group in groups)
+            clock = lap("allocate", clock)
+        else:
+            if budget_kind == "macs":
+
+                def budget_fraction(applied_ratio: float) -> float:
+                    after = widths_after_pruning(widths_before, groups, allocate(applied_ratio))
+                    return _macs_of_widths(working, widths_before, after, input_size) / macs_before
+
+            elif budget_kind is not None:
+
+                def budget_fraction(applied_ratio: float) -> float:
+                    return fraction(allocate(applied_ratio))
+
+            if budget_kind is not None:
+                ratio = _bisect_ratio(budget, max_layer_ratio, budget_fraction, budget_kind)
+                clock = lap(f"target_{budget_kind}", clock)
+            keeps = allocate(ratio)
+            if budget_kind == "latency":
+                # A uniform width no faster than a wider one gives its channels back.
+                candidates = [candidate_keeps(group.width, round_to, max_layer_ratio)
+                              for group in groups]
+                for index, keep in enumerate(keeps):
+                    if keep not in candidates[index]:
+                        candidates[index] = sorted({*candidates[index], keep})
+                keeps = widen_for_free(candidates, keeps, fraction)
+            if budget_kind is None:  # a budget that cannot be met raises in _bisect_ratio
+                requested = [overrides.get(index, ratio) for index in range(len(groups))]
+                warn_on_shortfall(groups, keeps, requested, scope, round_to, max_layer_ratio)
+        predicted = fraction(keeps) if budget_kind == "latency" else None
 
         select = SELECTORS.get(criterion, keep_highest)
         selections: list[Selection] = [
@@ -483,8 +653,18 @@ def prune(
                 for group, selection in zip(groups, selections, strict=True)
             ],
             timings=timings,
+            allocation=allocation,
+            target_params=None if target_params is None else float(target_params),
+            target_latency=None if target_latency is None else float(target_latency),
         )
-        lap("stats_after", clock)
+        if curves is not None:
+            for entry, curve in zip(stats.groups, curves, strict=True):
+                entry["sensitivity"] = {str(keep): loss for keep, loss in sorted(curve.items())}
+        clock = lap("stats_after", clock)
+        if budget_kind == "latency":
+            stats.latency = _realised_latency(model, working, runtime, threads, input_size,
+                                              predicted)
+            lap("latency", clock)
     plan = {name: value for name, value in widths_after.items() if value != widths_before[name]}
     stats.seconds = round(time.perf_counter() - started, 4)
     return PruneResult(working, plan or None, stats)
@@ -496,7 +676,8 @@ def prune_with(
     *,
     example_inputs: torch.Tensor | None = None,
     ignored_layers: Iterable[str | nn.Module] | None = None,
-    data: object = None,
+    data: Iterable[dict] | None = None,
+    head: str = "centernet",
     inplace: bool = False,
 ) -> PruneResult:
     """`prune` with the knobs of ``options`` (a recipe's branch, the command line's flags)."""
@@ -512,5 +693,46 @@ def prune_with(
         round_to=options.round_to,
         target_macs=options.target_macs,
         data=data,
+        head=head,
         inplace=inplace,
+        allocation=options.allocation,
+        target_params=options.target_params,
+        target_latency=options.target_latency,
+        runtime=options.runtime,
+        threads=options.threads,
+        sensitivity=options.sensitivity,
+        calibration_batches=options.calibration_batches,
     )
+
+
+def _latency_model(model, groups, widths_before, input_size, runtime, threads, cache):
+    """(LatencyModel, LatencyTable) of ``model`` on ``runtime``; the probe that splits the rest
+    of the forward into fixed and scaling parts is the model with every group halved."""
+    from .latency import LatencyModel, LatencyTable
+
+    table = LatencyTable(runtime, threads, input_size, cache_dir=cache)
+    halves = [max(1, group.width // 2) for group in groups]
+    plan = widths_after_pruning(widths_before, groups, halves)
+    probe = apply_channel_plan(copy.deepcopy(model),
+                               {k: v for k, v in plan.items() if v != widths_before[k]})
+    latency = LatencyModel.calibrate(model, table, probe)
+    return latency, table
+
+
+def _realised_latency(parent, pruned, runtime, threads, input_size, predicted) -> dict:
+    """The parent's and the pruned model's latency, timed interleaved; a pruned model slower
+    than its parent is an error (pruning for latency that makes a model slower is a bug in the
+    latency model or a runtime that cannot use the widths, never what the user wants)."""
+    from .latency import measure_model_ms
+
+    measured = measure_model_ms(parent, runtime, threads, input_size, others={"pruned": pruned})
+    before, after = measured["model"], measured["pruned"]
+    if after > before:
+        raise ValueError(
+            f"the pruned model is slower than its parent on {runtime} with {threads} threads "
+            f"({after:.2f} ms against {before:.2f} ms at {input_size[0]}x{input_size[1]}); try "
+            "another round_to or runtime"
+        )
+    return {"runtime": runtime, "threads": threads, "before_ms": round(before, 4),
+            "after_ms": round(after, 4), "realised": round(after / before, 4),
+            "predicted": round(predicted, 4)}

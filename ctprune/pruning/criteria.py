@@ -6,6 +6,9 @@ criterion is one small function and one dict entry. In ``scope="layer"`` only th
 group's scores matters; in ``scope="global"`` they are divided by their group's mean before all
 groups are ranked together (`allocate.allocate_global`).
 
+``taylor`` and ``hessian`` (`taylor.py`) read gradients of the loss on calibration batches
+(the Fisher for ``hessian``), which `prune` accumulates first (`DATA_CRITERIA`).
+
 A group keeps its highest-scoring channels (`keep_highest`), except for criteria listed in
 `SELECTORS`, which choose the kept channels themselves: k-means keeps one channel per cluster
 and folds the others into it (`merge.py`); its score (`merge.merge_distance`, how far a channel
@@ -24,6 +27,7 @@ import torch
 
 from .graph import ChannelGroup, output_filters
 from .merge import kmeans_selection, merge_distance
+from .taylor import hessian, taylor
 
 
 @dataclass
@@ -79,7 +83,11 @@ CRITERIA: dict[str, Callable[[ChannelGroup], torch.Tensor]] = {
     "bn_gamma": bn_gamma,
     "kmeans": merge_distance,
     "random": random,
+    "taylor": taylor,
+    "hessian": hessian,
 }
+# Criteria that read gradients of the loss on calibration batches: prune(..., data=batches).
+DATA_CRITERIA = ("taylor", "hessian")
 
 
 def keep_highest(group: ChannelGroup, scores: torch.Tensor, keep: int) -> Selection:

@@ -95,18 +95,38 @@ def is_depthwise(module: nn.Module) -> bool:
     return groups > 1 and groups == module.in_channels == module.out_channels
 
 
-def output_filters(layer: LayerSlice) -> torch.Tensor:
+def output_filters(layer: LayerSlice, weight: torch.Tensor | None = None) -> torch.Tensor:
     """(width, -1): the weights computing each group channel in a producer, one row per channel.
     Conv weights are out x in/groups x k x k; transposed conv weights are in x out/groups x k x k,
     i.e. per group g an (in/groups) x (out/groups) block: output channel g * out/groups + j is
     computed by column j of group g's block (for a depthwise one, DLA's upsampling, channel c
-    by weight[c, 0])."""
+    by weight[c, 0]). ``weight``: a tensor of the weight's shape to read instead (its
+    gradient, for the Taylor criterion)."""
     module = layer.module
-    weight = module.weight.detach()
+    weight = (module.weight if weight is None else weight).detach()
     if is_transposed(module):
         groups = module.groups
         weight = weight.unflatten(0, (groups, -1)).transpose(1, 2).flatten(0, 1)
     return weight[layer.channels].flatten(1)
+
+
+def input_filters(layer: LayerSlice, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """(width, -1): the weights of a consumer that read each group channel, one row per channel
+    (``weight``: a tensor of the weight's shape to read instead). A conv's input channel c of
+    group g = c // (in/groups) is read by the rows of group g at column c % (in/groups); a
+    transposed conv's by row c; a linear layer's by column c. Not for depthwise layers, whose
+    only weights per channel are the producer's (`output_filters`)."""
+    module = layer.module
+    weight = (module.weight if weight is None else weight).detach()
+    if is_transposed(module):
+        return weight[layer.channels].flatten(1)
+    groups = getattr(module, "groups", 1)
+    if groups == 1:
+        return weight.transpose(0, 1)[layer.channels].flatten(1)
+    per_group_in = module.in_channels // groups
+    blocks = weight.unflatten(0, (groups, -1))  # groups x out/groups x in/groups x k x k
+    group_of = torch.div(layer.channels, per_group_in, rounding_mode="floor")
+    return blocks[group_of, :, layer.channels % per_group_in].flatten(1)
 
 
 def input_weight_dim(module: nn.Module) -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields
 
 SCOPES = ("layer", "global")
+ALLOCATIONS = ("uniform", "sensitivity")
+LATENCY_RUNTIMES = ("torch", "onnxruntime", "cuda")
 # Chosen from experiments/bench/prune/report.md: on CPU (oneDNN blocks channels by 16) widths
 # that are multiples of 16 turn MAC savings into real speed-ups; odd widths waste most of them.
 DEFAULT_ROUND_TO = 16
@@ -21,7 +23,8 @@ class PruneOptions:
 
     criterion: str = "l1"
     """One of ctprune.pruning.CRITERIA: l1, l2, bn_gamma, kmeans (merges similar channels),
-    random."""
+    random, taylor (first-order Taylor on calibration batches of the training data), hessian
+    (Optimal Brain Damage with the empirical Fisher, on the same batches)."""
     ratio: float | None = 0.2
     """Fraction of channels removed, in [0, 1): of every group in layer scope, of all prunable
     channels together in global scope. None when `target_macs` is given."""
@@ -38,10 +41,35 @@ class PruneOptions:
     ratio_overrides: dict = field(default_factory=dict)
     """Module-name pattern (fnmatch) -> ratio for the groups it matches, in
     [0, max_layer_ratio]."""
+    allocation: str = "uniform"
+    """"uniform": every group the same ratio (layer scope) or one global ranking; a budget
+    bisects the ratio. "sensitivity": each group's width from its sensitivity curve measured
+    on calibration batches of the training data, the least predicted loss within the budget
+    (needs target_macs, target_params or target_latency)."""
+    target_params: float | None = None
+    """Instead of `ratio`: the fraction of the parameters to keep, in (0, 1]."""
+    target_latency: float | None = None
+    """Instead of `ratio`: the fraction of the parent's latency to keep, in (0, 1], on
+    `runtime` with `threads` at the model's input size (predicted by the latency model, then
+    measured and reported)."""
+    runtime: str = "torch"
+    """The runtime target_latency is measured on: torch (CPU), onnxruntime (CPU) or cuda."""
+    threads: int = 1
+    """The thread count target_latency is measured with (>= 1)."""
+    calibration_batches: int = 8
+    """Training batches the data-driven criteria (taylor, hessian) and the sensitivity
+    allocation read (>= 1); the sensitivity allocation forwards all of them once per group and
+    candidate width."""
+    sensitivity: str | None = None
+    """With allocation sensitivity: a sensitivity.json written by `ctprune sensitivity` (AP50
+    lost per group and width) to allocate from, instead of measuring the loss on calibration
+    batches; None: measure."""
 
     def __post_init__(self) -> None:
         check_options(self.criterion, self.ratio, self.target_macs, self.scope,
-                      self.max_layer_ratio, self.round_to, self.ratio_overrides)
+                      self.max_layer_ratio, self.round_to, self.ratio_overrides,
+                      self.allocation, self.target_params, self.target_latency, self.runtime,
+                      self.threads, self.sensitivity, self.calibration_batches)
 
 
 def _is_number(value) -> bool:
@@ -49,7 +77,9 @@ def _is_number(value) -> bool:
 
 
 def check_options(criterion, ratio, target_macs, scope, max_layer_ratio, round_to,
-                  ratio_overrides=None) -> None:
+                  ratio_overrides=None, allocation="uniform", target_params=None,
+                  target_latency=None, runtime="torch", threads=1, sensitivity=None,
+                  calibration_batches=8) -> None:
     """The checks every set of pruning options passes; errors start with the field's name."""
     from .criteria import check_criterion  # here, not at the top: `ctprune --help` needs no torch
 
@@ -57,8 +87,34 @@ def check_options(criterion, ratio, target_macs, scope, max_layer_ratio, round_t
         check_criterion(criterion)
     except ValueError as error:
         raise ValueError(f"criterion: {error}") from None
-    if (ratio is None) == (target_macs is None):
-        raise ValueError("ratio: give exactly one of ratio and target_macs")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation: expected one of {ALLOCATIONS}, got {allocation!r}")
+    for name, value in (("target_params", target_params), ("target_latency", target_latency)):
+        if value is not None and not (_is_number(value) and 0.0 < value <= 1.0):
+            raise ValueError(f"{name}: expected values in (0, 1], got {value!r}")
+    if runtime not in LATENCY_RUNTIMES:
+        raise ValueError(f"runtime: expected one of {LATENCY_RUNTIMES}, got {runtime!r}")
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"threads: expected a positive integer, got {threads!r}")
+    budgets = [value for value in (target_macs, target_params, target_latency) if value is not None]
+    if len(budgets) > 1:
+        raise ValueError("target_macs: give one of target_macs, target_params, target_latency")
+    if (ratio is None) == (not budgets):
+        raise ValueError(
+            "ratio: expected exactly one of ratio, target_macs, target_params and target_latency"
+        )
+    if (not isinstance(calibration_batches, int) or isinstance(calibration_batches, bool)
+            or calibration_batches < 1):
+        raise ValueError(f"calibration_batches: expected an integer >= 1, got "
+                         f"{calibration_batches!r}")
+    if sensitivity is not None and (not isinstance(sensitivity, str) or not sensitivity.strip()):
+        raise ValueError(f"sensitivity: expected the path of a sensitivity.json or null, got "
+                         f"{sensitivity!r}")
+    if sensitivity is not None and allocation != "sensitivity":
+        raise ValueError("sensitivity: expected allocation 'sensitivity' to read stored curves")
+    if allocation == "sensitivity" and not budgets:
+        raise ValueError("allocation: expected a budget with 'sensitivity' (it needs "
+                         "target_macs, target_params or target_latency)")
     if ratio is not None and not (_is_number(ratio) and 0.0 <= ratio < 1.0):
         raise ValueError(f"ratio: expected values in [0, 1), got {ratio!r}")
     if target_macs is not None and not (_is_number(target_macs) and 0.0 < target_macs <= 1.0):

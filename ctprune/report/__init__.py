@@ -12,7 +12,7 @@ from .artifacts import read_history, read_run
 from .build import build_report
 from .measure import paired_latency, stage_figures
 from .plots import pareto_front
-from .study import study_row, update_study_report
+from .study import chain_rows, run_stage_rows, study_row, training_record, update_study_report
 from .tables import ROW_KEYS
 
 __all__ = [
@@ -23,6 +23,9 @@ __all__ = [
     "read_history",
     "read_run",
     "stage_figures",
+    "chain_rows",
+    "run_stage_rows",
     "study_row",
+    "training_record",
     "update_study_report",
 ]

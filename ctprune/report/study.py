@@ -44,3 +44,48 @@ def update_study_report(path: str | Path, rows: list[dict], key: str, setup: dic
             report["rows"][index] = row
     report["setup"][key] = setup
     atomic_write_json(path, report)
+
+
+def training_record(folder: str | Path) -> dict:
+    """What a training folder's epoch log (`HISTORY_FILE`) says of its run: the epochs, the
+    seconds spent training them (evaluation excluded) and the AP / AP50 at every evaluated
+    epoch."""
+    from ..layout import HISTORY_FILE
+
+    lines = (Path(folder) / HISTORY_FILE).read_text().splitlines()
+    epochs = [record for record in map(json.loads, lines) if record.get("kind") == "epoch"]
+    return {
+        "epochs": len(epochs),
+        "train_seconds": round(sum(record.get("seconds", 0.0) for record in epochs), 1),
+        "curve": [
+            {"epoch": record["epoch"], "ap": record["ap"], "ap50": record["ap50"]}
+            for record in epochs
+            if "ap" in record
+        ],
+    }
+
+
+def run_stage_rows(run: str | Path) -> dict[str, dict]:
+    """The fp32 rows of a finished `ctprune run` folder's report, by stage (baseline, prune,
+    finetune; the last row of a stage when rounds repeat it)."""
+    from ..layout import REPORT_FILES
+
+    report = json.loads((Path(run) / REPORT_FILES["json"]).read_text())
+    return {row["stage"]: row for row in report["rows"] if row["precision"] == DEFAULT_PRECISION}
+
+
+def chain_rows(run: str, names: dict[str, str], stage_rows: dict[str, dict]) -> list[dict]:
+    """A study's rows for one `ctprune run` chain (``stage_rows``, `run_stage_rows`): one row per
+    stage in ``names`` (stage -> the row's name, e.g. {"baseline": "seed0/baseline_e15",
+    "prune": "seed0/half_macs/prune", ...}) with the chain's measured figures; kept fractions
+    relative to the chain's baseline."""
+    measured_keys = [key for key in ROW_KEYS if key not in ("run", "name", "stage", "precision")
+                     and not key.endswith("_kept")]
+    rows: list[dict] = []
+    baseline = None
+    for stage, name in names.items():
+        measured = {key: stage_rows[stage].get(key) for key in measured_keys}
+        row = study_row(run, name, stage, baseline, **measured)
+        baseline = row if stage == "baseline" else baseline
+        rows.append(row)
+    return rows

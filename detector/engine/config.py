@@ -27,6 +27,14 @@ from ..evaluate.config import EvaluateConfig
 # global batch (1.25e-4 x 128 / 32 = 5e-4, as the original's released schedules do by hand).
 REFERENCE_BATCH = 32
 
+# centerX's "communism" constants (LOSS.COMMUNISM: CLS_LOSS, WH_LOSS, OFF_LOSS) on our term names.
+# centerX matches loss names by substring, so the ChHanXiao TTFNet fork's "wh_loss" (its GIoU
+# term, our ltrb) gets the wh value while its "hm_loss" matches no constant and is left as is; we
+# deliberately balance every head's heatmap term alike.
+CENTERX_BALANCE_MAGNITUDES = {"heatmap": 1.5, "wh": 0.3, "ltrb": 0.3, "offset": 0.1}
+# Every head type's task-term names (`detector.heads`; here without importing torch).
+LOSS_TERM_NAMES = ("heatmap", "wh", "offset", "ltrb", "pull", "push")
+
 
 @dataclass
 class TrainConfig:
@@ -107,6 +115,31 @@ class TrainConfig:
     """Steps between log records (>= 1)."""
     pretrained: str | None = None
     """Local file with torchvision ImageNet weights for the backbone; None trains from scratch."""
+    heatmap_loss: Literal["focal", "mse", "focal_labelled"] = "focal"
+    """Loss on the class heatmaps, for every head type: focal (CornerNet's, the original's),
+    mse (centerX's mean squared error over all cells) or focal_labelled (centerX's
+    ignore-unlabelled focal loss: an (image, class) channel without any object contributes no
+    negatives; for data sets merged from single-class sets)."""
+    balance_losses: bool = False
+    """centerX's loss balancing ("communism loss"): each task term named in
+    `balance_magnitudes` is rescaled to that fixed value, c x L / L with the divisor detached,
+    so every term's gradient is scaled by c / L. Terms not named keep their weight;
+    distillation terms are never rebalanced. The training loss total is then nearly constant
+    (the divergence check and skip-loss see only the unbalanced terms); the validation loss is
+    computed unbalanced."""
+    balance_magnitudes: dict[str, float] = field(
+        default_factory=lambda: dict(CENTERX_BALANCE_MAGNITUDES)
+    )
+    """With `balance_losses`: task-term name -> its fixed magnitude (finite, > 0). The default
+    maps centerX's constants onto the terms of every head: cls 1.5 -> heatmap, wh 0.3 -> wh and
+    ltrb, off 0.1 -> offset. Names: heatmap, wh, offset (centernet), ltrb (ttfnet), pull, push
+    (triplet); a name the head does not produce is ignored."""
+    skip_loss_factor: float | None = None
+    """centerX's skip-loss: an optimiser step whose loss (its batch's; with `accumulate`, its
+    group's mean) exceeds this factor (finite, > 1; centerX's recipes use 1.3) times the last
+    accepted step's is not taken at all: no optimiser, weight-average or scaler update (the
+    schedule still advances). Counted as ``skipped_steps`` in the epoch record and line; None =
+    off."""
 
     def __post_init__(self) -> None:
         for name, minimum in (("epochs", 1), ("batch_size", 1), ("accumulate", 1), ("seed", 0),
@@ -134,6 +167,20 @@ class TrainConfig:
             raise ValueError(f"lr_steps: expected increasing epochs, got {list(self.lr_steps)}")
         if self.schedule == "step" and not self.lr_steps:
             raise ValueError("lr_steps: the step schedule needs a step length in epochs")
+        for name, magnitude in self.balance_magnitudes.items():
+            if name not in LOSS_TERM_NAMES:
+                raise ValueError(
+                    f"balance_magnitudes: expected task-term names ({', '.join(LOSS_TERM_NAMES)}), "
+                    f"got {name!r}"
+                )
+            require_number(magnitude, f"balance_magnitudes.{name}", above=0)
+        self.balance_magnitudes = {
+            name: float(magnitude) for name, magnitude in self.balance_magnitudes.items()
+        }
+        if self.skip_loss_factor is not None:
+            # At or below 1 every rise of the loss is skipped and never accepted later, so the
+            # accepted loss can only fall: training would stop once a batch is unusually easy.
+            require_number(self.skip_loss_factor, "skip_loss_factor", above=1)
         if self.pretrained is not None and not self.pretrained.strip():
             raise ValueError(f"pretrained: expected a file path or null, got {self.pretrained!r}")
 

@@ -9,7 +9,8 @@ end-of-epoch callables (logging, averaging weights). Every epoch ends with two a
 scheduler, scaler, RNG, extra parameters and progress), then ``best.pt`` when the selection
 metric improved. With ``train.accumulate`` the optimiser steps once per group of batches (the
 callables, the schedule and the weight average count those steps); with ``train.ema_decay`` a
-weight average is evaluated and saved (``last_ema.pt``, ``best.pt``) beside the raw weights.
+weight average is evaluated and saved (``last_ema.pt``, ``best.pt``) beside the raw weights;
+with ``train.skip_loss_factor`` a step whose loss jumps is not taken (`SkipLoss`).
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ from ..checkpoint import (
     unwrap_model,
 )
 from ..config import ModelConfig, to_dict
-from ..distributed import average_gradients, barrier, is_main_process
+from ..distributed import average_gradients, average_value, barrier, is_main_process
 from ..files import remove_stale_temporaries
-from ..heads import head_type
+from ..heads import task_loss
 from ..layout import BEST_CHECKPOINT, LAST_CHECKPOINT, LAST_EMA_CHECKPOINT, RESUME_FILE
 from .config import TrainConfig
 from .ema import WeightAverage
@@ -81,6 +82,8 @@ class FitResult:
     """One record per epoch: train loss, lr, time and evaluation metrics."""
     parameter_checksum: float = 0.0
     """Sum of all parameters at the end: equal on every process of a distributed run."""
+    last_accepted_loss: float | None = None
+    """With train.skip_loss_factor: the loss of the last step taken (kept in resume.pt)."""
 
 
 def _autocast(precision: str, device: torch.device):
@@ -180,6 +183,46 @@ def _optimizer_step(model: nn.Module, plain_model: nn.Module,
         after_step(plain_model)
     if average is not None:
         average.update(plain_model)
+
+
+class SkipLoss:
+    """centerX's skip-loss (``train.skip_loss_factor``): an optimiser step whose loss exceeds
+    ``factor`` times the last accepted step's is not taken; the first step is always taken.
+
+    Skipping means no optimiser step at all, not a zero loss backward: centerX backpropagates
+    ``0 * loss`` and still calls the optimiser, whose Adam moments keep moving the weights (and
+    its weight decay shrinks them). Here the step's gradients are left to the next group's
+    ``zero_grad``; the optimiser, the GradScaler (neither ``unscale_``, ``step`` nor ``update``
+    runs, so its scale and inf checks are untouched and the skipped gradients, scaled or not,
+    never reach a parameter), the callables and the weight average see nothing. Under
+    ``train.accumulate`` the decision is per optimiser step on its group's mean loss, after the
+    group's backwards. Under torchrun the loss is averaged over the processes first
+    (`average_value`), so every process takes the same decision and the replicas stay equal.
+    """
+
+    def __init__(self, factor: float | None, last_accepted: float | None,
+                 device: torch.device) -> None:
+        self.factor, self.last_accepted, self.device = factor, last_accepted, device
+        self.skipped = 0
+        """Steps skipped since the last `epoch_count`."""
+
+    def accepts(self, loss_value: float) -> bool:
+        """Whether the step whose (this process's) loss is ``loss_value`` is taken."""
+        if self.factor is None:
+            return True
+        loss_value = average_value(loss_value, self.device)
+        if self.last_accepted is not None and loss_value > self.factor * self.last_accepted:
+            self.skipped += 1
+            return False
+        self.last_accepted = loss_value
+        return True
+
+    def epoch_count(self) -> dict[str, int]:
+        """``{"skipped_steps": n}`` for the epoch record when skip-loss is on (then restart)."""
+        if self.factor is None:
+            return {}
+        count, self.skipped = self.skipped, 0
+        return {"skipped_steps": count}
 
 
 def _improved(metric: str, value: float, best: float | None) -> bool:
@@ -307,7 +350,8 @@ def _resume(out_dir: Path, model_config: ModelConfig, plain_model: nn.Module,
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     _set_rng_state(state["rng"])
-    return FitResult(state["epoch"], state["best_value"], state["best_epoch"], state["history"])
+    return FitResult(state["epoch"], state["best_value"], state["best_epoch"], state["history"],
+                     last_accepted_loss=state.get("last_accepted_loss"))
 
 
 def _save_epoch(out_dir: Path, plain_model: nn.Module, model_config: ModelConfig,
@@ -350,6 +394,7 @@ def _save_epoch(out_dir: Path, plain_model: nn.Module, model_config: ModelConfig
             "best_value": result.best_value,
             "best_epoch": result.best_epoch,
             "history": result.history,
+            "last_accepted_loss": result.last_accepted_loss,
         },
         out_dir / RESUME_FILE,
     )
@@ -425,7 +470,8 @@ def fit(
     calls ``model(images, **forward_kwargs)`` (``{"return_features": True}`` for feature
     distillation) and ``loss_fn(outputs, batch)``, which gets the batch on the device (with
     ``image``) and returns the total loss and a dict of its parts (default: the loss of the
-    model's head type, `detector.heads`). The callables get the plain
+    model's head type with the config's loss switches, `detector.heads.task_loss`). The
+    callables get the plain
     model: ``after_backward`` with true gradients, ``after_step`` after the optimiser step,
     ``on_step_end(step, model, parts)`` at the end of every step, ``on_epoch_end(epoch, model,
     record)`` once the epoch's files are written. ``log`` records the run (metrics.jsonl and
@@ -433,7 +479,7 @@ def fit(
     see `detector.engine.logs`): its opener closes it; default: the jsonl, csv and console line.
     """
     out_dir, device, forward_kwargs = Path(out_dir), torch.device(device), forward_kwargs or {}
-    loss_fn = loss_fn or head_type(model_config.head).loss
+    loss_fn = loss_fn or task_loss(model_config.head, config)
     main = is_main_process()
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -455,6 +501,7 @@ def fit(
     log.start(result.epochs, config.epochs)
     global_step = result.epochs * len(train_loader)
     first_loss = None  # this process's first loss: the scale `_exploded` compares with
+    skip = SkipLoss(config.skip_loss_factor, result.last_accepted_loss, device)
 
     for epoch in range(result.epochs, config.epochs):
         for epoch_aware in (train_loader.dataset, train_loader.sampler):
@@ -489,11 +536,15 @@ def fit(
             group_size, stepping = _accumulation_group(step, len(train_loader), config.accumulate)
             if step % config.accumulate == 0:
                 optimizer.zero_grad(set_to_none=True)
+                group_loss = 0.0
             with _gradient_sync(model, stepping):  # the group's gradient: its mean loss's
                 scaler.scale(loss / group_size).backward()
-            if stepping:
+            group_loss += loss_value / group_size
+            if stepping and skip.accepts(group_loss):
                 _optimizer_step(model, plain_model, extra_parameters, config, optimizer,
                                 scheduler, scaler, after_backward, after_step, average)
+            elif stepping:  # skipped: the schedule counts progress through the epochs all the same
+                _advance(scheduler, quiet=True)
             global_step += 1
             images_seen += len(batch["image"])
             loss_sum += loss_value
@@ -515,7 +566,9 @@ def fit(
                   "train_loss": loss_sum / max(len(train_loader), 1), "seconds": seconds,
                   "lr": scheduler.get_last_lr()[0],
                   "data_wait_share": data_wait / max(seconds, 1e-9),
-                  "images_per_s": images_seen / max(seconds, 1e-9), **log.epoch_losses()}
+                  "images_per_s": images_seen / max(seconds, 1e-9), **skip.epoch_count(),
+                  **log.epoch_losses()}
+        result.last_accepted_loss = skip.last_accepted
         if evaluate is not None and _wants_evaluation(config, done):
             record.update(evaluate(plain_model if average is None else average.model))
             validation_loss = record.get("loss")

@@ -55,12 +55,15 @@ def _duration(seconds: float) -> str:
 
 def epoch_line(record: dict, total_epochs: int, eta_seconds: float | None) -> str:
     """The console line of one epoch record: epoch/total, the training loss and its parts, lr,
-    images per second, the epoch's time, the time left, and AP/AP50 when evaluation ran."""
+    the steps skip-loss skipped (when any), images per second, the epoch's time, the time left,
+    and AP/AP50 when evaluation ran."""
     parts = [f"{key.removeprefix('loss_')} {value:.4f}" for key, value in record.items()
              if key.startswith("loss_") and key != "loss_total" and isinstance(value, float)]
     fields = [f"epoch {record['epoch']}/{total_epochs}",
               f"loss {record['train_loss']:.4f}" + (f" ({', '.join(parts)})" if parts else ""),
               f"lr {record['lr']:.3g}"]
+    if record.get("skipped_steps"):  # train.skip_loss_factor: steps not taken this epoch
+        fields.append(f"skipped {record['skipped_steps']} steps")
     if "images_per_s" in record:
         fields.append(f"{record['images_per_s']:.1f} img/s")
     fields.append(f"epoch time {_duration(record['seconds'])}")

@@ -19,6 +19,7 @@ from ..data.dataset import CenterNetDataset, collate, worker_init_fn
 from ..data.sources import load_splits
 from ..evaluate.run import make_evaluator
 from ..files import atomic_write_text
+from ..heads import task_loss
 from ..layout import EVAL_FOLDER, MANIFEST_FILE, RECIPE_FILE
 from ..models import build_model
 from .config import TrainConfig, TrainRecipe
@@ -166,8 +167,10 @@ def prepare_run(
     )
     evaluate = None
     if val_source is not None:
+        # The validation loss with the training's heatmap loss, unbalanced (`task_loss`).
         evaluate = make_evaluator(
-            val_source, model_config, recipe.evaluate, device, out_dir / EVAL_FOLDER
+            val_source, model_config, recipe.evaluate, device, out_dir / EVAL_FOLDER,
+            loss_fn=task_loss(model_config.head, config, balanced=False),
         )
     logger.info(
         "training %s on %d images, %d classes",

@@ -20,7 +20,7 @@ from ..config import ModelConfig
 from ..data.dataset import CenterNetDataset, collate, read_image, worker_init_fn
 from ..data.records import DetectionSource
 from ..files import atomic_write_json, atomic_write_text
-from ..heads import head_type
+from ..heads import LossFn, head_type
 from ..inference.decode import detections_to_image
 from ..inference.predictor import Predictor, detect
 from ..layout import EVAL_METRICS_FILE, EVAL_RESULTS_FILE, PER_CLASS_TABLE, PR_CURVES_FOLDER_NAME
@@ -37,13 +37,16 @@ def predict_source(
     model_config: ModelConfig,
     config: EvaluateConfig,
     device: torch.device,
+    loss_fn: LossFn | None = None,
 ) -> tuple[dict[int, np.ndarray], float | None]:
     """Detections (image id -> (K, 6) in image pixels) for every image of ``source``, and the
     mean validation loss when it can be computed (single scale, fixed resolution). Targets,
-    loss and decoder are those of the model config's head type. The model is moved to
+    loss and decoder are those of the model config's head type; ``loss_fn`` replaces the head's
+    loss (training passes its own, `detector.heads.task_loss`). The model is moved to
     ``device``."""
     spec = model_config.input
     head = head_type(model_config.head)
+    loss_fn = loss_fn or head.loss
     keep_resolution = (
         spec.keep_resolution if config.keep_resolution is None else config.keep_resolution
     )
@@ -90,7 +93,7 @@ def predict_source(
                     for key, value in batch.items()
                     if key not in ("image", "meta")
                 }
-                losses.append(head.loss(outputs, targets)[0].item())
+                losses.append(loss_fn(outputs, targets)[0].item())
                 decoded = head.decode(outputs[-1], None, config.max_detections)
             decoded = decoded.cpu().numpy()
             for rows, meta in zip(decoded, batch["meta"], strict=True):
@@ -110,16 +113,18 @@ def evaluate_model(
     device: torch.device | str = "cpu",
     out_dir: str | Path | None = None,
     write_reports: bool = True,
+    loss_fn: LossFn | None = None,
 ) -> dict:
     """Metrics of ``model`` on ``source``: COCO ``ap``, ``ap50``, ``ap75``, ``aps``, ``apm``,
-    ``apl``, VOC-style ``voc_ap50`` (the pruning seed's metric), ``loss`` when available and
-    ``per_class_ap``. With ``out_dir`` and ``write_reports`` it also writes the COCO results
-    json, a per-class table and one P-R curve PNG per class."""
+    ``apl``, VOC-style ``voc_ap50`` (the pruning seed's metric), ``loss`` when available (of
+    ``loss_fn``, default the head's loss) and ``per_class_ap``. With ``out_dir`` and
+    ``write_reports`` it also writes the COCO results json, a per-class table and one P-R curve
+    PNG per class."""
     device = torch.device(device)
     # Under torch.distributed each process predicts its share of the images; rank 0 scores them.
     rank, size = distributed.world()
     shard = dataclasses.replace(source, records=source.records[rank::size])
-    detections, loss = predict_source(model, shard, model_config, config, device)
+    detections, loss = predict_source(model, shard, model_config, config, device, loss_fn)
     gathered = distributed.gather_to_main((detections, loss, len(shard.records)))
     if gathered is None:
         return distributed.broadcast_from_main(None)
@@ -176,12 +181,14 @@ def make_evaluator(
     config: EvaluateConfig,
     device: torch.device | str,
     out_dir: Path,
+    loss_fn: LossFn | None = None,
 ) -> Callable[[nn.Module], dict]:
     """The ``evaluate`` callable for `fit`: flat numeric metrics, reports of the latest
-    evaluation in ``out_dir``."""
+    evaluation in ``out_dir``; the validation loss is ``loss_fn``'s (default: the head's)."""
 
     def evaluate(model: nn.Module) -> dict:
-        metrics = evaluate_model(model, source, model_config, config, device, out_dir)
+        metrics = evaluate_model(model, source, model_config, config, device, out_dir,
+                                 loss_fn=loss_fn)
         return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
     return evaluate

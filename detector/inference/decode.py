@@ -38,39 +38,29 @@ def _check_map(name: str, tensor: Tensor, batch: int, height: int, width: int) -
         )
 
 
-def _gather_pixels(dense: Tensor, pixels: Tensor) -> Tensor:
-    """dense (B, D, H, W), pixels (B, K) flat cells -> (B, D, K)."""
+def gather_pixels(dense: Tensor, pixels: Tensor) -> Tensor:
+    """dense (B, D, H, W), pixels (B, K) flat cells -> (B, D, K) values at those cells."""
     batch, channels = dense.shape[:2]
     flat = dense.reshape(batch, channels, -1)
     return flat.gather(2, pixels.unsqueeze(1).expand(batch, channels, pixels.shape[1]))
 
 
-def ctdet_decode(heatmap: Tensor, wh: Tensor, offset: Tensor | None = None, K: int = 100) -> Tensor:
-    """The top-K detections of each image, as the original's ``ctdet_decode``.
+def peak_topk(heatmap: Tensor, K: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The K highest peaks of each image's class heatmaps: the peak suppression and top-K of
+    `ctdet_decode`, shared by the head types' decoders.
 
-    heatmap: (B, C, H, W) class probabilities (already sigmoided).
-    wh: (B, 2, H, W) box (width, height) in output-map cells.
-    offset: (B, 2, H, W) sub-cell centre offset (x, y), or None, which places centres at
-        cell + 0.5.
-    K: detections per image, clamped to C * H * W (symbolically when traced).
+    heatmap: (B, C, H, W) class probabilities. K: a positive integer, clamped to C * H * W
+    (symbolically when traced).
 
     A cell survives peak suppression if it equals the maximum of its 3x3 neighbourhood, so
     plateaus (equal neighbouring maxima) all survive, as in the original. The top K is taken
-    over all classes and cells at once; the original takes a per-class top K first, then a top K
-    of those, which selects the same detections unless scores tie. No score threshold.
+    over all classes and cells at once.
 
-    Returns (B, K, 6) float32: x1, y1, x2, y2 in output-map coordinates, score, and the
-    0-based class as a float; sorted by score, highest first. Only MaxPool, Equal, Mul, TopK,
-    GatherElements, Div, Concat and shape arithmetic when exported.
+    Returns (scores, labels, pixels, xs, ys), each (B, K), sorted by score, highest first:
+    float32 scores, int64 0-based classes and flat cells ``y * W + x``, float32 integer cell
+    columns and rows.
     """
-    if heatmap.dim() != 4:
-        raise ValueError(f"ctdet_decode: heatmap must be (B, C, H, W), got {tuple(heatmap.shape)}")
     batch, classes, height, width = heatmap.shape
-    _check_map("wh", wh, batch, height, width)
-    if offset is not None:
-        _check_map("offset", offset, batch, height, width)
-    if int(K) != K or K < 1:
-        raise ValueError(f"ctdet_decode: K must be a positive integer, got {K!r}")
     cells = height * width
     # sym_min stays symbolic under torch.export (a Min of the runtime shape in the graph); on
     # plain ints it is min.
@@ -86,14 +76,42 @@ def ctdet_decode(heatmap: Tensor, wh: Tensor, offset: Tensor | None = None, K: i
     rows = torch.div(pixels, width, rounding_mode="floor")
     xs = (pixels - rows * width).float()
     ys = rows.float()
+    return scores, labels, pixels, xs, ys
+
+
+def ctdet_decode(heatmap: Tensor, wh: Tensor, offset: Tensor | None = None, K: int = 100) -> Tensor:
+    """The top-K detections of each image, as the original's ``ctdet_decode``.
+
+    heatmap: (B, C, H, W) class probabilities (already sigmoided).
+    wh: (B, 2, H, W) box (width, height) in output-map cells.
+    offset: (B, 2, H, W) sub-cell centre offset (x, y), or None, which places centres at
+        cell + 0.5.
+    K: detections per image, clamped to C * H * W (symbolically when traced).
+
+    Peaks and top K as `peak_topk`; the original takes a per-class top K first, then a top K
+    of those, which selects the same detections unless scores tie. No score threshold.
+
+    Returns (B, K, 6) float32: x1, y1, x2, y2 in output-map coordinates, score, and the
+    0-based class as a float; sorted by score, highest first. Only MaxPool, Equal, Mul, TopK,
+    GatherElements, Div, Concat and shape arithmetic when exported.
+    """
+    if heatmap.dim() != 4:
+        raise ValueError(f"ctdet_decode: heatmap must be (B, C, H, W), got {tuple(heatmap.shape)}")
+    batch, classes, height, width = heatmap.shape
+    _check_map("wh", wh, batch, height, width)
+    if offset is not None:
+        _check_map("offset", offset, batch, height, width)
+    if int(K) != K or K < 1:
+        raise ValueError(f"ctdet_decode: K must be a positive integer, got {K!r}")
+    scores, labels, pixels, xs, ys = peak_topk(heatmap, K)
     if offset is None:
         xs = xs + 0.5
         ys = ys + 0.5
     else:
-        centre_offset = _gather_pixels(offset.float(), pixels)
+        centre_offset = gather_pixels(offset.float(), pixels)
         xs = xs + centre_offset[:, 0]
         ys = ys + centre_offset[:, 1]
-    sizes = _gather_pixels(wh.float(), pixels)
+    sizes = gather_pixels(wh.float(), pixels)
     half_width, half_height = sizes[:, 0] / 2, sizes[:, 1] / 2
     boxes = torch.stack(
         [xs - half_width, ys - half_height, xs + half_width, ys + half_height], dim=2

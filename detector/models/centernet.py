@@ -19,11 +19,12 @@ from cuda_ops import ModulatedDeformConv2d
 # keeps fresh models identical to the original's.
 HEATMAP_BIAS_INIT = -2.19
 
-HeadFactory = Callable[[int, int], nn.Module]
-"""``make_heads(in_channels, head_conv)`` -> the heads of one stack: a module mapping the neck's
-features (B x in_channels x H/4 x W/4) to the dict of raw outputs, with ``output_convs()``.
-`build_model` binds it from the head table (`detector.heads.HeadType.head_factory`); every
-backbone family calls it with its neck width and its default head width."""
+HeadFactory = Callable[..., nn.Module]
+"""``make_heads(in_channels, head_conv, options=None)`` -> the heads of one stack: a module
+mapping the neck's features (B x in_channels x H/4 x W/4) to the dict of raw outputs, with
+``output_convs()``. `build_model` binds it from the head table (`detector.heads.head_factory`,
+which documents ``options``); every backbone family calls it with its neck width and its
+default head width."""
 
 
 class CenterNet(nn.Module):

@@ -245,17 +245,20 @@ def build_hourglass(
     head_conv: int | None = None,
     widths: dict | None = None,
     pretrained: str | Path | None = None,
+    *,
+    num_stacks: int = NUM_STACKS,
 ) -> HourglassNet:
-    """Hourglass-104 CenterNet with the original's two stacks. ``widths`` may override
+    """Hourglass-104 CenterNet with the original's two stacks (``num_stacks``: CenterNet-52,
+    the keypoint-triplet CenterNet's smaller model, is this hourglass with one stack and the
+    triplet heads; `detector.triplet.heads`). ``widths`` may override
     ``stem`` (int), ``dims`` (width per hourglass level, outermost first: len(dims) - 1 levels),
     ``modules`` (residuals per level, same length as dims; the last is the innermost block) and
     ``cnv`` (the width each stack's heads read); missing keys take the original's sizes.
     ``head_conv`` None takes the original's 256."""
     if pretrained is not None:
         raise ValueError(
-            f"pretrained={str(pretrained)!r}: hourglass104 has no ImageNet trunk weights to load; "
-            "start from an original CenterNet checkpoint (ctprune import-original --arch "
-            "hourglass104) instead"
+            f"pretrained={str(pretrained)!r}: the hourglass has no ImageNet trunk weights to "
+            "load; start from an original checkpoint (ctprune import-original) instead"
         )
     widths = merge_widths(DEFAULT_WIDTHS, widths, free_lengths=("dims", "modules"))
     dims, modules = list(widths["dims"]), list(widths["modules"])
@@ -271,4 +274,5 @@ def build_hourglass(
         modules=modules,
         cnv_width=widths["cnv"],
         head_conv=DEFAULT_HEAD_CONV if head_conv is None else head_conv,
+        num_stacks=num_stacks,
     )

@@ -161,7 +161,9 @@ class HighResolutionModule(nn.Module):
 
 
 class HRNetTrunk(nn.Module):
-    """Stem (stride 4), stage 1 (Bottlenecks), stages 2-4 (2, 3, 4 branches).
+    """Stem (stride 4), stage 1 (Bottlenecks), stages 2-4 (2, 3, 4 branches). ``stem_relu``
+    False leaves out the ReLU between the two stem convs, as HrCenterNet's HRNet does
+    (`detector.triplet.hrcenternet`); no parameters either way.
 
     forward(images: B x 3 x H x W) -> [B x branches[i] x H/(4 * 2^i) x W/(4 * 2^i), i = 0..3].
     """
@@ -173,10 +175,12 @@ class HRNetTrunk(nn.Module):
         branches: tuple[int, ...] = (18, 36, 72, 144),
         modules: tuple[int, ...] = (1, 4, 3),
         blocks: int = 4,
+        stem_relu: bool = True,
     ):
         super().__init__()
         self.conv1 = nn.Conv2d(3, stem_width, 3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_width)
+        self.relu1 = nn.ReLU(inplace=True) if stem_relu else nn.Identity()
         self.conv2 = nn.Conv2d(stem_width, stem_width, 3, stride=2, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(stem_width)
         self.relu = nn.ReLU(inplace=True)
@@ -192,7 +196,7 @@ class HRNetTrunk(nn.Module):
             previous = widths
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        x = self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(images))))))
+        x = self.relu(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(images))))))
         branches = [self.layer1(x)]
         for stage in (2, 3, 4):
             transition = getattr(self, f"transition{stage - 1}")

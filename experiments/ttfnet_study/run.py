@@ -27,19 +27,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from ctprune.layout import CHECKPOINT_FILE, REPORT_FILES
-from ctprune.report import study_row, update_study_report
-from detector.layout import HISTORY_FILE
+from ctprune.report import chain_rows, run_stage_rows, training_record, update_study_report
+from ctprune.study import chain_once, train_once
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -50,84 +46,38 @@ TARGET_MACS = 0.5
 EVAL_INTERVAL = 5
 
 
-def ctprune(*args: str, log: Path, threads: int) -> None:
-    """Run the ctprune CLI in a child process (as a user would), its output to ``log``."""
-    env = os.environ | {"OMP_NUM_THREADS": str(threads)}
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a") as stream:
-        subprocess.run(
-            [sys.executable, "-m", "ctprune", *args],
-            cwd=ROOT, env=env, stdout=stream, stderr=subprocess.STDOUT, check=True,
-        )
-
-
 def train_baseline(arm: str, epochs: int, seed: int, out: Path, threads: int) -> Path:
+    """The trained model of the arm's baseline run for this seed."""
+    values = {"train.seed": seed, "train.eval_interval": min(EVAL_INTERVAL, epochs)}
     run = out / f"{arm}_e{epochs}_seed{seed}"
-    if not (run / CHECKPOINT_FILE).is_file():
-        resume = ["--resume"] if (run / "resume.pt").is_file() else []
-        ctprune(
-            "train", RECIPES[arm], "--out", str(run), *resume,
-            "--set", f"train.epochs={epochs}", "--set", f"train.seed={seed}",
-            "--set", f"train.eval_interval={min(EVAL_INTERVAL, epochs)}",
-            log=out / f"{run.name}.log", threads=threads,
-        )
-    return run
+    return train_once(RECIPES[arm], run, epochs, values, threads, ROOT)
 
 
 def prune_and_finetune(
-    arm: str, baseline: Path, finetune_epochs: int, seed: int, out: Path, threads: int
+    arm: str, model: Path, finetune_epochs: int, seed: int, out: Path, threads: int
 ) -> Path:
-    run = out / f"{baseline.name}_half_ft{finetune_epochs}"
-    if not (run / REPORT_FILES["json"]).is_file():
-        ctprune(
-            "run", PRUNE_RECIPE, "--out", str(run),
-            "--set", f"model.head={HEADS[arm]}",
-            "--set", f"baseline.checkpoint={(baseline / CHECKPOINT_FILE).resolve()}",
-            "--set", f"prune.target_macs={TARGET_MACS}",
-            "--set", f"finetune.epochs={finetune_epochs}", "--set", f"finetune.seed={seed}",
-            log=out / f"{run.name}.log", threads=threads,
-        )
-    return run
-
-
-def training_record(run: Path) -> dict:
-    """Epochs, training seconds and the last evaluation of a training folder's epoch log."""
-    records = [json.loads(line) for line in (run / HISTORY_FILE).read_text().splitlines()]
-    epochs = [record for record in records if record.get("kind") == "epoch"]
-    evaluated = [record for record in epochs if "ap" in record]
-    return {
-        "epochs": len(epochs),
-        "train_seconds": round(sum(record.get("seconds", 0.0) for record in epochs), 1),
-        "curve": [
-            {"epoch": record["epoch"], "ap": record["ap"], "ap50": record["ap50"]}
-            for record in evaluated
-        ],
+    """The `ctprune run` folder that pruned ``model`` to half its MACs and fine-tuned it."""
+    values = {
+        "model.head": HEADS[arm],
+        "baseline.checkpoint": model.resolve(),
+        "prune.target_macs": TARGET_MACS,
+        "finetune.epochs": finetune_epochs,
+        "finetune.seed": seed,
     }
-
-
-def run_rows(run: Path) -> dict[str, dict]:
-    """The rows of a `ctprune run` report by stage: baseline, prune, finetune."""
-    report = json.loads((run / REPORT_FILES["json"]).read_text())
-    return {row["stage"]: row for row in report["rows"] if row["precision"] == "fp32"}
+    run = out / f"{model.parent.name}_half_ft{finetune_epochs}"
+    return chain_once(PRUNE_RECIPE, run, values, threads, ROOT)
 
 
 def study_rows(results: dict) -> list[dict]:
     rows = []
     for arm, per_seed in results["arms"].items():
         for seed, result in per_seed.items():
-            measured = result["rows"]
-            keys = ("params", "gmacs", "ap", "ap50", "ap75", "aps", "apm", "apl")
-            baseline = study_row(
-                arm, f"seed{seed}/baseline_e{result['epochs']}", "baseline",
-                **{key: measured["baseline"].get(key) for key in keys},
-            )
-            rows.append(baseline)
-            finetuned = f"finetune_e{result['finetune_epochs']}"
-            for stage, name in (("prune", "prune"), ("finetune", finetuned)):
-                rows.append(study_row(
-                    arm, f"seed{seed}/half_macs/{name}", stage, baseline,
-                    **{key: measured[stage].get(key) for key in keys},
-                ))
+            names = {
+                "baseline": f"seed{seed}/baseline_e{result['epochs']}",
+                "prune": f"seed{seed}/half_macs/prune",
+                "finetune": f"seed{seed}/half_macs/finetune_e{result['finetune_epochs']}",
+            }
+            rows += chain_rows(arm, names, result["rows"])
     return rows
 
 
@@ -183,9 +133,10 @@ def main() -> None:
             results["arms"][arm][seed] = {
                 "epochs": epochs[arm],
                 "finetune_epochs": finetune[arm],
-                "training": training_record(baseline),
+                "training": training_record(baseline.parent),
+                "model": baseline.name,
                 "finetune_training": training_record(pruned / "finetune"),
-                "rows": run_rows(pruned),
+                "rows": run_stage_rows(pruned),
             }
             print(arm, seed, {k: results["arms"][arm][seed]["rows"][k]["ap"]
                               for k in ("baseline", "prune", "finetune")}, flush=True)
