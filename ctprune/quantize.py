@@ -29,6 +29,8 @@ the fp32 file beside it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import platform
 from dataclasses import asdict, dataclass
@@ -229,19 +231,21 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, images: np.ndarra
     cache = out_path.with_name(out_path.stem + ".calibration.json")
     reader = _Reader(model.graph.input[0].name, images)
     try:
-        if config.calibration == "entropy":
-            # quantize_static passes no histogram size to its entropy calibrator, whose default
-            # (128 bins for 128 quantized bins) leaves one candidate range: the min-max one.
-            # TensorRT's search instead: 2048 bins, thresholds from 128 bins up.
-            _entropy_ranges(prepared, reader, cache)
-        quantize_static(
-            str(prepared), str(out_path), reader,
-            quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=reduce,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            nodes_to_exclude=keep_float, calibrate_method=methods[config.calibration],
-            extra_options=extra,
-            calibration_cache_path=str(cache) if cache.is_file() else None,
-        )
+        # onnxruntime's histogram calibrators print their progress: kept off the console.
+        with contextlib.redirect_stdout(io.StringIO()):
+            if config.calibration == "entropy":
+                # quantize_static passes no histogram size to its entropy calibrator, whose
+                # default (128 bins for 128 quantized bins) leaves one candidate range: the
+                # min-max one. TensorRT's search instead: 2048 bins, thresholds from 128 up.
+                _entropy_ranges(prepared, reader, cache)
+            quantize_static(
+                str(prepared), str(out_path), reader,
+                quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=reduce,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                nodes_to_exclude=keep_float, calibrate_method=methods[config.calibration],
+                extra_options=extra,
+                calibration_cache_path=str(cache) if cache.is_file() else None,
+            )
     finally:
         prepared.unlink(missing_ok=True)
         cache.unlink(missing_ok=True)

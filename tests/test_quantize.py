@@ -389,13 +389,20 @@ def test_deformable_convs_stay_float(tmp_path):
     assert model_onnx(torch.from_numpy(images))[0]["heatmap"].shape == (2, 3, 16, 16)
 
 
-def test_cli_quantize_eval_info_detect_and_bench(trained, shapes, tmp_path, capsys):
+def test_cli_quantize_eval_info_detect_and_bench(trained, shapes, tmp_path, capsys,
+                                                monkeypatch):
     out = tmp_path / "q"
     data = str(shapes / "data.yaml")
+    import detector.data.sources as sources
+
+    splits, load = [], sources.load_source
+    monkeypatch.setattr(sources, "load_source",
+                        lambda config, split: splits.append(split) or load(config, split))
     assert main(["quantize", str(trained), "--data", data, "--images", "4", "--out",
                  str(out)]) == 0
     printed = capsys.readouterr().out
     assert "reduce_range auto:" in printed and "4 training images" in printed
+    assert splits == ["train"]  # calibration never reads the val split
     assert main(["quantize", str(trained), "--data", data, "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["info", str(out / INT8_FILE)]) == 0
