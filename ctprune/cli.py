@@ -384,7 +384,7 @@ def prune_options(args: argparse.Namespace):
 
 def _export(args: argparse.Namespace) -> None:
     from detector import load_model
-    from detector.export import export_onnx, export_pt2
+    from detector.export import export_onnx, export_pt2, output_names
 
     out = args.out or Path(args.checkpoint).with_suffix(f".{args.format}")
     _check_output_file(args.checkpoint, out, args.overwrite)
@@ -401,7 +401,8 @@ def _export(args: argparse.Namespace) -> None:
         raise ValueError(f"--precision {args.precision}: only with --format onnx")
     else:
         path = export_pt2(out, model, checkpoint.model_config.input, **options)
-    outputs = "detections (B, K, 6) in input pixels" if args.decode else "heatmap, wh, offset"
+    outputs = ("detections (B, K, 6) in input pixels" if args.decode
+               else ", ".join(output_names(False, checkpoint.model_config.head)))
     print(f"wrote {path}: input images (B, 3, H, W), outputs {outputs}")
 
 
@@ -450,7 +451,8 @@ def _print_input_lines(config, path) -> None:
     names = config.class_names or []
     shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
     print(f"checkpoint   {path}")
-    print(f"arch         {config.arch}  (head_conv {config.head_conv}, widths {config.widths})")
+    print(f"arch         {config.arch}  (head {config.head}, head_conv {config.head_conv}, "
+          f"widths {config.widths})")
     print(f"classes      {config.num_classes}" + (f": {shown}" if names else ""))
     print(
         f"input        {spec.color_order}, mean {list(spec.mean)}, std {list(spec.std)}, "

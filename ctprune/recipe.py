@@ -48,7 +48,7 @@ from detector.data.sources import DataConfig, load_data_yaml
 from detector.engine.config import TrainConfig, TrainRecipe
 from detector.evaluate.config import EvaluateConfig
 
-from .distill import DistillConfig
+from .distill import DistillConfig, DistillError, check_head
 from .pruning.options import DEFAULTS, PruneOptions
 from .pruning.slimming import SparsityConfig
 from .quantize import QuantizeConfig
@@ -309,6 +309,13 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, check_files: boo
     recipe.data = _data_section(data, path)
     for section in ("train", "finetune"):
         _check_lr_steps(getattr(recipe, section), section)
+    if recipe.finetune.distill is not None:
+        # Named before any work: a head type without a distillation loss (the keypoint
+        # triplet's) would otherwise fail only when the fine-tune starts, after training.
+        try:
+            check_head(recipe.model.head, recipe.model.head, "finetune.distill")
+        except DistillError as error:
+            raise ConfigError(f"{path}: {error}") from None
     if check_files:
         _check_files(recipe, path)
     return recipe

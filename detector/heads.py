@@ -9,8 +9,9 @@ raw outputs to detections. ``model.head`` in a recipe or checkpoint names an ent
 (`head_type`).
 
 TTFNet (``ttfnet``: outputs ``heatmap`` and ``ltrb``, its own Gaussian targets, GIoU loss,
-ltrb decoder; `detector.ttfnet`) is the second entry. Later head types are one entry each, e.g.
-the keypoint triplet (``tl_heatmap``, ``br_heatmap``, ``ct_heatmap``, embeddings and offsets).
+ltrb decoder; `detector.ttfnet`) is the second entry, the keypoint triplet (``triplet``:
+``tl_heatmap``, ``br_heatmap``, ``ct_heatmap``, embeddings and offsets; `detector.triplet`) the
+third, with its own merge of test scales (`ScaleMerge`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ from .inference.decode import decode_centernet
 from .losses import centernet_loss, heatmap_loss_named
 from .models.centernet import HeadFactory, per_output_heads
 from .targets import encode_targets
-from .triplet.decode import decode_triplet
+from .triplet.decode import (
+    decode_triplet,
+    merge_triplet_scales,
+    triplet_scale_arrays,
+    triplet_scale_arrays_to_image,
+)
 from .triplet.heads import build_triplet_heads
 from .triplet.loss import triplet_loss
 from .triplet.targets import encode_triplet_targets
@@ -40,6 +46,25 @@ if TYPE_CHECKING:
     from .engine.config import TrainConfig
 
 LossFn = Callable[[list[dict[str, Tensor]], dict[str, Tensor]], tuple[Tensor, dict[str, Tensor]]]
+
+
+@dataclass(frozen=True)
+class ScaleMerge:
+    """How a head type merges the test scales of one image (`detector.inference.Predictor`
+    with several ``scales``), when decoding each scale to detections and merging those with
+    soft-NMS (`detector.inference.tta.merge_multiscale`, the default) is not what its original
+    does. The keypoint triplet pools every scale's corner pairs *before* centre matching and
+    merges them with its own soft-NMS: `detector.triplet.decode.merge_triplet_multiscale`."""
+
+    decode: Callable[[dict[str, Tensor], dict[str, Tensor] | None, int], dict[str, Tensor]]
+    """(one stack's raw outputs of one scale, the mirrored images' or None, max detections) ->
+    named (B, ...) tensors in output-map coordinates."""
+    to_image: Callable[[dict[str, np.ndarray], np.ndarray], dict[str, np.ndarray]]
+    """(one image's arrays of `decode`, its 2x3 output-map -> image affine) -> the arrays in
+    image pixels."""
+    merge: Callable[..., np.ndarray]
+    """(per scale the image's arrays in image pixels, the scales, num_classes, max_detections,
+    soft_nms method) -> (M, 6) x1, y1, x2, y2, score, class in image pixels, best first."""
 
 # In `HeadType.outputs`: one channel per class (a class heatmap).
 NUM_CLASSES = "num_classes"
@@ -76,6 +101,11 @@ class HeadType:
     """The names of the loss's terms (its parts besides "total"), which
     ``train.balance_magnitudes`` names (`detector.engine.config.LOSS_TERM_NAMES` is their
     union over the table)."""
+
+    merge_scales: ScaleMerge | None = None
+    """How several test scales are merged; None: each scale decoded by ``decode`` and the
+    detections merged with per-class soft-NMS (`detector.inference.tta.merge_multiscale`, the
+    original CenterNet's merge)."""
 
     def output_channels(self, num_classes: int) -> dict[str, int]:
         """Output name -> channels for a model of ``num_classes`` classes."""
@@ -120,6 +150,12 @@ HEADS: dict[str, HeadType] = {
         decode=decode_triplet,
         build_heads=build_triplet_heads,
         loss_terms=("heatmap", "pull", "push", "offset"),
+        # The original pools the candidates of every scale and matches centres once.
+        merge_scales=ScaleMerge(
+            decode=triplet_scale_arrays,
+            to_image=triplet_scale_arrays_to_image,
+            merge=merge_triplet_scales,
+        ),
     ),
 }
 

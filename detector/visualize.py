@@ -12,6 +12,7 @@ import torch
 from .data.dataset import CenterNetDataset, read_image
 from .data.sources import load_data_yaml, load_source
 from .inference.predictor import Detections, Predictor, read_bgr
+from .models.centernet import is_class_heatmap
 
 
 def class_color(index: int) -> tuple[int, int, int]:
@@ -63,8 +64,9 @@ def overlay(image: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def heatmap_overlay(predictor: Predictor, image: np.ndarray | str | Path) -> np.ndarray:
-    """The model's class-max heatmap over the image it was computed from (the network input
-    warped back is what the map covers; for keep-resolution inputs that is the image itself)."""
+    """The model's class-max heatmap (over all its class heatmaps) over the image it was
+    computed from (the network input warped back is what the map covers; for keep-resolution
+    inputs that is the image itself)."""
     from .data.transforms import test_transform
 
     bgr = read_bgr(image)
@@ -72,7 +74,10 @@ def heatmap_overlay(predictor: Predictor, image: np.ndarray | str | Path) -> np.
         bgr, predictor.config.input, 1.0, predictor.keep_resolution
     )
     outputs = predictor.model(torch.from_numpy(network_input)[None].to(predictor.device))[-1]
-    heatmap = outputs["heatmap"].sigmoid()[0].max(0).values.cpu().numpy()
+    # Every class heatmap of the head type (the triplet's corners and centres too), max over
+    # classes and heatmaps.
+    heatmaps = [value for name, value in outputs.items() if is_class_heatmap(name)]
+    heatmap = torch.cat(heatmaps, dim=1).sigmoid()[0].max(0).values.cpu().numpy()
     height, width = meta["original_size"]
     to_image = cv2.warpAffine(heatmap, meta["inverse_affine"].astype(np.float32), (width, height))
     return overlay(bgr, to_image)

@@ -8,6 +8,7 @@ Family-specific pruning checks (deformable convs' offset convs, DLA's roots, k-m
 live beside their families; the helpers here are shared with them.
 """
 
+import dataclasses
 import functools
 import math
 from typing import NamedTuple
@@ -48,12 +49,12 @@ RATIO = 0.4
 PARAMETER_BAND = (0.8 * (1 - RATIO) ** 2, 1 - RATIO)
 
 
-def randomised(arch: str) -> nn.Module:
+def randomised(arch: str, head: str = "centernet") -> nn.Module:
     """A tiny model with non-trivial BatchNorms (distinct gammas, statistics) and biases, so
     that removing or mixing up a live channel shows in the outputs. Every weighted layer's
     filters (convs, transposed convs, deformable convs and their offset/mask convs) are drawn
     with variance 1 / fan-in, so activations keep their scale through the network."""
-    model = tiny_model(arch)
+    model = tiny_model(arch, head=head)
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for module in model.modules():
@@ -242,3 +243,36 @@ def test_save_and_load_of_a_pruned_model_give_identical_outputs(tmp_path, arch):
     assert checkpoint.channel_plan == result.plan
     assert count_parameters(loaded) == count_parameters(result.model)
     assert_same_outputs(loaded, result.model, atol=0)
+
+
+# The keypoint-triplet head (`model.head: triplet`) on one backbone: its pooling branches add
+# four convs' outputs (the look and plain branches, the two pooled branches, the shortcut), so
+# removing exactly dead channels leaves the outputs equal only if each sum's producers are cut
+# at the same channels. Every criterion and scope: tests/test_triplet_chain.py.
+TRIPLET_ARCH = "resunet18"
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_triplet_head_removing_exactly_dead_channels_leaves_outputs_equal(scope):
+    config = dataclasses.replace(tiny_config(TRIPLET_ARCH), head="triplet")
+    model = build_from_config(config)
+    model.load_state_dict(randomised(TRIPLET_ARCH, head="triplet").state_dict())
+    groups = groups_of(model.eval())
+    for pool in (model.heads.tl_pool, model.heads.br_pool, model.heads.ct_pool):
+        # the pooled branch and the shortcut it is added to: one group
+        assert any(
+            {id(pool.p_conv1), id(pool.conv1)} <= {id(layer.module) for layer in group.producers}
+            for group in groups
+        )
+    ratio, dead = kill_some_channels(groups, scope)
+    result = prune(model, ratio, "l1", scope=scope, example_inputs=EXAMPLE, round_to=None)
+    assert sum(g["width"] - g["kept"] for g in result.stats.groups) == dead
+    for original, kept in zip(output_layers(model), output_layers(result.model), strict=True):
+        assert kept.out_channels == original.out_channels
+    assert_same_outputs(result.model, model, atol=1e-5)
+    if scope == "layer":
+        # The same widths with other channels removed do change the outputs.
+        control = prune(model, ratio, "random", example_inputs=EXAMPLE, round_to=None)
+        assert not torch.allclose(
+            outputs_of(control.model)["tl_heatmap"], outputs_of(model)["tl_heatmap"], atol=1e-3
+        )

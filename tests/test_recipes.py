@@ -233,3 +233,20 @@ def test_prune_options_are_checked_at_every_sweep_point(tmp_path):
     options = recipe.prune.options("l2", 0.9, None)
     assert (options.criterion, options.ratio, options.max_layer_ratio) == ("l2", 0.9, 0.95)
     assert len(branches(recipe)) == 4
+
+
+def test_the_triplet_chain_and_its_ctdet_twin_differ_only_in_the_head():
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    triplet = load_recipe(recipes / "shapes_triplets_chain.yaml", check_files=False)
+    ctdet = load_recipe(recipes / "shapes_triplets_chain_ctdet.yaml", check_files=False)
+    assert (triplet.model.head, ctdet.model.head) == ("triplet", "centernet")
+    assert triplet.model.arch == ctdet.model.arch == "resunet18"
+    for section in ("train", "prune", "finetune", "evaluate", "report"):
+        assert getattr(triplet, section) == getattr(ctdet, section), section
+    assert (triplet.prune.criterion, triplet.prune.target_macs, triplet.prune.scope) == (
+        "l1", 0.5, "global"
+    )
+    assert triplet.finetune.epochs == 2
+    assert [branch.name for branch in branches(triplet)] == [
+        branch.name for branch in branches(ctdet)
+    ]

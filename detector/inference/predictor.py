@@ -35,14 +35,21 @@ def detect(
     """(B, K, 6) detections in output-map coordinates for a batch of prepared inputs
     (B, 3, H, W), decoded by the decoder of head type ``head`` (the model config's ``head``).
     With ``flip`` the mirrored batch runs in the same forward pass."""
-    decode = head_type(head).decode
+    return head_type(head).decode(*_last_stack(model, images, flip), max_detections)
+
+
+def _last_stack(
+    model: nn.Module, images: torch.Tensor, flip: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """The last stack's raw outputs of ``images`` and, with ``flip``, of their mirror images
+    (None without), from one forward pass."""
     if not flip:
-        return decode(model(images)[-1], None, max_detections)
+        return model(images)[-1], None
     batch = len(images)
     outputs = model(torch.cat([images, images.flip(-1)]))[-1]
     plain = {key: value[:batch] for key, value in outputs.items()}
     mirrored = {key: value[batch:] for key, value in outputs.items()}
-    return decode(plain, mirrored, max_detections)
+    return plain, mirrored
 
 
 @dataclass
@@ -132,8 +139,15 @@ class Predictor:
         """(N, 6) x1, y1, x2, y2, score, class in image pixels for each image (paths or BGR
         arrays), in input order. Per test scale, the images whose prepared inputs have the same
         size (all of them at a fixed input size; those of one size with keep_resolution) run
-        through the model in one forward pass."""
+        through the model in one forward pass. Several scales are merged by the head type's
+        ``merge_scales`` when it has one (`detector.heads.ScaleMerge`: the keypoint triplet
+        pools its corner pairs before centre matching), else with per-class soft-NMS
+        (`merge_multiscale`)."""
         images = [read_bgr(image) for image in images]
+        head = head_type(self.config.head)
+        # A single scale is decoded by the head's decoder; several are merged by the head
+        # type's own merge when it has one (the keypoint triplet's), else per-class soft-NMS.
+        merge = head.merge_scales if len(self.scales) > 1 else None
         per_image: list[list[np.ndarray]] = [[] for _ in images]
         for scale in self.scales:
             prepared = [
@@ -147,13 +161,27 @@ class Predictor:
                 batch = torch.from_numpy(
                     np.stack([prepared[position][0] for position in positions])
                 ).to(self.device)
-                detections = detect(
-                    self.model, batch, flip=self.flip, max_detections=self.max_detections,
-                    head=self.config.head,
-                ).cpu().numpy()
-                for position, rows in zip(positions, detections, strict=True):
+                with torch.no_grad():
+                    outputs = _last_stack(self.model, batch, self.flip)
+                    if merge is None:
+                        decoded = {"detections": head.decode(*outputs, self.max_detections)}
+                    else:
+                        decoded = merge.decode(*outputs, self.max_detections)
+                decoded = {name: value.cpu().numpy() for name, value in decoded.items()}
+                for index, position in enumerate(positions):
                     inverse_affine = prepared[position][1]["inverse_affine"]
-                    per_image[position].append(detections_to_image(rows, inverse_affine))
+                    arrays = {name: value[index] for name, value in decoded.items()}
+                    per_image[position].append(
+                        detections_to_image(arrays["detections"], inverse_affine)
+                        if merge is None
+                        else merge.to_image(arrays, inverse_affine)
+                    )
+        if merge is not None:
+            return [
+                merge.merge(per_scale, self.scales, self.config.num_classes,
+                            self.max_detections, self.soft_nms)
+                for per_scale in per_image
+            ]
         if len(self.scales) == 1:
             return [per_scale[0].astype(np.float32) for per_scale in per_image]
         return [

@@ -441,10 +441,15 @@ def soft_nms_merge(
         merge_weight[best] = 1.0
         tl_weight = corner_scores[:, 0] * merge_weight
         br_weight = corner_scores[:, 1] * merge_weight
+        # A corner scored 0 (a top-K slot past the map's last peak, which an untrained model
+        # has) has no weight: the taken box keeps that corner rather than dividing by zero.
+        tl_total, br_total = tl_weight.sum(), br_weight.sum()
         box = np.concatenate(
             [
-                (boxes[:, :2] * tl_weight[:, None]).sum(0) / tl_weight.sum(),
-                (boxes[:, 2:] * br_weight[:, None]).sum(0) / br_weight.sum(),
+                (boxes[:, :2] * tl_weight[:, None]).sum(0) / tl_total if tl_total > 0
+                else taken[:2],
+                (boxes[:, 2:] * br_weight[:, None]).sum(0) / br_total if br_total > 0
+                else taken[2:],
             ]
         )
         merged.append(np.append(box, scores[best]))
@@ -502,3 +507,59 @@ def merge_triplet_multiscale(
     merged = np.concatenate([np.zeros((0, 6), np.float32), *per_class])
     order = np.argsort(-merged[:, 4], kind="stable")[: int(max_detections)]
     return merged[order].astype(np.float32)
+
+
+# --- the head table's multi-scale hooks (`detector.heads.ScaleMerge`) ---------------------------
+
+
+def triplet_scale_arrays(
+    outputs: dict[str, Tensor], flipped_outputs: dict[str, Tensor] | None, max_detections: int
+) -> dict[str, Tensor]:
+    """One test scale's ``{"candidates": (B, N, 8), "centres": (B, Q, 4)}`` in output-map
+    coordinates (`triplet_candidates`, flip test included), what the multi-scale merge pools.
+    ``max_detections`` applies after the merge, not here."""
+    candidates, centres = triplet_candidates(outputs, flipped_outputs)
+    return {"candidates": candidates, "centres": centres}
+
+
+def triplet_scale_arrays_to_image(
+    arrays: dict[str, np.ndarray], inverse_affine: np.ndarray
+) -> dict[str, np.ndarray]:
+    """One image's `triplet_scale_arrays` mapped to image pixels by the 2x3 output-map -> image
+    affine: the candidates' two corners and the centres' points; scores and classes kept."""
+    inverse_affine = np.asarray(inverse_affine, dtype=np.float64)
+    candidates = np.array(arrays["candidates"], dtype=np.float64)
+    centres = np.array(arrays["centres"], dtype=np.float64)
+    linear, shift = inverse_affine[:, :2].T, inverse_affine[:, 2]
+    candidates[:, :4] = (candidates[:, :4].reshape(-1, 2, 2) @ linear + shift).reshape(-1, 4)
+    centres[:, :2] = centres[:, :2] @ linear + shift
+    return {"candidates": candidates.astype(np.float32), "centres": centres.astype(np.float32)}
+
+
+def merge_triplet_scales(
+    per_scale: Sequence[dict[str, np.ndarray]],
+    scales: Sequence[float],
+    num_classes: int,
+    max_detections: int,
+    soft_nms: str | None = "gaussian",
+) -> np.ndarray:
+    """The original's multi-scale test for one image from the per-scale arrays in image pixels:
+    every scale's candidates pooled, matched with the centres of scale 1 (of the scale nearest
+    1 when 1 is not tested; the original always tests 1) and merged per class with
+    `soft_nms_merge` (`merge_triplet_multiscale`). Its merge is Gaussian: a ``soft_nms`` other
+    than "gaussian" raises."""
+    if soft_nms != "gaussian":
+        raise ValueError(
+            f"evaluate.soft_nms: the triplet head merges test scales with the original's Gaussian "
+            f"soft-NMS merge; got {soft_nms!r}, expected 'gaussian'"
+        )
+    if len(per_scale) != len(scales) or not scales:
+        raise ValueError(
+            f"merge_triplet_scales: expected one array dict per scale, got {len(per_scale)} for "
+            f"scales {list(scales)}"
+        )
+    nearest = min(range(len(scales)), key=lambda index: abs(scales[index] - 1.0))
+    return merge_triplet_multiscale(
+        [arrays["candidates"] for arrays in per_scale], per_scale[nearest]["centres"],
+        num_classes, max_detections,
+    )

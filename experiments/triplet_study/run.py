@@ -134,28 +134,31 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "triplet_study")
     parser.add_argument("--ctdet-out", type=Path, default=ROOT / "runs" / "ttfnet_study")
+    parser.add_argument("--arms", nargs="+", choices=list(RECIPES), default=list(RECIPES),
+                        help="train and prune only these heads (the others must be done)")
     parser.add_argument("--no-report", action="store_true", help="do not touch report.json")
     args = parser.parse_args()
     data = load_data_yaml(DATA)
     annotations = DATA.parent / data.val
     started = time.perf_counter()
     results: dict = {"arms": {"triplet": {}, "ctdet": {}}}
+    epochs = {"triplet": args.triplet_epochs, "ctdet": args.ctdet_epochs}
+    outs = {"triplet": args.out, "ctdet": args.ctdet_out}
     for seed in args.seeds:
-        results["arms"]["triplet"][seed] = run_arm(
-            "triplet", args.triplet_epochs, seed, args.out, args.threads, annotations
-        )
-        results["arms"]["ctdet"][seed] = run_arm(
-            "ctdet", args.ctdet_epochs, seed, args.ctdet_out, args.threads, annotations
-        )
-        print(seed, {arm: results["arms"][arm][seed]["rows"]["baseline"]["ap50"]
-                     for arm in results["arms"]}, flush=True)
+        for arm in args.arms:
+            results["arms"][arm][seed] = run_arm(
+                arm, epochs[arm], seed, outs[arm], args.threads, annotations
+            )
+            print(arm, seed, results["arms"][arm][seed]["rows"]["baseline"]["ap50"], flush=True)
+    if set(args.arms) != set(RECIPES):
+        return
     results["summary"] = summarise(results)
     results["setup"] = {
         "recipes": RECIPES,
         "prune_recipe": PRUNE_RECIPE,
         "target_macs": TARGET_MACS,
         "finetune_epochs": FINETUNE_EPOCHS,
-        "epochs": {"triplet": args.triplet_epochs, "ctdet": args.ctdet_epochs},
+        "epochs": epochs,
         "seeds": args.seeds,
         "threads": args.threads,
         "wall_minutes_this_invocation": round((time.perf_counter() - started) / 60, 1),

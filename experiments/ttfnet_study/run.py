@@ -130,13 +130,14 @@ def main() -> None:
             pruned = prune_and_finetune(
                 arm, baseline, finetune[arm], seed, args.out, args.threads
             )
+            rows = run_stage_rows(pruned)
             results["arms"][arm][seed] = {
                 "epochs": epochs[arm],
                 "finetune_epochs": finetune[arm],
                 "training": training_record(baseline.parent),
                 "model": baseline.name,
-                "finetune_training": training_record(pruned / "finetune"),
-                "rows": run_stage_rows(pruned),
+                "finetune_training": training_record(pruned / rows["finetune"]["name"]),
+                "rows": rows,
             }
             print(arm, seed, {k: results["arms"][arm][seed]["rows"][k]["ap"]
                               for k in ("baseline", "prune", "finetune")}, flush=True)
