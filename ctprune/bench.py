@@ -7,7 +7,10 @@ optimisations on the exported graph). A pruned checkpoint is paired with its unp
 architecture (the same config without the channel plan, seeded random weights) on the same
 path: the realised speed-up is the median of the per-round latency ratios, shown beside the
 ideal one, MACs before / MACs after. An unpruned checkpoint is paired with itself in plain
-eager PyTorch: the gain of the default path over eager.
+eager PyTorch: the gain of the default path over eager. An exported ``.onnx`` file (with
+ctprune metadata: `ctprune export`, `ctprune quantize`) runs in onnxruntime as it is; an INT8
+file is paired with the fp32 file `ctprune quantize` wrote beside it (``model.fp32.onnx``),
+timed in the same rounds, so the INT8 speed-up is a paired ratio too.
 
 Interleaving: each round runs every model once, in forward order on even rounds and reverse
 order on odd ones, so slow drifts of a shared machine hit all models alike and no model always
@@ -33,6 +36,7 @@ from torch import nn
 from detector import count_macs, load_model
 from detector.checkpoint import build_from_config
 from detector.export import export_onnx, fold_batchnorm, fuse_heads, onnx_session
+from detector.inference.onnx_model import read_onnx_metadata
 
 RUNTIMES = ("torch", "onnxruntime")
 MIB = 2**20
@@ -72,6 +76,8 @@ class BenchRow:
     ideal_speedup: float | None = None
     cpu_ms: float | None = None
     cpu_speedup: float | None = None
+    precision: str = "fp32"
+    """The number format the model runs in: fp32, or an ONNX file's (int8, fp16)."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -198,6 +204,30 @@ def onnxruntime_runner(
     return run
 
 
+def onnx_file_runner(path: str | Path, input_size: int, threads: int | None,
+                     spinning: bool = True) -> tuple[Runner, int]:
+    """A runner of an exported file with ctprune metadata as it is (an INT8 or fp16 file
+    included), and its MACs at ``input_size`` (the metadata's, scaled by the image area)."""
+    info = read_onnx_metadata(path)
+    session = onnx_session(path, threads=threads, spinning=spinning)
+    [graph_input] = session.get_inputs()
+    fixed = [side for side in graph_input.shape[2:] if isinstance(side, int)]
+    if fixed and fixed != [input_size, input_size]:
+        raise ValueError(f"{path}: a static graph for {graph_input.shape[2:]} images; time it "
+                         f"with --input {fixed[0]} or export it with --dynamic")
+    batch = graph_input.shape[0] if isinstance(graph_input.shape[0], int) else None
+    height, width = info.graph["input_size"]
+    macs = round(info.graph["macs"] * input_size * input_size / (height * width))
+
+    def run(images: torch.Tensor):
+        array = images.cpu().numpy()
+        step = batch or len(array)
+        return [session.run(None, {graph_input.name: array[i:i + step]})
+                for i in range(0, len(array), step)]
+
+    return run, macs
+
+
 def interleaved_times(
     runners: dict[str, Runner],
     images: torch.Tensor,
@@ -283,6 +313,7 @@ def bench_models(
     *,
     pairs: dict[str, str] | None = None,
     eager: tuple[str, ...] = (),
+    onnx_files: dict[str, Path] | None = None,
     input_size: int = 512,
     threads: int | None = None,
     runtime: str = "torch",
@@ -299,6 +330,8 @@ def bench_models(
     ``runtime``; ``pairs`` maps a name to the name of its reference (speed-up = reference
     latency / this latency, ideal = their MACs ratio); each name in ``eager`` is also timed as
     plain eager PyTorch under ``<name> (eager)``, with the default path paired against it.
+    ``onnx_files`` (name -> exported file with metadata, run in onnxruntime as it is; needs
+    ``runtime="onnxruntime"``) are timed in the same rounds; they may appear in ``pairs``.
     ``compile``: the torch path through `deploy_torch(compile=True)`; a model torch.compile
     cannot build (no C++ compiler, say) is timed uncompiled, with a warning."""
     if runtime not in RUNTIMES:
@@ -311,7 +344,11 @@ def bench_models(
     if runtime == "onnxruntime" and device.type != "cpu":
         raise ValueError("--runtime onnxruntime is benchmarked on CPU; pass --device cpu")
     pairs = dict(pairs or {})
-    unknown = [n for n in [*pairs, *pairs.values(), *eager] if n not in models]
+    onnx_files = dict(onnx_files or {})
+    if onnx_files and runtime != "onnxruntime":
+        raise ValueError(f"{next(iter(onnx_files))}: an ONNX file is timed in onnxruntime: "
+                         "pass --runtime onnxruntime")
+    unknown = [n for n in [*pairs, *pairs.values(), *eager] if n not in {**models, **onnx_files}]
     if unknown:
         raise ValueError(f"pairs/eager name models that are not given: {unknown}")
     generator = torch.Generator().manual_seed(0)
@@ -330,6 +367,8 @@ def bench_models(
                 )
             else:
                 deployed[name], runners[name] = _torch_path(model, device, compile, images, name)
+        for name, path in onnx_files.items():
+            runners[name], macs[name] = onnx_file_runner(path, input_size, threads, spinning)
         for name in eager:
             eager_name = f"{name} (eager)"
             deployed[eager_name] = copy.deepcopy(models[name][0]).eval().to(device)
@@ -352,11 +391,15 @@ def bench_models(
                 eager_layout = name.endswith("(eager)")
                 layout = torch.contiguous_format if eager_layout else torch.channels_last
                 peaks[name] = torch_peak_mib(model, images.contiguous(memory_format=layout))
+    precisions = {name: read_onnx_metadata(path).precision for name, path in onnx_files.items()}
     rows = []
     for name in runners:
+        precision = precisions.get(name, "fp32")
         row = BenchRow(
             name=name,
-            path=runtime if not name.endswith("(eager)") else "eager",
+            path=(runtime if not name.endswith("(eager)") else "eager")
+            + ("" if precision == "fp32" else f" {precision}"),
+            precision=precision,
             runtime=runtime if not name.endswith("(eager)") else "torch",
             device=str(device),
             input_size=input_size,
@@ -391,14 +434,28 @@ def bench_checkpoints(
     **options,
 ) -> list[BenchRow]:
     """`bench_models` for checkpoint files: a pruned checkpoint is paired with its unpruned
-    architecture (added as ``<path> (unpruned)``), an unpruned one with plain eager."""
+    architecture (added as ``<path> (unpruned)``), an unpruned one with plain eager; an
+    ``.onnx`` file runs as it is, an INT8 one paired with the ``model.fp32.onnx`` beside it
+    (added as ``<path> (fp32)``)."""
+    from detector.inference.onnx_model import is_onnx_file
+
+    from .quantize import FP32_FILE
+
     models: dict[str, tuple[nn.Module, object]] = {}
+    onnx_files: dict[str, Path] = {}
     pairs: dict[str, str] = {}
     eager: list[str] = []
     for path in paths:
         name = str(path)
-        if name in models:
+        if name in models or name in onnx_files:
             raise ValueError(f"{name}: given twice")
+        if is_onnx_file(path):
+            onnx_files[name] = Path(path)
+            twin = Path(path).with_name(FP32_FILE)
+            if read_onnx_metadata(path).precision != "fp32" and twin.is_file():
+                onnx_files[f"{name} (fp32)"] = twin
+                pairs[name] = f"{name} (fp32)"
+            continue
         model, checkpoint = load_model(path)
         spec = checkpoint.model_config.input
         models[name] = (model.eval(), spec)
@@ -409,7 +466,8 @@ def bench_checkpoints(
         elif runtime == "torch":
             eager.append(name)
     return bench_models(
-        models, pairs=pairs, eager=tuple(eager), input_size=input_size, threads=threads,
+        models, pairs=pairs, eager=tuple(eager), onnx_files=onnx_files, input_size=input_size,
+        threads=threads,
         runtime=runtime, rounds=rounds, device=device, **options,
     )
 

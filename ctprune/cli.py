@@ -186,25 +186,26 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from detector import load_model
     from detector.config import from_dict, parse_overrides
     from detector.data.sources import load_data_yaml, load_source
     from detector.evaluate.config import EvaluateConfig
     from detector.evaluate.run import evaluate_model
+    from detector.inference.onnx_model import load_any_model
 
     # eval reads only the evaluate section: any other key would be silently ignored.
     overrides = parse_overrides(args.set, sections=("evaluate",))
     config = from_dict(EvaluateConfig, overrides.get("evaluate", {}), "evaluate")
-    model, checkpoint = load_model(args.checkpoint)
+    # A checkpoint, or an exported .onnx file run by onnxruntime through the same evaluator.
+    model, model_config = load_any_model(args.checkpoint)
     source = load_source(load_data_yaml(args.data), args.split)
-    if source.class_names != (checkpoint.model_config.class_names or source.class_names):
+    if source.class_names != (model_config.class_names or source.class_names):
         raise ValueError(
             f"{args.data}: classes {source.class_names} differ from the checkpoint's "
-            f"{checkpoint.model_config.class_names}"
+            f"{model_config.class_names}"
         )
     out_dir = args.out or Path(args.checkpoint).parent / f"eval_{args.split}"
     device = args.device or ("cuda" if torch_cuda() else "cpu")
-    metrics = evaluate_model(model, source, checkpoint.model_config, config, device, out_dir)
+    metrics = evaluate_model(model, source, model_config, config, device, out_dir)
     for key in ("ap", "ap50", "ap75", "aps", "apm", "apl", "voc_ap50", "loss"):
         if key in metrics:
             print(f"{key:<9}{metrics[key]:.4f}")
@@ -393,12 +394,41 @@ def _export(args: argparse.Namespace) -> None:
                    input_size=tuple(args.input_size) if args.input_size else None,
                    head=checkpoint.model_config.head)
     if args.format == "onnx":
-        path = export_onnx(out, model, checkpoint.model_config.input, **options)
+        path = export_onnx(out, model, checkpoint.model_config.input,
+                           model_config=checkpoint.model_config, precision=args.precision,
+                           **options)
+    elif args.precision != "fp32":
+        raise ValueError(f"--precision {args.precision}: only with --format onnx")
     else:
         path = export_pt2(out, model, checkpoint.model_config.input, **options)
     outputs = ("detections (B, K, 6) in input pixels" if args.decode
                else ", ".join(output_names(False, checkpoint.model_config.head)))
     print(f"wrote {path}: input images (B, 3, H, W), outputs {outputs}")
+
+
+def _quantize(args: argparse.Namespace) -> None:
+    from detector.data.sources import load_data_yaml, load_source
+
+    from .quantize import INT8_FILE, QuantizeConfig, quantize_checkpoint
+
+    config = QuantizeConfig(calibration=args.calibration, images=args.images,
+                            percentile=args.percentile, reduce_range=args.reduce_range,
+                            runtime=args.runtime)
+    if args.out.is_file():
+        raise ValueError(f"--out {args.out}: is a file; give a folder")
+    if (args.out / INT8_FILE).exists() and not args.overwrite:
+        raise ValueError(f"--out {args.out}: holds {INT8_FILE}; add --overwrite to replace it")
+    # Calibration reads the training split only: the evaluation must not have seen its images.
+    source = load_source(load_data_yaml(args.data), "train")
+    result = quantize_checkpoint(args.checkpoint, source, config, args.out)
+    summary = result.summary
+    print(f"{summary['reduce_range_reason']}")
+    print(f"calibrated on {summary['images']} training images at "
+          f"{summary['input_size'][0]}x{summary['input_size'][1]} ({summary['calibration']}); "
+          f"{summary['nodes']['QuantizeLinear']} QuantizeLinear nodes, "
+          f"{len(summary['float_nodes'])} nodes kept in float")
+    print(f"wrote {result.int8_path} (and {result.fp32_path.name} beside it); evaluate it "
+          f"with: ctprune eval {result.int8_path} --data {args.data}")
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -416,23 +446,11 @@ def torch_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _info(args: argparse.Namespace) -> None:
-    import torch
-
-    from detector import count_macs, count_parameters, load_model, state_dict_mib
-    from detector.checkpoint import build_from_config
-
-    model, checkpoint = load_model(args.checkpoint)
-    config = checkpoint.model_config
+def _print_input_lines(config, path) -> None:
     spec = config.input
-    size = tuple(args.input_size or spec.input_size)
-    with torch.device("meta"):
-        base = build_from_config(config)
-    base_params = count_parameters(base)
-    params = count_parameters(model)
     names = config.class_names or []
     shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-    print(f"checkpoint   {args.checkpoint}")
+    print(f"checkpoint   {path}")
     print(f"arch         {config.arch}  (head {config.head}, head_conv {config.head_conv}, "
           f"widths {config.widths})")
     print(f"classes      {config.num_classes}" + (f": {shown}" if names else ""))
@@ -442,6 +460,55 @@ def _info(args: argparse.Namespace) -> None:
         + (f"keep-resolution (pad {spec.pad})" if spec.keep_resolution else "fixed resolution")
         + f", down ratio {spec.down_ratio}"
     )
+
+
+def _info_onnx(args: argparse.Namespace) -> None:
+    import onnx
+
+    from detector.inference.onnx_model import read_onnx_metadata
+
+    info = read_onnx_metadata(args.checkpoint)
+    _print_input_lines(info.model_config, args.checkpoint)
+    graph = info.graph
+    print(f"graph        ONNX, outputs {', '.join(graph['outputs'])}"
+          + (", takes raw 0-255 pixels" if graph.get("raw_pixels") else ""))
+    print(f"precision    {info.precision}")
+    params = "–" if info.params is None else f"{info.params:,} (of the fp32 model)"
+    print(f"params       {params}")
+    print(f"size         {info.size_mib:.2f} MiB (file on disk)")
+    quantization = graph.get("quantization")
+    if quantization:
+        print(f"quantization {quantization['format']}, weights {quantization['weights']}, "
+              f"activations {quantization['activations']}, {quantization['calibration']} "
+              f"calibration on {quantization['images']} training images, "
+              f"reduce range {'on' if quantization['reduce_range'] else 'off'}")
+        print(f"kept float   {', '.join(quantization['float_nodes'])}")
+    nodes = onnx.load(str(args.checkpoint), load_external_data=False).graph.node
+    counts: dict[str, int] = {}
+    for node in nodes:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    print("nodes        " + ", ".join(f"{op} {count}" for op, count in sorted(counts.items())))
+
+
+def _info(args: argparse.Namespace) -> None:
+    import torch
+
+    from detector import count_macs, count_parameters, load_model, state_dict_mib
+    from detector.checkpoint import build_from_config
+    from detector.inference.onnx_model import is_onnx_file
+
+    if is_onnx_file(args.checkpoint):
+        _info_onnx(args)
+        return
+    model, checkpoint = load_model(args.checkpoint)
+    config = checkpoint.model_config
+    spec = config.input
+    size = tuple(args.input_size or spec.input_size)
+    with torch.device("meta"):
+        base = build_from_config(config)
+    base_params = count_parameters(base)
+    params = count_parameters(model)
+    _print_input_lines(config, args.checkpoint)
     plan = checkpoint.channel_plan
     if plan:
         print(
@@ -556,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(run=_report)
 
     evaluate = commands.add_parser(
-        "eval", help="COCO and VOC metrics of a checkpoint on a data split"
+        "eval", help="COCO and VOC metrics of a checkpoint (or .onnx file) on a data split"
     )
     evaluate.add_argument("checkpoint", type=Path)
     evaluate.add_argument("--data", required=True, type=Path, help="a data.yaml")
@@ -637,7 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
     sensitivity.add_argument("--seed", type=non_negative_int, default=0)
     sensitivity.set_defaults(run=_sensitivity)
 
-    info = commands.add_parser("info", help="describe a checkpoint: arch, input, plan, size, MACs")
+    info = commands.add_parser(
+        "info", help="describe a checkpoint or .onnx file: arch, input, plan, size, MACs")
     info.add_argument("checkpoint", type=Path)
     info.add_argument("--input-size", type=input_side, nargs=2, metavar=("H", "W"))
     info.set_defaults(run=_info)
@@ -656,8 +724,32 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the graph normalises 0-255 pixels itself")
     export.add_argument("--input-size", type=input_side, nargs=2, metavar=("H", "W"),
                         help="trace size (default: the model's)")
+    export.add_argument("--precision", default="fp32", choices=("fp32", "fp16"),
+                        help="ONNX weights and arithmetic (fp16: the heads' last convs and the "
+                        "decoding stay fp32; input and outputs stay float32)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output")
     export.set_defaults(run=_export)
+
+    from .quantize import CALIBRATIONS, MAX_CALIBRATION_IMAGES, REDUCE_RANGE, RUNTIMES
+
+    quantize = commands.add_parser(
+        "quantize", help="INT8 post-training quantization (onnxruntime, QDQ) of a checkpoint"
+    )
+    quantize.add_argument("checkpoint", type=Path)
+    quantize.add_argument("--data", required=True, type=Path,
+                          help="a data.yaml: its train split is calibrated on (never val)")
+    quantize.add_argument("--calibration", default="minmax", choices=CALIBRATIONS)
+    quantize.add_argument("--images", type=int_at_least(1), default=64,
+                          help=f"calibration images, at most {MAX_CALIBRATION_IMAGES}")
+    quantize.add_argument("--percentile", type=number_in(90, 100, low_open=True),
+                          default=99.999, help="with --calibration percentile, in (90, 100]")
+    quantize.add_argument("--reduce-range", default="auto", choices=REDUCE_RANGE,
+                          help="7-bit weights; auto: on exactly when the CPU lacks VNNI")
+    quantize.add_argument("--runtime", default="onnxruntime", choices=RUNTIMES)
+    quantize.add_argument("--out", required=True, type=Path,
+                          help="folder for model.fp32.onnx, model.int8.onnx and quantize.json")
+    quantize.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    quantize.set_defaults(run=_quantize)
 
     bench = commands.add_parser("bench", help="deployed latency of checkpoints, interleaved")
     bench.add_argument("checkpoints", type=Path, nargs="+")

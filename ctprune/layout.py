@@ -3,6 +3,8 @@
     RUN/manifest.json, RUN/recipe.yaml      what ran (recipe hash, versions, command) and how
     RUN/<stage folder>/stage.json           marks a stage folder; "complete": true when done
     STAGE/checkpoint.pt                     the stage's model (config + channel plan + weights)
+    QUANTIZE/model.int8.onnx                a quantize stage's model instead (stage.json
+                                            ``model_file``), model.fp32.onnx beside it
     STAGE/eval/metrics.json                 COCO metrics of the stage's model on the val split
     STAGE/eval/pr_curves/*.png              P-R curves per class
     STAGE/metrics.jsonl, STAGE/resume.pt    training stages: the epoch log, the resume state
@@ -24,7 +26,7 @@ from detector.layout import (  # noqa: F401 (re-exported: the report reads them 
     RESUME_FILE,
 )
 
-STAGES = ("baseline", "prune", "finetune", "report")
+STAGES = ("baseline", "prune", "finetune", "quantize", "report")
 """The stages of a run in order; `--from` and `--only` take these names."""
 
 STAGE_FILE = "stage.json"

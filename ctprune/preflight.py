@@ -277,6 +277,21 @@ def _estimated_bytes(recipe: Recipe, problems: list[str]) -> int | None:
     return int(model_bytes * CHECKPOINT_COPIES_PER_TRAINING * stages)
 
 
+def _check_quantize(recipe: Recipe, problems: list[str], notes: list[str]) -> None:
+    """The `quantize` section's packages (the ``export`` extra) and the reduced-range decision
+    it will take on this CPU."""
+    import importlib.util
+
+    from .quantize import reduce_range_decision
+
+    missing = [name for name in ("onnx", "onnxscript", "onnxruntime", "onnxslim")
+               if importlib.util.find_spec(name) is None]
+    if missing:
+        problems.append(f"quantize: needs {', '.join(missing)}: pip install 'ctprune[export]'")
+        return
+    notes.append(f"quantize: {reduce_range_decision(recipe.quantize.reduce_range)[1]}")
+
+
 def preflight(recipe: Recipe, out_dir: str | Path, device: str | None, *,
               baseline_only: bool = False) -> list[str]:
     """Check everything about ``recipe`` that can be checked before work, for every stage it
@@ -284,7 +299,7 @@ def preflight(recipe: Recipe, out_dir: str | Path, device: str | None, *,
     ``baseline_only``, as `ctprune train`); return notes on what was checked ("ok" lines).
     Raises a `PreflightError` listing every problem found (not only the first)."""
     if baseline_only:
-        recipe = dataclasses.replace(recipe, prune=None)
+        recipe = dataclasses.replace(recipe, prune=None, quantize=None)
     problems: list[str] = []
     notes: list[str] = []
     try:
@@ -311,6 +326,8 @@ def preflight(recipe: Recipe, out_dir: str | Path, device: str | None, *,
         for index, teacher in enumerate(distill.teachers):
             if teacher.checkpoint is not None:
                 _check_teacher(index, recipe, class_names, problems, notes)
+    if recipe.quantize is not None:
+        _check_quantize(recipe, problems, notes)
     _check_output(recipe, Path(out_dir), problems, notes)
     if problems:
         raise PreflightError(

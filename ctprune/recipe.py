@@ -18,6 +18,8 @@ type raises with its dotted path, ``--set section.key=value`` overrides any key)
     finetune:   how each pruned model is trained afterwards (a TrainConfig whose unset keys
                 come from `train`), with an optional `distill` part: the unpruned baseline
                 (or other teachers) as teacher
+    quantize:   optional; INT8 post-training quantization (ctprune.quantize.QuantizeConfig) of
+                the baseline and of every branch's final model, after fine-tuning
     evaluate:   detector.evaluate.config.EvaluateConfig, used after every stage
     report:     ReportConfig
 """
@@ -49,6 +51,7 @@ from detector.evaluate.config import EvaluateConfig
 from .distill import DistillConfig, DistillError, check_head
 from .pruning.options import DEFAULTS, PruneOptions
 from .pruning.slimming import SparsityConfig
+from .quantize import QuantizeConfig
 
 
 @dataclass
@@ -210,6 +213,9 @@ class Recipe:
     """How the baseline is pruned; None: a training recipe (no branches)."""
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     """How each pruned model is trained; unset keys come from `train`."""
+    quantize: QuantizeConfig | None = None
+    """INT8 post-training quantization of the baseline and of each branch's final model, run
+    after fine-tuning (stages ``baseline_int8`` and ``<branch>/int8``); None: no quantization."""
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     """Evaluation after every stage."""
     report: ReportConfig = field(default_factory=ReportConfig)

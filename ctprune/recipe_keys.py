@@ -24,6 +24,7 @@ from detector.evaluate.config import EvaluateConfig
 
 from .distill import DistillConfig, TeacherConfig
 from .pruning.slimming import SparsityConfig
+from .quantize import QuantizeConfig
 from .recipe import (
     BaselineConfig,
     FinetuneConfig,
@@ -47,6 +48,7 @@ SECTIONS = (
     ("finetune", FinetuneConfig),
     ("finetune.distill", DistillConfig),
     ("finetune.distill.teachers[]", TeacherConfig),
+    ("quantize", QuantizeConfig),
     ("evaluate", EvaluateConfig),
     ("report", ReportConfig),
 )

@@ -5,10 +5,12 @@ Layout of a run (``runs/<name>/`` under the current directory unless --out says 
     manifest.json, recipe.yaml           what ran: recipe hash, versions, git revision, command
     baseline/                            the unpruned model (trained, imported or copied)
     <branch>/prune/, <branch>/finetune/  per sweep point; prune_2/, finetune_2/ ... with rounds
+    baseline_int8/, <branch>/int8/       with a `quantize` section: each final model in INT8
     control_random_r0.5/, control_unpruned/   the controls, when report.controls is on
     report.json, report.md, report.html, *.png
 
-Every stage folder holds ``checkpoint.pt``, ``eval/metrics.json`` (val COCO metrics, P-R curves)
+Every stage folder holds ``checkpoint.pt`` (an INT8 stage: ``model.int8.onnx``, its
+``model.fp32.onnx`` and ``quantize.json``), ``eval/metrics.json`` (val COCO metrics, P-R curves)
 and ``stage.json``; training stages add ``metrics.jsonl``, ``last.pt``, ``resume.pt``. A stage
 is skipped when its ``stage.json`` is complete and records the same fingerprint (its resolved
 configuration and its input's fingerprint; with ``finetune.distill``, also the distillation
@@ -78,6 +80,7 @@ from .preflight import preflight
 from .pruning import prune_with
 from .pruning.criteria import DATA_CRITERIA
 from .pruning.recalibrate import recalibrate_bn
+from .quantize import INT8_FILE, quantize_checkpoint
 from .recipe import Branch, Recipe, branches, prepare_data, resolve_path, stage_fingerprint
 from .report import build_report, stage_figures
 from .train import train
@@ -166,6 +169,8 @@ class Stage:
     kind: str
     fingerprint: str
     branch: str | None = None
+    model_file: str = CHECKPOINT
+    """The stage's model in its folder: the checkpoint, or a quantize stage's ONNX file."""
 
     def info(self) -> dict | None:
         path = self.folder / STAGE_FILE
@@ -179,7 +184,7 @@ class Stage:
             info is not None
             and info.get("complete") is True
             and info.get("fingerprint") == self.fingerprint
-            and (self.folder / CHECKPOINT).is_file()
+            and (self.folder / self.model_file).is_file()
             and (self.folder / METRICS_FILE).is_file()
         )
 
@@ -294,6 +299,7 @@ class Runner:
             "order": self.order,
             "fingerprint": stage.fingerprint,
             "input_size": list(self.model_config.input.input_size),
+            "model_file": stage.model_file,
         }
         distributed.run_on_main(lambda: atomic_write_json(
             stage.folder / STAGE_FILE, {**base, "complete": False}, default=str))
@@ -310,7 +316,7 @@ class Runner:
         baseline = self.baseline_stage.folder if self.baseline_stage is not None else None
         figures = stage_figures(stage.folder, base["input_size"], latency=settings.latency,
                                 repeats=settings.latency_repeats, threads=settings.threads,
-                                baseline_folder=baseline)
+                                baseline_folder=baseline, model_file=stage.model_file)
         info = {**base, **extra, "figures": figures, "complete": True, "seconds": seconds}
         atomic_write_json(stage.folder / STAGE_FILE, info, default=str)
         return info
@@ -492,6 +498,27 @@ class Runner:
         self._run_stage(stage, work)
         return stage
 
+    def quantize_stage(self, source: Stage, name: str, branch: str | None) -> Stage:
+        """INT8 post-training quantization of ``source``'s model (`ctprune.quantize`),
+        calibrated on the train split and evaluated on val through onnxruntime."""
+        config = self.recipe.quantize
+        fingerprint = stage_fingerprint("quantize", source.fingerprint, config,
+                                        self.recipe.evaluate)
+        stage = Stage(self.out_dir / name, name, "quantize", fingerprint, branch, INT8_FILE)
+
+        def work(stage: Stage, resume: bool) -> dict:
+            from detector.inference.onnx_model import load_onnx_model
+
+            result = distributed.run_on_main(lambda: quantize_checkpoint(
+                source.folder / CHECKPOINT, self.train_source, config, stage.folder))
+            self.log(f"  {result.summary['reduce_range_reason']}")
+            model, info = load_onnx_model(result.int8_path)
+            return {"quantize": result.summary,
+                    "metrics": self._evaluate(model, info.model_config, stage)}
+
+        self._run_stage(stage, work)
+        return stage
+
     def _recalibration_loader(self, model_config: ModelConfig) -> DataLoader:
         dataset = CenterNetDataset(
             self.train_source.records,
@@ -517,17 +544,24 @@ class Runner:
     def run(self) -> dict | None:
         baseline = self.baseline()
         self.baseline_stage = baseline
+        finals = [(baseline, "baseline_int8", "baseline_int8")]
         for branch in branches(self.recipe):
             if branch.control == "unpruned":
-                self.finetune_stage(
+                source = self.finetune_stage(
                     baseline, f"{branch.name}/finetune", branch.name, self.recipe.prune.rounds
                 )
-                continue
-            source = baseline
-            for round_index in range(1, self.recipe.prune.rounds + 1):
-                pruned = self.prune_stage(source, branch, round_index)
-                suffix = "" if self.recipe.prune.rounds == 1 else f"_{round_index}"
-                source = self.finetune_stage(pruned, f"{branch.name}/finetune{suffix}", branch.name)
+            else:
+                source = baseline
+                for round_index in range(1, self.recipe.prune.rounds + 1):
+                    pruned = self.prune_stage(source, branch, round_index)
+                    suffix = "" if self.recipe.prune.rounds == 1 else f"_{round_index}"
+                    source = self.finetune_stage(pruned, f"{branch.name}/finetune{suffix}",
+                                                 branch.name)
+            finals.append((source, f"{branch.name}/int8", branch.name))
+        if self.recipe.quantize is not None:
+            # After every fine-tune: the stage order (`STAGES`) puts quantize after finetune.
+            for source, name, branch_name in finals:
+                self.quantize_stage(source, name, branch_name)
         if self.only in (None, "report"):
             report = self.report()
             return report if self.main else None

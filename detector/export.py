@@ -13,8 +13,14 @@ these functions.
   suppression and TopK, with K clamped to the map size symbolically; no NonZero, no OneHot
   (TensorRT rejects NonZero).
 - `fold_batchnorm` folds each BatchNorm into the (transposed) convolution before it.
+- `subpixel_deconvs` rewrites 4x4 stride-2 transposed convolutions as four 2x2 convolutions
+  and a pixel shuffle (same outputs, same MACs), for runtimes without an integer transposed
+  convolution: INT8 quantization exports with it (onnxruntime's CPU kernels have none).
 - `export_onnx` / `export_pt2` write the files; deformable convolutions (torchvision's
   ``deform_conv2d``) become ONNX ``DeformConv`` (opset 19), see `DEFORM_CONV_MIN_ORT`.
+- Given the model config, `export_onnx` stores it (input spec, head type, class names) and
+  what the graph computes in the file's metadata (`onnx_metadata`), which makes the file a
+  model of its own: `detector.inference.onnx_model` evaluates and runs it like a checkpoint.
 
 onnx, onnxscript, onnxruntime and onnxslim are the ``export`` extra; they are imported only
 when an ONNX function runs.
@@ -23,15 +29,17 @@ when an ONNX function runs.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .config import InputSpec
+from .config import InputSpec, ModelConfig, to_dict
 from .heads import head_type
-from .models.centernet import CenterNet, FusedHeads, HeadSet
+from .models.centernet import CenterNet, FusedHeads, HeadSet, output_layers
+from .stats import count_macs, count_parameters
 
 # ONNX opset of the exported graphs: 19 is the first with DeformConv; everything else CenterNet
 # needs exists since opset 11.
@@ -42,6 +50,12 @@ ONNX_OPSET = 19
 DEFORM_CONV_MIN_ORT = "1.25.0"
 # Raw pixels are 8-bit: the input spec's mean/std are for pixels scaled to [0, 1].
 PIXEL_MAX = 255.0
+# The ONNX metadata keys (JSON values) that make an exported file a self-describing model.
+MODEL_CONFIG_KEY = "ctprune.model_config"
+GRAPH_KEY = "ctprune.graph"
+PRECISIONS = ("fp32", "fp16")
+# Opset-19 DeformConv: onnxruntime has neither an integer nor an fp16 kernel for it.
+FLOAT_OP_TYPES = ("DeformConv",)
 
 
 class ExportError(ValueError):
@@ -145,6 +159,69 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return folded
 
 
+class SubpixelConvTranspose(nn.Module):
+    """A ``ConvTranspose2d(kernel 4, stride 2, padding 1)`` as four 2x2 convolutions, one per
+    output phase, interleaved by a pixel shuffle: the same outputs (to float rounding) and the
+    same MACs, built from ops that integer runtimes implement.
+
+    Output row ``2m`` of the transposed conv reads input rows ``m - 1, m`` through kernel rows
+    3 and 1, row ``2m + 1`` reads rows ``m, m + 1`` through kernel rows 2 and 0 (``y = 2i - 1 +
+    k``); likewise for columns. On the input padded by one pixel, phase (py, px) is a valid
+    2x2 conv starting at offset (py, px)."""
+
+    TAPS = ((3, 1), (2, 0))  # kernel rows (columns) read by even and odd output rows (columns)
+
+    def __init__(self, deconv: nn.ConvTranspose2d):
+        super().__init__()
+        if not is_subpixel_convertible(deconv):
+            raise ExportError(f"not a 4x4 stride-2 padding-1 transposed conv: {deconv}")
+        self.phases = nn.ModuleList()
+        for rows in self.TAPS:
+            for columns in self.TAPS:
+                conv = nn.Conv2d(deconv.in_channels, deconv.out_channels, 2,
+                                 bias=deconv.bias is not None)
+                conv = conv.to(device=deconv.weight.device, dtype=deconv.weight.dtype)
+                with torch.no_grad():
+                    taps = deconv.weight[:, :, list(rows)][:, :, :, list(columns)]
+                    conv.weight.copy_(taps.transpose(0, 1))
+                    if deconv.bias is not None:
+                        conv.bias.copy_(deconv.bias)
+                self.phases.append(conv)
+
+    def forward(self, features: Tensor) -> Tensor:
+        height, width = features.shape[-2:]
+        padded = nn.functional.pad(features, (1, 1, 1, 1))
+        outputs = [conv(padded[:, :, row:row + height + 1, column:column + width + 1])
+                   for conv, (row, column) in zip(self.phases, ((0, 0), (0, 1), (1, 0), (1, 1)),
+                                                  strict=True)]
+        # (B, C, 4, H, W) -> (B, 4C, H, W): channel c * 4 + phase, what pixel_shuffle reads.
+        return nn.functional.pixel_shuffle(torch.stack(outputs, dim=2).flatten(1, 2), 2)
+
+
+def is_subpixel_convertible(module: nn.Module) -> bool:
+    """Whether `SubpixelConvTranspose` can replace ``module`` (the CenterNet neck's deconvs:
+    kernel 4, stride 2, padding 1, no output padding, dilation 1, one group)."""
+    return (isinstance(module, nn.ConvTranspose2d) and module.kernel_size == (4, 4)
+            and module.stride == (2, 2) and module.padding == (1, 1)
+            and module.output_padding == (0, 0) and module.dilation == (1, 1)
+            and module.groups == 1)
+
+
+def subpixel_deconvs(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every `is_subpixel_convertible` transposed conv replaced by a
+    `SubpixelConvTranspose`; ``model`` itself when it has none. Other transposed convs (DLA's
+    grouped bilinear up-sampling) stay."""
+    if not any(is_subpixel_convertible(module) for module in model.modules()):
+        return model
+    converted = copy.deepcopy(model)
+    for path, module in list(converted.named_modules()):
+        if is_subpixel_convertible(module):
+            parent_path, _, name = path.rpartition(".")
+            parent = converted.get_submodule(parent_path) if parent_path else converted
+            setattr(parent, name, SubpixelConvTranspose(module))
+    return converted
+
+
 def fuse_heads(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose heads run as `FusedHeads`; ``model`` itself when its heads are
     not all 3x3 conv + ReLU + 1x1 conv reading one feature map (multi-stack hourglass, heads
@@ -211,11 +288,14 @@ def prepare_for_export(
     decode: bool = False,
     max_detections: int = 100,
     raw_pixels: bool = False,
+    subpixel: bool = False,
 ) -> DeployModel:
-    """The eval-mode, BN-folded `DeployModel` both exporters trace (``model`` is not changed)."""
+    """The eval-mode, BN-folded `DeployModel` both exporters trace (``model`` is not changed);
+    with ``subpixel`` its neck's transposed convs rewritten by `subpixel_deconvs`."""
+    folded = fold_batchnorm(model)
     return DeployModel(
-        fold_batchnorm(model), spec, head=head, decode=decode, max_detections=max_detections,
-        raw_pixels=raw_pixels,
+        subpixel_deconvs(folded) if subpixel else folded, spec, head=head, decode=decode,
+        max_detections=max_detections, raw_pixels=raw_pixels,
     ).eval()
 
 
@@ -235,13 +315,14 @@ def export_program(
     dynamic: bool = False,
     input_size: tuple[int, int] | None = None,
     batch: int = 1,
+    subpixel: bool = False,
 ) -> torch.export.ExportedProgram:
-    """``torch.export`` of the prepared model, traced at ``input_size`` (default the spec's)
-    and ``batch`` (the fixed batch of a static program; at least 2 when ``dynamic``, since a
-    batch of 1 would be specialised)."""
+    """``torch.export`` of the prepared model (`prepare_for_export`), traced at ``input_size``
+    (default the spec's) and ``batch`` (the fixed batch of a static program; at least 2 when
+    ``dynamic``, since a batch of 1 would be specialised)."""
     deploy = prepare_for_export(
         model, spec, head=head, decode=decode, max_detections=max_detections,
-        raw_pixels=raw_pixels,
+        raw_pixels=raw_pixels, subpixel=subpixel,
     )
     example = _example_input(spec, input_size, max(batch, 2) if dynamic else batch)
     with torch.no_grad():
@@ -316,11 +397,98 @@ def check_runtime_supports(onnx_model) -> None:
         )
 
 
+def onnx_metadata(model: nn.Module, model_config: ModelConfig, *, decode: bool,
+                  raw_pixels: bool, max_detections: int, precision: str = "fp32") -> dict:
+    """The metadata `export_onnx` stores (key -> JSON text): `MODEL_CONFIG_KEY` the model
+    config (input spec, head type, class names), `GRAPH_KEY` what the graph computes
+    (``outputs``: the head type's raw outputs or ``detections``, ``raw_pixels``,
+    ``max_detections``), its ``precision``, the ``params`` of the fp32 model (a quantized
+    file keeps its fp32 twin's count), its ``macs`` at the config's ``input_size`` (scale by
+    the image area for other sizes: the network is fully convolutional) and
+    ``output_layer_weights``: the initializer names of
+    the layers that must stay in floating point (`detector.models.output_layers`: every head's
+    last conv and the deformable convs' offset convs), which quantization reads."""
+    paths = {id(module): name for name, module in model.named_modules()}
+    # DeployModel wraps the model as ``model``: its parameters are named ``model.<path>``.
+    output_weights = [f"model.{paths[id(layer)]}.weight" for layer in output_layers(model)]
+    graph = {
+        "outputs": output_names(decode, model_config.head),
+        "raw_pixels": raw_pixels,
+        "max_detections": max_detections if decode else None,
+        "precision": precision,
+        "params": count_parameters(model),
+        "macs": count_macs(model, tuple(model_config.input.input_size)),
+        "input_size": list(model_config.input.input_size),
+        "output_layer_weights": output_weights,
+    }
+    return {MODEL_CONFIG_KEY: json.dumps(to_dict(model_config)), GRAPH_KEY: json.dumps(graph)}
+
+
+def set_metadata(onnx_model, metadata: dict[str, str]) -> None:
+    """Write ``metadata`` into ``onnx_model``'s metadata_props (replacing equal keys)."""
+    kept = [prop for prop in onnx_model.metadata_props if prop.key not in metadata]
+    del onnx_model.metadata_props[:]
+    onnx_model.metadata_props.extend(kept)
+    for key, value in metadata.items():
+        entry = onnx_model.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def float_nodes(onnx_model, output_layer_weights: list[str]) -> list[str]:
+    """Names of the nodes quantization must leave in floating point: the nodes whose weight is
+    one of ``output_layer_weights`` (the heads' last convs, DCN offset convs), every node that
+    reads their outputs directly or further down (the decoding of a ``decode`` graph), and
+    `FLOAT_OP_TYPES`. Quantization and the fp16 conversion keep them in fp32: the raw outputs
+    keep their precision and quantized or fp16 scores would tie at the peaks TopK ranks. Raises when
+    a named weight is in no node (the metadata does not belong to this graph)."""
+    nodes = list(onnx_model.graph.node)
+    for index, node in enumerate(nodes):
+        if not node.name:  # nodes_to_exclude needs names; exporters name every node anyway
+            node.name = f"{node.op_type}_{index}"
+    weights = set(output_layer_weights)
+    roots = [node for node in nodes if len(node.input) > 1 and node.input[1] in weights]
+    found = {node.input[1] for node in roots}
+    if found != weights:
+        raise ExportError(
+            f"the graph has no conv reading {sorted(weights - found)}: its metadata "
+            "(output_layer_weights) does not describe it; export it again"
+        )
+    readers: dict[str, list] = {}
+    for node in nodes:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    kept, stack = {}, list(roots)
+    while stack:
+        node = stack.pop()
+        if node.name in kept:
+            continue
+        kept[node.name] = node
+        for output in node.output:
+            stack += readers.get(output, [])
+    kept.update({node.name: node for node in nodes if node.op_type in FLOAT_OP_TYPES})
+    return sorted(kept)
+
+
+def convert_to_fp16(onnx_model):
+    """``onnx_model`` (with ctprune metadata) with its weights and arithmetic in float16,
+    except `float_nodes` (heads' last convs, decoding, deformable convs), with float32 input
+    and outputs (onnxruntime's converter inserts the casts), and ``precision: fp16``."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    props = {prop.key: prop.value for prop in onnx_model.metadata_props}
+    graph = json.loads(props[GRAPH_KEY])
+    keep = float_nodes(onnx_model, graph.get("output_layer_weights", []))
+    converted = convert_float_to_float16(onnx_model, keep_io_types=True, node_block_list=keep)
+    set_metadata(converted, {GRAPH_KEY: json.dumps({**graph, "precision": "fp16"})})
+    return converted
+
+
 def export_onnx(
     path: str | Path,
     model: nn.Module,
     spec: InputSpec,
     *,
+    model_config: ModelConfig | None = None,
     head: str = "centernet",
     decode: bool = False,
     max_detections: int = 100,
@@ -329,6 +497,8 @@ def export_onnx(
     input_size: tuple[int, int] | None = None,
     batch: int = 1,
     simplify: bool = True,
+    precision: str = "fp32",
+    subpixel: bool = False,
 ) -> Path:
     """Write ``model`` as ONNX (opset `ONNX_OPSET`) through torch.export, check it with
     ``onnx.checker``, simplify it with onnxslim and check it again.
@@ -337,15 +507,24 @@ def export_onnx(
     ``wh``, ``offset``) or, with ``decode``, ``detections`` (B, K, 6) in input pixels (see
     `DeployModel`; ``head`` is the model config's ``head``). ``dynamic``: batch and image
     sides (multiples of `side_multiple`) are free; otherwise the graph takes ``batch`` images of
-    ``input_size``. Raises ExportError when a package is missing.
+    ``input_size``. With ``model_config`` (whose input spec must be ``spec``) the file's
+    metadata describes the model (`onnx_metadata`); ``precision`` fp16 (which needs it)
+    converts the graph with `convert_to_fp16`; ``subpixel`` rewrites the neck's transposed
+    convs (`subpixel_deconvs`). Raises ExportError when a package is missing.
     """
     onnx = _require("onnx")
     _require("onnxscript")
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "fp32" and model_config is None:
+        raise ExportError(f"precision {precision}: needs the model config (its metadata names "
+                          "the layers kept in fp32)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     program = export_program(
         model, spec, head=head, decode=decode, max_detections=max_detections,
         raw_pixels=raw_pixels, dynamic=dynamic, input_size=input_size, batch=batch,
+        subpixel=subpixel,
     )
     translations = {}
     if hasattr(torch.ops, "torchvision") and hasattr(torch.ops.torchvision, "deform_conv2d"):
@@ -366,6 +545,14 @@ def export_onnx(
         onnxslim = _require("onnxslim")
         onnx_model = onnxslim.slim(onnx_model)
         onnx.checker.check_model(onnx_model, full_check=True)
+    if model_config is not None:
+        metadata = onnx_metadata(model, model_config, decode=decode, raw_pixels=raw_pixels,
+                                 max_detections=max_detections)
+        graph = json.loads(metadata[GRAPH_KEY])
+        metadata[GRAPH_KEY] = json.dumps({**graph, "subpixel_deconvs": subpixel})
+        set_metadata(onnx_model, metadata)
+    if precision == "fp16":
+        onnx_model = convert_to_fp16(onnx_model)
     onnx.save(onnx_model, path)
     return path
 

@@ -23,12 +23,20 @@ train: {epochs: 4, lr_steps: [3]}
 sparsity: {}
 prune: {ratio: 0.2}
 finetune: {epochs: 2, lr_steps: [1], distill: {teachers: [{weight: 1.0}]}}
+quantize: {}
 evaluate: {}
 report: {}
 """
 
 # (overrides, the dotted key the message starts with, a fragment of what it expects)
 RANGE_CASES = [
+    (["quantize.images=0"], "quantize.images", "an integer from 1 to 128, got 0"),
+    (["quantize.images=129"], "quantize.images", "an integer from 1 to 128, got 129"),
+    (["quantize.percentile=90"], "quantize.percentile", "> 90 and <= 100, got 90.0"),
+    (["quantize.percentile=100.5"], "quantize.percentile", "> 90 and <= 100, got 100.5"),
+    (["quantize.calibration=mse"], "quantize.calibration", "one of minmax, entropy"),
+    (["quantize.reduce_range=maybe"], "quantize.reduce_range", "one of auto, on, off"),
+    (["quantize.runtime=torch"], "quantize.runtime", "onnxruntime; torch (PT2E"),
     (["synthetic.num_train=0"], "synthetic.num_train", "an integer >= 1, got 0"),
     (["synthetic.num_val=-2"], "synthetic.num_val", "an integer >= 1, got -2"),
     (["synthetic.image_size=16"], "synthetic.image_size", "an integer >= 32, got 16"),

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..layout import CHECKPOINT_FILE, HISTORY_FILE, MANIFEST_FILE, METRICS_FILE, STAGE_FILE
+from ..quantize import INT8_FILE
 
 METRIC_KEYS = ("ap", "ap50", "ap75", "aps", "apm", "apl")
 FIGURE_TYPES = {
@@ -23,7 +24,8 @@ FIGURE_TYPES = {
 @dataclass
 class StageArtifacts:
     """One complete stage folder: its stage.json (``info``) and eval/metrics.json
-    (``metrics``). ``name``, ``kind`` ("baseline" / "prune" / "finetune"), ``branch``,
+    (``metrics``). ``name``, ``kind`` ("baseline" / "prune" / "finetune" / "quantize"),
+    ``branch``,
     ``order`` and the stored ``figures`` (None for stages written before figures were stored)
     come from stage.json."""
 
@@ -50,6 +52,11 @@ class StageArtifacts:
     @property
     def figures(self) -> dict | None:
         return self.info.get("figures")
+
+    @property
+    def model_file(self) -> str:
+        """The stage's model in its folder: checkpoint.pt, or a quantize stage's ONNX file."""
+        return self.info.get("model_file") or CHECKPOINT_FILE
 
 
 @dataclass
@@ -164,6 +171,7 @@ def find_stage_folders(run_dir: Path) -> tuple[list[Path], list[Path]]:
 
     marked = visible(path.parent for path in run_dir.rglob(STAGE_FILE))
     with_outputs = visible(path.parent for path in run_dir.rglob(CHECKPOINT_FILE))
+    with_outputs |= visible(path.parent for path in run_dir.rglob(INT8_FILE))
     with_outputs |= visible(path.parent.parent for path in run_dir.rglob(str(METRICS_FILE)))
     return sorted(marked), sorted(with_outputs - marked)
 
@@ -174,8 +182,12 @@ def read_stage(folder: Path) -> tuple[StageArtifacts | None, str | None]:
     check_stage_info(info, folder / STAGE_FILE)
     if info.get("complete") is not True:
         return None, "stage.json does not say complete: true (interrupted or still running)"
-    if not (folder / CHECKPOINT_FILE).is_file():
-        return None, f"no {CHECKPOINT_FILE}"
+    model_file = info.get("model_file") or CHECKPOINT_FILE
+    if not isinstance(model_file, str) or "/" in model_file or model_file.startswith("."):
+        raise ValueError(f"{folder / STAGE_FILE}: model_file: expected a file name in the stage "
+                         f"folder, got {model_file!r}")
+    if not (folder / model_file).is_file():
+        return None, f"no {model_file}"
     if not (folder / METRICS_FILE).is_file():
         return None, f"no {METRICS_FILE.as_posix()}"
     metrics = read_json(folder / METRICS_FILE, "evaluation metrics")

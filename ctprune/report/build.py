@@ -107,7 +107,7 @@ def build_report(
         ``{"runs": [{"name", "path", "recipe_name", "recipe_sha256", "created", "measured",
         "timed", "threads", "latency_repeats"}], "threads": int | None, "latency_repeats":
         int | None, "rows": [...], "latency_pairs": [{"run", "name", "baseline_ms",
-        "model_ms"}], "speedups": [{"run", "name", "speedup"}], "incomplete": [{"run",
+        "model_ms", "runtime"}], "speedups": [{"run", "name", "speedup"}], "incomplete": [{"run",
         "stage", "reason"}]}``, also written to report.json as strict JSON. Top-level
         ``threads`` / ``latency_repeats`` are the settings of latency timed now (None when
         nothing was). Each row has exactly ``ROW_KEYS``: precision, params, size_mib (state

@@ -13,6 +13,7 @@ ROW_KEYS = ("run", "name", "stage", "precision", "params", "size_mib", "gmacs", 
             *METRIC_KEYS, "ap_kept", "ap50_kept")
 FIGURE_KEYS = ("precision", "params", "size_mib", "gmacs", "latency_ms")
 DEFAULT_PRECISION = "fp32"
+DEFAULT_RUNTIME = "torch"
 EMPTY_CELL = "–"
 
 
@@ -45,10 +46,13 @@ def stage_row(run: RunArtifacts, stage: StageArtifacts, figures: dict) -> dict:
 
 
 def latency_pairs(run: RunArtifacts, figures: list[dict]) -> list[dict]:
-    """``{"run", "name", "baseline_ms", "model_ms"}`` for each stage of ``run`` timed
-    interleaved with its baseline (``figures`` in stage order)."""
+    """``{"run", "name", "baseline_ms", "model_ms", "runtime"}`` for each stage of ``run``
+    timed interleaved with its baseline (``figures`` in stage order); ``runtime`` is where
+    both were timed: torch (eager), or onnxruntime for a quantize stage, whose baseline was
+    exported to fp32 ONNX."""
     return [{"run": run.name, "name": stage.name, "baseline_ms": measured["baseline_latency_ms"],
-             "model_ms": measured["latency_ms"]}
+             "model_ms": measured["latency_ms"],
+             "runtime": measured.get("runtime") or DEFAULT_RUNTIME}
             for stage, measured in zip(run.stages, figures, strict=True)
             if measured.get("baseline_latency_ms") is not None
             and measured.get("latency_ms") is not None]
@@ -56,13 +60,14 @@ def latency_pairs(run: RunArtifacts, figures: list[dict]) -> list[dict]:
 
 def run_rows(run: RunArtifacts, figures: list[dict], pairs: list[dict]) -> list[dict]:
     """One row per stage of ``run`` (``figures`` in stage order), with kept fractions. The
-    baseline row's latency is the median of its medians across the ``pairs`` (its latency
-    timed alone where there are none)."""
+    baseline row's latency is the median of its medians across the ``pairs`` timed in eager
+    torch, as the baseline row is (its latency timed alone where there are none)."""
     rows = [stage_row(run, stage, stage_figures)
             for stage, stage_figures in zip(run.stages, figures, strict=True)]
-    if run.baseline is not None and pairs:
+    eager = [pair for pair in pairs if pair.get("runtime", DEFAULT_RUNTIME) == DEFAULT_RUNTIME]
+    if run.baseline is not None and eager:
         baseline_row = rows[run.stages.index(run.baseline)]
-        baseline_row["latency_ms"] = statistics.median(pair["baseline_ms"] for pair in pairs)
+        baseline_row["latency_ms"] = statistics.median(pair["baseline_ms"] for pair in eager)
     add_kept_fractions(rows)
     return rows
 
@@ -156,6 +161,12 @@ def format_markdown(report: dict) -> str:
     text = ["# ctprune report", "", header_line(report), "",
             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     text += ["| " + " | ".join(cells) + " |" for cells in lines]
+    if any(pair.get("runtime") == "onnxruntime" for pair in report["latency_pairs"]):
+        text += ["", "Quantized rows (precision int8) are ONNX files timed in onnxruntime, "
+                 "interleaved with the run's baseline exported to fp32 ONNX: their latency is "
+                 "onnxruntime's and their speed-up is against that fp32 baseline (pruning and "
+                 "INT8 together, in one runtime); params and GMACs are their fp32 model's, "
+                 "size is the file on disk."]
     if report["incomplete"]:
         text += ["", "Skipped stages:", ""]
         text += [f"- `{entry['run']}/{entry['stage']}`: {entry['reason']}"

@@ -7,6 +7,8 @@
   merge, soft-NMS.
 - `detector.inference.predictor`: `detect` (a batch of prepared inputs -> detections) and
   `Predictor` (checkpoint + images -> detections with class names).
+- `detector.inference.onnx_model`: an exported ``.onnx`` file (with its metadata) as a model
+  run by onnxruntime, which the predictor and evaluation take like a checkpoint's model.
 
 Import from the modules. This file imports nothing: the head table (`detector.heads`) reads the
 decoders while `predictor` reads checkpoints, which build models from that table, so a package

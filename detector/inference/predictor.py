@@ -120,6 +120,14 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, **options) -> Predictor:
+        """A checkpoint, or an exported ``.onnx`` file with its metadata (run in onnxruntime
+        through `detector.inference.onnx_model.OnnxModel`, with the same pre-processing and
+        decoding)."""
+        from .onnx_model import is_onnx_file, load_onnx_model
+
+        if is_onnx_file(path):
+            model, info = load_onnx_model(path)
+            return cls(model, info.model_config, **options)
         model, checkpoint = load_model(path)
         return cls(model, checkpoint.model_config, **options)
 
