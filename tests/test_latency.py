@@ -9,6 +9,7 @@ import json
 import os
 import random
 
+import latency_clock
 import pytest
 import torch
 from torch import nn
@@ -52,42 +53,19 @@ def test_layer_specs_record_input_sizes():
     assert specs["6"].kind == "conv_transpose" and specs["6"].stride == (2, 2)
 
 
-def _layer_cost_ms(spec: LayerSpec, in_channels: int, out_channels: int) -> float:
-    """A deterministic clock: a layer costs its multiply-accumulates, plus a fixed overhead."""
-    height, width = spec.input_hw
-    return 1e-6 * in_channels * out_channels * height * width + 0.01
-
-
 def test_calibration_and_prediction_arithmetic_on_a_deterministic_clock(tmp_path, monkeypatch):
-    """A model costs twice its layers timed alone plus 0.5 ms: the calibration recovers both
-    from the parent and the probe, and predicts five random plans exactly."""
-    import ctprune.pruning.latency as latency_module
-
-    monkeypatch.setattr(LatencyTable, "_time", lambda self, spec, i, o: _layer_cost_ms(spec, i, o)
-                        / 1e3)
-
-    def clock(model, runtime, threads, input_size, others=None, **_):
-        models = {"model": model, **(others or {})}
-        result = {}
-        for name, each in models.items():
-            specs = layer_specs(each, input_size)
-            layers = sum(_layer_cost_ms(spec, each.get_submodule(path).in_channels,
-                                        each.get_submodule(path).out_channels)
-                         for path, spec in specs.items())
-            result[name] = 2 * layers + 0.5
-        return result
-
-    monkeypatch.setattr(latency_module, "measure_model_ms", clock)
+    """A model costs twice its layers timed alone plus 0.5 ms (`latency_clock`): the
+    calibration recovers both from the parent and the probe, and predicts five random plans."""
+    latency_clock.install(monkeypatch)
     table = LatencyTable("torch", 1, SIZE, cache_dir=tmp_path)
-    parent = chain((64, 64, 64))
-    model = LatencyModel.calibrate(parent, table, probe=chain((32, 32, 32)))
+    model = LatencyModel.calibrate(chain((64, 64, 64)), table, probe=chain((32, 32, 32)))
     # The table stores its entries rounded to 1e-5 ms.
-    assert model.scale == pytest.approx(2, rel=1e-4)
-    assert model.rest_ms == pytest.approx(0.5, abs=1e-3)
+    assert model.scale == pytest.approx(latency_clock.SCALE, rel=1e-4)
+    assert model.rest_ms == pytest.approx(latency_clock.REST_MS, abs=1e-3)
     rng = random.Random(0)
     for _ in range(5):
         widths = tuple(rng.choice(range(16, 65, 8)) for _ in range(3))
-        expected = clock(chain(widths), "torch", 1, SIZE)["model"]
+        expected = latency_clock.model_cost_ms(chain(widths), SIZE)
         assert model.predict_ms(table, widths_of(widths)) == pytest.approx(expected, rel=1e-4)
 
 
