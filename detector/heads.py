@@ -167,6 +167,16 @@ def head_type(name: str) -> HeadType:
     return HEADS[name]
 
 
+def head_type_of(model: nn.Module) -> str:
+    """The head type of a built model: its head modules' ``head_type`` (every head type's
+    ``build_heads`` module names its table entry); a ValueError for a model without heads."""
+    for module in model.modules():
+        name = getattr(module, "head_type", None)
+        if isinstance(name, str) and callable(getattr(module, "output_convs", None)):
+            return name
+    raise ValueError(f"{type(model).__name__} has no head module (none declares its head_type)")
+
+
 def head_factory(head: str, num_classes: int) -> HeadFactory:
     """``make_heads(in_channels, head_conv, options=None)`` for head type ``head`` and a model
     of ``num_classes`` classes: what every backbone family in `detector.models.ARCHITECTURES`

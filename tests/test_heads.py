@@ -186,3 +186,16 @@ def test_one_decoder() -> None:
         for name in re.findall(r"^def (\w*decode\w*)\(", path.read_text(), re.MULTILINE)
     }
     assert defined == {"ctdet_decode"} | {head.decode.__name__ for head in HEADS.values()}
+
+
+def test_a_built_model_names_its_head_type() -> None:
+    """`head_type_of` reads the head type from the built heads (pruning's loss for the
+    data-driven criteria needs it); a module without heads is named in the error."""
+    from tiny import tiny_model
+
+    from detector.heads import head_type_of
+
+    for head in HEADS:
+        assert head_type_of(tiny_model("resunet18", head=head)) == head
+    with pytest.raises(ValueError, match="Conv2d has no head module"):
+        head_type_of(torch.nn.Conv2d(1, 1, 1))

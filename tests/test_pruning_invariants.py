@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from tiny import tiny_config, tiny_model
+from tiny import calibration_batch, tiny_config, tiny_model
 from torch import nn
 
 from ctprune.pruning import CRITERIA, PruneResult, prune, rounded_keep
@@ -157,13 +157,6 @@ SHAPE_CASES = [
     )
     for number, arch in enumerate(ARCHS)
 ]
-def calibration_batch() -> dict:
-    from tiny import TinyDetectionData
-
-    items = TinyDetectionData(length=2, seed=4).items
-    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
-
-
 # The random-pruning control of the dead-channel test shows that the check can fail; a few
 # topologies (residual stream, DLA's roots, the hourglass's two stacks, HRNet's fusions) do.
 CONTROL_ARCHS = {"res18", "dla34", "hourglass104", "hrnet_w18"}

@@ -23,14 +23,21 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from tiny import TINY_HEAD_CONV, TINY_WIDTHS, child_environment, tiny_config, tiny_model
+from tiny import (
+    TINY_HEAD_CONV,
+    TINY_WIDTHS,
+    calibration_batch,
+    child_environment,
+    tiny_config,
+    tiny_model,
+)
 from torch import nn
 from torch.utils.data import default_collate
 
 from ctprune.cli import main
 from ctprune.pruning import prune
 from ctprune.pruning.api import SCOPES
-from ctprune.pruning.criteria import CRITERIA
+from ctprune.pruning.criteria import CRITERIA, DATA_CRITERIA
 from ctprune.recipe import load_recipe
 from detector import load_model, output_layers, save_checkpoint
 from detector.checkpoint import build_from_config
@@ -347,7 +354,9 @@ def test_every_criterion_and_scope_keeps_outputs_and_round_trips(criterion, scop
     model = distinct(triplet_model())
     with torch.no_grad():
         before = model(IMAGES)[-1]
-    result = prune(model, 0.3, criterion, scope=scope, round_to=None, example_inputs=IMAGES[:1])
+    data = [calibration_batch("triplet")] if criterion in DATA_CRITERIA else None
+    result = prune(model, 0.3, criterion, scope=scope, round_to=None, example_inputs=IMAGES[:1],
+                   data=data)
     pruned = result.model.eval()
     assert result.stats.params_after < result.stats.params_before
     assert [conv.out_channels for conv in output_layers(pruned)] == [

@@ -11,12 +11,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from tiny import tiny_config, tiny_model
+from tiny import calibration_batch, tiny_config, tiny_model
 from torch import nn
 from torch.utils.data import default_collate
 
 from ctprune.pruning import prune
-from ctprune.pruning.criteria import CRITERIA
+from ctprune.pruning.criteria import CRITERIA, DATA_CRITERIA
 from detector import ARCHITECTURES, load_model, output_layers, save_checkpoint
 from detector.checkpoint import build_from_config
 from detector.config import OUTPUT_STRIDE, ModelConfig, from_dict
@@ -665,7 +665,8 @@ def test_prune_save_load_round_trip(criterion: str, tmp_path) -> None:
     for layer in model.modules():  # trained-looking gammas, which bn_gamma needs
         if isinstance(layer, nn.BatchNorm2d):
             layer.weight.data.uniform_(0.5, 1.5, generator=generator)
-    result = prune(model, 0.3, criterion, round_to=None, example_inputs=IMAGES[:1])
+    data = [calibration_batch("ttfnet")] if criterion in DATA_CRITERIA else None
+    result = prune(model, 0.3, criterion, round_to=None, example_inputs=IMAGES[:1], data=data)
     pruned = result.model.eval()
     assert result.stats.params_after < result.stats.params_before
     head = pruned.heads

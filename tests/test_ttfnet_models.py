@@ -177,7 +177,8 @@ def test_output_layers_are_the_head_outputs_and_the_offset_convs():
 def test_pruning_keeps_output_shapes_and_offset_convs(monkeypatch, tmp_path, arch):
     """The shared invariants run on these archs with the CenterNet heads
     (test_pruning_invariants.py); here with the TTFNet head, and a pruned save -> load."""
-    monkeypatch.setattr("test_pruning_invariants.tiny_model", lambda arch: tiny_ttfnet(arch))
+    monkeypatch.setattr("test_pruning_invariants.tiny_model",
+                        lambda arch, head="centernet": tiny_ttfnet(arch))
     model = randomised_model(arch)
     with torch.no_grad():
         before = model(IMAGES)[0]

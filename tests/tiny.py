@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from detector import ModelConfig, build_model, input_preset
-from detector.targets import encode_targets
+from detector.heads import HEADS
 
 # Scaled-down widths per backbone family.
 TINY_WIDTHS = {
@@ -54,7 +54,9 @@ def tiny_model(arch: str = "res18", num_classes: int = 3, **kwargs):
 class TinyDetectionData(torch.utils.data.Dataset):
     """Random images with 1-3 boxes each, already encoded as training items (no files)."""
 
-    def __init__(self, length: int = 8, size: int = 64, num_classes: int = 3, seed: int = 0):
+    def __init__(self, length: int = 8, size: int = 64, num_classes: int = 3, seed: int = 0,
+                 head: str = "centernet"):
+        encode = HEADS[head].encode_targets
         generator = np.random.default_rng(seed)
         self.items = []
         output = size // 4
@@ -64,7 +66,7 @@ class TinyDetectionData(torch.utils.data.Dataset):
             sides = generator.uniform(2, output / 2, size=(count, 2))
             boxes = np.concatenate([corners, np.minimum(corners + sides, output - 1)], axis=1)
             labels = generator.integers(0, num_classes, size=count)
-            targets = encode_targets(boxes, labels, num_classes, (output, output), max_objects=8)
+            targets = encode(boxes, labels, num_classes, (output, output), max_objects=8)
             item = {key: torch.from_numpy(value) for key, value in targets.items()}
             item["image"] = torch.from_numpy(
                 generator.standard_normal((3, size, size)).astype(np.float32)
@@ -87,3 +89,10 @@ def child_environment(**extra: str) -> dict:
     tests = Path(__file__).parent
     paths = [str(tests), str(tests.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), **extra}
+
+
+def calibration_batch(head: str = "centernet", size: int = 64, num_classes: int = 3) -> dict:
+    """One training batch of two tiny items with ``head``'s targets: what the data-driven
+    pruning criteria (taylor, hessian) calibrate on in tests."""
+    items = TinyDetectionData(length=2, size=size, num_classes=num_classes, seed=4, head=head).items
+    return {key: torch.stack([item[key] for item in items]) for key in items[0]}

@@ -367,7 +367,7 @@ def prune(
     round_to: int | None = DEFAULTS.round_to,
     target_macs: float | None = DEFAULTS.target_macs,
     data: Iterable[dict] | None = None,
-    head: str = "centernet",
+    head: str | None = None,
     inplace: bool = False,
     allocation: str = DEFAULTS.allocation,
     target_params: float | None = DEFAULTS.target_params,
@@ -410,7 +410,7 @@ def prune(
             of which the first ``calibration_batches`` are used; also what the sensitivity
             allocation measures its curves on.
         head: the model's head type (`detector.heads.HEADS`), whose loss the calibration
-            batches are scored with.
+            batches are scored with; None reads it from the model's heads.
         inplace: prune ``model`` itself; by default a deep copy is pruned and ``model`` (often
             the distillation teacher) is left untouched.
         allocation: "uniform" (every group the same ratio in layer scope, or the global
@@ -492,9 +492,9 @@ def prune(
 
     working = model if inplace else copy.deepcopy(model)
     clock = lap("copy", started)
-    from detector.heads import head_type
+    from detector.heads import head_type, head_type_of
 
-    loss_fn = head_type(head).loss
+    loss_fn = head_type(head or head_type_of(model)).loss
     if data is not None:
         data = list(itertools.islice(data, calibration_batches))
     if criterion in DATA_CRITERIA:
@@ -677,7 +677,7 @@ def prune_with(
     example_inputs: torch.Tensor | None = None,
     ignored_layers: Iterable[str | nn.Module] | None = None,
     data: Iterable[dict] | None = None,
-    head: str = "centernet",
+    head: str | None = None,
     inplace: bool = False,
 ) -> PruneResult:
     """`prune` with the knobs of ``options`` (a recipe's branch, the command line's flags)."""

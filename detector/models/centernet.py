@@ -55,6 +55,9 @@ class CenterNet(nn.Module):
 class HeadSet(nn.ModuleDict):
     """One head per output, each reading the same features (`FusedHeads` runs them fused)."""
 
+    head_type = "centernet"
+    """The head-table entry that builds this module (`detector.heads.head_type_of`)."""
+
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: head(features) for name, head in self.items()}
 
@@ -67,6 +70,8 @@ class FusedHeads(nn.Module):
     """The heads of a deployed model (`fuse_heads`) with their first 3x3 convs merged into one:
     the features are read once, and one wide conv does the work of three narrow ones, which
     after pruning run far below their ideal speed on CPU. The same outputs as the heads."""
+
+    head_type = "centernet"
 
     def __init__(self, first: nn.Conv2d, lasts: dict[str, nn.Conv2d]):
         super().__init__()

@@ -115,6 +115,8 @@ class TripletHeads(nn.Module):
     output name). forward(features: B x in_channels x H x W) -> dict of raw outputs (see the
     module docstring)."""
 
+    head_type = "triplet"
+
     def __init__(self, in_channels: int, head_conv: int, outputs: dict[str, int]):
         super().__init__()
         unknown = sorted(set(outputs) - set(OUTPUT_POOLS))

@@ -37,6 +37,8 @@ class TTFNetHeads(nn.ModuleDict):
     module paths read ``heatmap.0``, ``ltrb.2`` as in the CenterNet heads.
     """
 
+    head_type = "ttfnet"
+
     def __init__(self, heatmap: nn.Sequential, ltrb: nn.Sequential):
         super().__init__({"heatmap": heatmap, "ltrb": ltrb})
 
