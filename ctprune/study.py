@@ -40,10 +40,14 @@ def train_once(
     recipe: str, run: Path, epochs: int, values: dict[str, object], threads: int, cwd: Path
 ) -> Path:
     """`ctprune train RECIPE --out RUN` for ``epochs`` epochs with ``values`` set, unless RUN
-    finished them; resumed when a killed training left its resume state. Returns RUN's model
+    finished them; resumed when a killed training left its resume state, started over when it
+    was killed before its first epoch ended. Returns RUN's model
     (`detector.layout.trained_model`)."""
     if completed_epochs(run) < epochs:
-        resume = ["--resume"] if (run / RESUME_FILE).is_file() else []
+        if (run / RESUME_FILE).is_file():
+            resume = ["--resume"]
+        else:
+            resume = ["--overwrite"] if run.is_dir() and any(run.iterdir()) else []
         values = {"train.epochs": epochs, **values}
         args = ["train", recipe, "--out", str(run), *resume, *overrides(values)]
         run_cli(args, run.parent / f"{run.name}.log", threads, cwd)

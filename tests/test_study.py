@@ -23,20 +23,22 @@ def test_finished_folders_are_reused_and_killed_trainings_resume(tmp_path, monke
         (Path(args[3]) / "last.pt").write_bytes(b"")
 
     monkeypatch.setattr(study, "run_cli", train)
-    finished = {"done": 3, "killed": 1, "fresh": 0}
+    finished = {"done": 3, "killed": 1, "early": 0, "fresh": 0}
     monkeypatch.setattr(study, "completed_epochs", lambda run: finished[Path(run).name])
     for name in finished:
         (tmp_path / name).mkdir()
     (tmp_path / "done" / "best.pt").write_bytes(b"")
     (tmp_path / "killed" / "resume.pt").write_bytes(b"")
+    (tmp_path / "early" / "metrics.jsonl").write_text("")  # killed in its first epoch
     models = [study.train_once("r.yaml", tmp_path / name, 3, {"train.seed": 1}, 2, Path.cwd())
               for name in finished]
     assert [model.relative_to(tmp_path).as_posix() for model in models] == [
-        "done/best.pt", "killed/last.pt", "fresh/last.pt",
+        "done/best.pt", "killed/last.pt", "early/last.pt", "fresh/last.pt",
     ]
     options = ["--set", "train.epochs=3", "--set", "train.seed=1"]
     assert calls == [
         ["train", "r.yaml", "--out", str(tmp_path / "killed"), "--resume", *options],
+        ["train", "r.yaml", "--out", str(tmp_path / "early"), "--overwrite", *options],
         ["train", "r.yaml", "--out", str(tmp_path / "fresh"), *options],
     ]
     done, fresh = tmp_path / "done", tmp_path / "fresh"
