@@ -26,6 +26,7 @@ import yaml
 from tiny import (
     TINY_HEAD_CONV,
     TINY_WIDTHS,
+    TinyDetectionData,
     calibration_batch,
     child_environment,
     tiny_config,
@@ -63,7 +64,6 @@ from detector.triplet.decode import (
 )
 from detector.triplet.heads import PoolFusion, TripletHeads
 from detector.triplet.loss import triplet_loss
-from detector.triplet.targets import encode_triplet_targets
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -109,35 +109,6 @@ def distinct(model: nn.Module, seed: int = 1) -> nn.Module:
 # Training
 
 
-class TinyTripletData(torch.utils.data.Dataset):
-    """Random images with 1-3 boxes each, encoded as triplet training items (no files)."""
-
-    def __init__(self, length: int = 8, size: int = 64, num_classes: int = 3):
-        generator = np.random.default_rng(0)
-        output = size // 4
-        self.items = []
-        for _ in range(length):
-            count = int(generator.integers(1, 4))
-            corners = generator.uniform(0, output - 4, size=(count, 2))
-            sides = generator.uniform(2, output / 2, size=(count, 2))
-            boxes = np.concatenate([corners, np.minimum(corners + sides, output - 1)], axis=1)
-            labels = generator.integers(0, num_classes, size=count)
-            targets = encode_triplet_targets(
-                boxes, labels, num_classes, (output, output), max_objects=8
-            )
-            item = {key: torch.from_numpy(value) for key, value in targets.items()}
-            item["image"] = torch.from_numpy(
-                generator.standard_normal((3, size, size)).astype(np.float32)
-            )
-            self.items.append(item)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.items[index]
-
-
 def _train_config(**overrides) -> TrainConfig:
     settings = dict(epochs=4, batch_size=4, lr=2e-3, workers=0, eval_interval=1,
                     lr_steps=[100.0], log_interval=1, seed=1)
@@ -147,7 +118,7 @@ def _train_config(**overrides) -> TrainConfig:
 def _fit(out_dir: Path, config: TrainConfig, **kwargs):
     torch.manual_seed(0)
     model_config = triplet_config()
-    loader = train_loader(TinyTripletData(8), config, collate_fn=default_collate)
+    loader = train_loader(TinyDetectionData(8, head="triplet"), config, collate_fn=default_collate)
     return fit(build_from_config(model_config), model_config, config, loader, out_dir, **kwargs)
 
 

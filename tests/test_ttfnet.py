@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from tiny import calibration_batch, tiny_config, tiny_model
+from tiny import TinyDetectionData, calibration_batch, tiny_config, tiny_model
 from torch import nn
 from torch.utils.data import default_collate
 
@@ -729,38 +729,11 @@ def source(tmp_path) -> DetectionSource:
     return DetectionSource(records, ["a", "b", "c"], [1, 2, 3], None, {})
 
 
-class TinyTTFNetData(torch.utils.data.Dataset):
-    """Random images with 1-3 boxes each, encoded as TTFNet training items."""
-
-    def __init__(self, length: int = 8, size: int = 64, num_classes: int = 3):
-        generator = np.random.default_rng(0)
-        output = size // 4
-        self.items = []
-        for _ in range(length):
-            count = int(generator.integers(1, 4))
-            corners = generator.uniform(0, output - 4, size=(count, 2))
-            sides = generator.uniform(2, output / 2, size=(count, 2))
-            boxes = np.concatenate([corners, np.minimum(corners + sides, output - 1)], axis=1)
-            labels = generator.integers(0, num_classes, size=count)
-            targets = encode_ttfnet_targets(boxes, labels, num_classes, (output, output))
-            item = {key: torch.from_numpy(value) for key, value in targets.items()}
-            item["image"] = torch.from_numpy(
-                generator.standard_normal((3, size, size)).astype(np.float32)
-            )
-            self.items.append(item)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.items[index]
-
-
 def test_fit_trains_a_ttfnet_model(tmp_path) -> None:
     model_config = ttfnet_config()
     config = TrainConfig(epochs=4, batch_size=4, lr=2e-3, workers=0, eval_interval=1,
                          lr_steps=[100.0], log_interval=1, seed=1)
-    loader = train_loader(TinyTTFNetData(8), config, collate_fn=default_collate)
+    loader = train_loader(TinyDetectionData(8, head="ttfnet"), config, collate_fn=default_collate)
     result = fit(build_from_config(model_config), model_config, config, loader, tmp_path)
     losses = [record["train_loss"] for record in result.history]
     assert all(math.isfinite(value) for value in losses) and losses[-1] < losses[0]
