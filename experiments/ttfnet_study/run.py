@@ -107,6 +107,43 @@ def summarise(results: dict) -> dict:
     return summary
 
 
+def markdown_tables(results: dict) -> str:
+    """Per seed and head: AP / AP50 of the baseline, right after pruning and after the
+    fine-tune, with the training seconds; then the means with their spread (from results.json
+    alone)."""
+    lines = [
+        "| head | seed | epochs | train s | AP | AP50 | pruned AP | fine-tune epochs | "
+        "fine-tune s | AP | AP50 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, per_seed in results["arms"].items():
+        for seed, result in per_seed.items():
+            rows = result["rows"]
+            lines.append(
+                f"| {arm} | {seed} | {result['epochs']} | "
+                f"{result['training']['train_seconds']:.0f} | {rows['baseline']['ap']:.4f} | "
+                f"{rows['baseline']['ap50']:.4f} | {rows['prune']['ap']:.4f} | "
+                f"{result['finetune_epochs']} | "
+                f"{result['finetune_training']['train_seconds']:.0f} | "
+                f"{rows['finetune']['ap']:.4f} | {rows['finetune']['ap50']:.4f} |"
+            )
+    lines += ["", "| stage, metric | ctdet mean (sd) | ttfnet mean (sd) | paired diff (range) |",
+              "|---|---|---|---|"]
+    for key, summary in results["summary"].items():
+        ctdet, ttfnet = summary["ctdet"], summary["ttfnet"]
+        low, high = summary["paired_difference_range"]
+
+        def spread(values: dict) -> str:
+            return "n/a" if values["sd"] is None else f"{values['sd']:.4f}"
+
+        lines.append(
+            f"| {key} | {ctdet['mean']:.4f} ({spread(ctdet)}) | {ttfnet['mean']:.4f} "
+            f"({spread(ttfnet)}) | {summary['paired_difference_mean']:+.4f} "
+            f"[{low:+.4f}, {high:+.4f}] |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -119,7 +156,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "ttfnet_study")
     parser.add_argument("--no-report", action="store_true", help="do not touch report.json")
+    parser.add_argument("--table", action="store_true", help="print results.json's tables")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_tables(json.loads((args.out / "results.json").read_text())), end="")
+        return
     epochs = {"ctdet": args.ctdet_epochs, "ttfnet": args.ttfnet_epochs}
     finetune = {"ctdet": args.ctdet_finetune, "ttfnet": max(1, args.ctdet_finetune // 2)}
     started = time.perf_counter()
