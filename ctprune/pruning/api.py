@@ -49,7 +49,7 @@ from .graph import (
 )
 from .merge import fold_into_kept
 from .options import ALLOCATIONS, DEFAULTS, SCOPES, PruneOptions
-from .sensitivity import curves_at, read_scan, sensitivity_curves
+from .sensitivity import curves_at, has_targets, read_scan, sensitivity_curves
 from .taylor import accumulate_gradients
 
 # Graph building traces one forward pass; at 128 px it is ~18x faster than at 512 px and gives
@@ -494,10 +494,18 @@ def prune(
     clock = lap("copy", started)
     from detector.heads import head_type, head_type_of
 
-    loss_fn = head_type(head or head_type_of(model)).loss
+    loss_fn = None
     if data is not None:
         data = list(itertools.islice(data, calibration_batches))
+        if any(has_targets(batch) for batch in data):
+            # Scored with the model's own head loss (unlabelled batches measure output drift).
+            loss_fn = head_type(head or head_type_of(model)).loss
     if criterion in DATA_CRITERIA:
+        if loss_fn is None:
+            raise ValueError(
+                f"data: the {criterion} criterion scores channels by the loss's gradients, so its "
+                "batches need the head's training targets besides 'image' (a training loader's)"
+            )
         # Gradients first, outside the graph's trace (it detaches deformable convs' offsets).
         accumulate_gradients(working, data, loss_fn, squared=criterion == "hessian")
         clock = lap("gradients", clock)

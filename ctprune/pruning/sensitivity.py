@@ -50,6 +50,12 @@ def channels_unread(group: ChannelGroup, removed: list[int]) -> Iterator[None]:
                 tensor.index_copy_(dim, index, values)
 
 
+def has_targets(batch: dict) -> bool:
+    """A calibration batch with a head's training targets besides its images (else unlabelled:
+    sensitivity measures output drift)."""
+    return any(key not in ("image", "meta") for key in batch)
+
+
 def _measure(model: nn.Module, batches: list[dict], loss_fn, reference: list | None) -> float:
     """Mean over batches of the loss (batches with targets) or of the output drift against
     ``reference`` (the unpruned model's outputs per batch); without a reference, the outputs
@@ -58,7 +64,7 @@ def _measure(model: nn.Module, batches: list[dict], loss_fn, reference: list | N
     outputs_per_batch = []
     for index, batch in enumerate(batches):
         outputs = model(batch["image"])
-        if "heatmap" in batch:
+        if has_targets(batch):
             total += float(loss_fn(outputs, batch)[0])
         elif reference is None:
             outputs_per_batch.append(outputs)
