@@ -38,9 +38,13 @@ SIGNALS = {"KILL": signal.SIGKILL, "INT": signal.SIGINT}
 
 
 def stop(point: str, signal_name: str) -> None:
-    """Send this process ``signal_name``: SIGKILL ends it at once, SIGINT raises
-    KeyboardInterrupt here, as a Ctrl-C in the terminal would."""
+    """Send this process ``signal_name``: SIGKILL ends it at once; SIGINT becomes the
+    KeyboardInterrupt a Ctrl-C in the terminal raises, raised here directly: a signal sent to
+    oneself is handled at the next bytecode boundary, which on a loaded machine was once inside
+    a finaliser (`__del__`), where Python ignores the exception and the job ran on."""
     print(f"fault: SIG{signal_name} at {point}", file=sys.stderr, flush=True)
+    if signal_name == "INT":
+        raise KeyboardInterrupt
     os.kill(os.getpid(), SIGNALS[signal_name])
 
 
