@@ -34,6 +34,7 @@ from ctprune.report import (
     pareto_front,
     read_history,
     run_stage_rows,
+    seed_chain_rows,
     training_record,
 )
 from ctprune.report.measure import model_figures
@@ -530,3 +531,7 @@ def test_study_readers_take_a_run_folder_apart(run_a, report_a, tmp_path):
     assert all(tuple(row) == ROW_KEYS for row in study)
     assert study[1]["ap"] == rows["finetune"]["ap"]
     assert study[1]["ap_kept"] == pytest.approx(rows["finetune"]["ap"] / rows["baseline"]["ap"])
+    arms = {"ctdet": {0: {"epochs": 15, "finetune_epochs": 4, "rows": rows}}}
+    assert [row["name"] for row in seed_chain_rows(arms)] == [
+        "seed0/baseline_e15", "seed0/half_macs/prune", "seed0/half_macs/finetune_e4",
+    ]

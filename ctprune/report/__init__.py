@@ -12,7 +12,14 @@ from .artifacts import read_history, read_run
 from .build import build_report
 from .measure import paired_latency, stage_figures
 from .plots import pareto_front
-from .study import chain_rows, run_stage_rows, study_row, training_record, update_study_report
+from .study import (
+    chain_rows,
+    run_stage_rows,
+    seed_chain_rows,
+    study_row,
+    training_record,
+    update_study_report,
+)
 from .tables import ROW_KEYS
 
 __all__ = [
@@ -25,6 +32,7 @@ __all__ = [
     "stage_figures",
     "chain_rows",
     "run_stage_rows",
+    "seed_chain_rows",
     "study_row",
     "training_record",
     "update_study_report",

@@ -89,3 +89,20 @@ def chain_rows(run: str, names: dict[str, str], stage_rows: dict[str, dict]) -> 
         baseline = row if stage == "baseline" else baseline
         rows.append(row)
     return rows
+
+
+def seed_chain_rows(arms: dict[str, dict]) -> list[dict]:
+    """A head-comparison study's rows: per arm (the row's run) and seed, its `ctprune run` chain
+    as ``seed{S}/baseline_e{epochs}``, ``seed{S}/half_macs/prune`` and
+    ``seed{S}/half_macs/finetune_e{finetune_epochs}``. ``arms``: arm -> seed -> {"epochs",
+    "finetune_epochs", "rows" (`run_stage_rows`)}."""
+    rows = []
+    for arm, per_seed in arms.items():
+        for seed, result in per_seed.items():
+            names = {
+                "baseline": f"seed{seed}/baseline_e{result['epochs']}",
+                "prune": f"seed{seed}/half_macs/prune",
+                "finetune": f"seed{seed}/half_macs/finetune_e{result['finetune_epochs']}",
+            }
+            rows += chain_rows(arm, names, result["rows"])
+    return rows

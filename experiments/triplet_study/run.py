@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ctprune.report import chain_rows, run_stage_rows, training_record, update_study_report
+from ctprune.report import run_stage_rows, seed_chain_rows, training_record, update_study_report
 from ctprune.study import chain_once, train_once
 from detector.data.sources import load_data_yaml
 from detector.evaluate import false_discovery_rates
@@ -74,6 +74,7 @@ def run_arm(arm: str, epochs: int, seed: int, out: Path, threads: int, annotatio
     rows = run_stage_rows(run)
     return {
         "epochs": epochs,
+        "finetune_epochs": FINETUNE_EPOCHS[arm],
         "model": model.name,
         "training": training_record(model.parent),
         "rows": rows,
@@ -82,19 +83,6 @@ def run_arm(arm: str, epochs: int, seed: int, out: Path, threads: int, annotatio
             for stage in ("baseline", "finetune")
         },
     }
-
-
-def study_rows(results: dict) -> list[dict]:
-    rows = []
-    for arm, per_seed in results["arms"].items():
-        for seed, result in per_seed.items():
-            names = {
-                "baseline": f"seed{seed}/baseline_e{result['epochs']}",
-                "prune": f"seed{seed}/half_macs/prune",
-                "finetune": f"seed{seed}/half_macs/finetune_e{FINETUNE_EPOCHS[arm]}",
-            }
-            rows += chain_rows(arm, names, result["rows"])
-    return rows
 
 
 def summarise(results: dict) -> dict:
@@ -169,8 +157,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     if not args.no_report:
-        update_study_report(HERE / "report.json", study_rows(results), "triplet_vs_ctdet",
-                            json.loads(json.dumps(results, default=str)))
+        rows = seed_chain_rows(results["arms"])
+        setup = json.loads(json.dumps(results, default=str))
+        update_study_report(HERE / "report.json", rows, "triplet_vs_ctdet", setup)
     print(json.dumps(results["summary"], indent=2))
 
 

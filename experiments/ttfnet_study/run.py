@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ctprune.report import chain_rows, run_stage_rows, training_record, update_study_report
+from ctprune.report import run_stage_rows, seed_chain_rows, training_record, update_study_report
 from ctprune.study import chain_once, train_once
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,19 +66,6 @@ def prune_and_finetune(
     }
     run = out / f"{model.parent.name}_half_ft{finetune_epochs}"
     return chain_once(PRUNE_RECIPE, run, values, threads, ROOT)
-
-
-def study_rows(results: dict) -> list[dict]:
-    rows = []
-    for arm, per_seed in results["arms"].items():
-        for seed, result in per_seed.items():
-            names = {
-                "baseline": f"seed{seed}/baseline_e{result['epochs']}",
-                "prune": f"seed{seed}/half_macs/prune",
-                "finetune": f"seed{seed}/half_macs/finetune_e{result['finetune_epochs']}",
-            }
-            rows += chain_rows(arm, names, result["rows"])
-    return rows
 
 
 def summarise(results: dict) -> dict:
@@ -197,8 +184,9 @@ def main() -> None:
     }
     (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     if not args.no_report:
-        update_study_report(HERE / "report.json", study_rows(results), "ttfnet_vs_ctdet",
-                            json.loads(json.dumps(results, default=str)))
+        rows = seed_chain_rows(results["arms"])
+        setup = json.loads(json.dumps(results, default=str))
+        update_study_report(HERE / "report.json", rows, "ttfnet_vs_ctdet", setup)
     print(json.dumps(results["summary"], indent=2))
 
 
