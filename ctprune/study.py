@@ -32,8 +32,10 @@ def run_cli(args: list[str], log: Path, threads: int, cwd: Path) -> None:
 
 
 def overrides(values: dict[str, object]) -> list[str]:
-    """{"train.epochs": 5} -> ["--set", "train.epochs=5"]."""
-    return [part for key, value in values.items() for part in ("--set", f"{key}={value}")]
+    """{"train.epochs": 5, "finetune.distill": None} -> ["--set", "train.epochs=5", "--set",
+    "finetune.distill=null"] (values are read back as YAML)."""
+    return [part for key, value in values.items()
+            for part in ("--set", f"{key}={'null' if value is None else value}")]
 
 
 def train_once(

@@ -15,6 +15,15 @@ def test_overrides_become_set_options():
     ]
 
 
+def test_none_overrides_are_yaml_null():
+    """None must reach the recipe as null (YAML reads "None" as a string)."""
+    from detector.config import parse_overrides
+
+    options = study.overrides({"finetune.distill": None})
+    assert options == ["--set", "finetune.distill=null"]
+    assert parse_overrides(options[1::2]) == {"finetune": {"distill": None}}
+
+
 def test_finished_folders_are_reused_and_killed_trainings_resume(tmp_path, monkeypatch):
     calls = []
 

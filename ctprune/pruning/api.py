@@ -572,7 +572,7 @@ def prune(
                 stored = sensitivity if isinstance(sensitivity, dict) else read_scan(sensitivity)
                 curves = curves_at(stored, groups, candidates)
             else:
-                curves = sensitivity_curves(working, groups, scores, candidates, data, loss_fn)
+                curves = _measured_curves(working, groups, scores, candidates, data, loss_fn)
             clock = lap("sensitivity", clock)
             keeps = allocate_budget(groups, candidates, curves, fraction, budget)
             ratio = 1 - sum(keeps) / sum(group.width for group in groups)
@@ -725,6 +725,20 @@ def _latency_model(model, groups, widths_before, input_size, runtime, threads, c
                                {k: v for k, v in plan.items() if v != widths_before[k]})
     latency = LatencyModel.calibrate(model, table, probe)
     return latency, table
+
+
+def _measured_curves(model, groups, scores, candidates, batches, loss_fn) -> list:
+    """`sensitivity_curves` with a progress bar when it takes more than a few seconds (a group
+    times a width times the calibration batches: minutes on CPU)."""
+    from tqdm import tqdm
+
+    from .recalibrate import PROGRESS_DELAY_SECONDS
+
+    total = sum(len(options) - 1 for options in candidates)
+    with tqdm(total=total, desc="sensitivity", unit="point", delay=PROGRESS_DELAY_SECONDS,
+              leave=False) as bar:
+        return sensitivity_curves(model, groups, scores, candidates, batches, loss_fn,
+                                  progress=lambda done, _: bar.update(done - bar.n))
 
 
 def _realised_latency(parent, pruned, runtime, threads, input_size, predicted) -> dict:
