@@ -182,9 +182,9 @@ def test_sensitivity_allocation_meets_each_budget_at_the_known_optimum(kind, tmp
 
 def test_budget_arguments_are_checked():
     model = Toy()
-    with pytest.raises(ValueError, match="allocation: 'sensitivity' needs a budget"):
+    with pytest.raises(ValueError, match="allocation: expected a budget with 'sensitivity'"):
         prune(model, 0.3, "l1", example_inputs=SIZE, data=IMAGES, allocation="sensitivity")
-    with pytest.raises(ValueError, match="give one budget, not target_macs and target_params"):
+    with pytest.raises(ValueError, match="target_macs: expected one budget, got target_macs and "):
         prune(model, None, "l1", example_inputs=SIZE, target_macs=0.5, target_params=0.5)
     with pytest.raises(ValueError, match="target_latency: expected the fraction"):
         prune(model, None, "l1", example_inputs=SIZE, target_latency=1.5)
@@ -215,7 +215,7 @@ def test_stored_curves_are_interpolated_and_allocated_from():
     # body.0 at 16 keeps 0.487 of the MACs, at 24 0.57: the lossless optimum
     assert kept == {"body.0": 16, "body.3": 32, "body.6": 32}, kept
     assert result.stats.macs_after <= 0.5 * result.stats.macs_before
-    with pytest.raises(ValueError, match="sensitivity: stored curves are read by allocation"):
+    with pytest.raises(ValueError, match="sensitivity: expected allocation 'sensitivity'"):
         prune(Toy(), None, "l1", example_inputs=SIZE, target_macs=0.7, sensitivity=stored)
 
 

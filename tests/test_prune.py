@@ -281,7 +281,7 @@ def test_models_without_declared_output_layers_keep_theiroutputs_of():
         ({"ratio": 1.0}, r"ratio: expected a number in \[0, 1\), got 1.0"),
         ({"ratio": "0.5"}, r"ratio: expected a number"),
         ({"ratio": True}, r"ratio: expected a number"),
-        ({"ratio": 0.9}, r"ratio 0.9 exceeds max_layer_ratio 0.8"),
+        ({"ratio": 0.9}, r"ratio: 0.9 exceeds max_layer_ratio 0.8"),
         (
             {"criterion": "fpgm"},
             r"unknown criterion 'fpgm'; known criteria: l1, l2, bn_gamma, kmeans, random, "
@@ -299,7 +299,7 @@ def test_models_without_declared_output_layers_keep_theiroutputs_of():
         ({"ratio": None}, r"ratio: expected a number"),
         ({"ratio": None, "target_macs": 0.001}, r"target_macs 0.001 is out of reach"),
         ({"round_to": 0}, r"round_to: expected None or a positive integer"),
-        ({"ratio_overrides": {"neck.*": 0.95}}, r"ratio_overrides\['neck.\*'\]: expected a ratio"),
+        ({"ratio_overrides": {"neck.*": 0.95}}, r"ratio_overrides: expected a ratio in .*neck"),
         ({"ratio_overrides": {"nek.*": 0.5}}, r"pattern 'nek.\*' matches no prunable layer"),
         ({"ratio_overrides": {"heads.heatmap.2": 0.5}}, r"matches no prunable layer"),
         (

@@ -1,8 +1,9 @@
 """Channel pruning of CenterNet models on torch-pruning's dependency graph.
 
-One entry point, `prune(model, ratio, criterion, ...) -> PruneResult(model, plan, stats)`;
-the folders mirror the algorithm: `graph` (coupled channels) -> `criteria` (importance; `taylor`
-reads calibration gradients) -> `allocate` (how many channels each group keeps; `budget` and
+One entry point, `prune(model, ratio, criterion, ...) -> PruneResult(model, plan, stats)`
+(`api`; its knobs and their checks in `options`, what it returns in `result`); the modules
+mirror the algorithm: `graph` (coupled channels) -> `criteria` (importance; `taylor` reads
+calibration gradients) -> `allocate` (how many channels each group keeps; `budget` and
 `sensitivity` for a MAC, parameter or `latency` budget) -> `merge` (k-means merging) -> `api`;
 beside them `slimming` (sparsity training of BN scales) and `recalibrate` (BN statistics after
 pruning).
@@ -27,12 +28,12 @@ __all__ = [
 # importing the package (for `ctprune --help`, the layout constants) does not import torch.
 _EXPORTS = {
     "rounded_keep": ".allocate",
-    "PruneResult": ".api",
-    "PruneShortfallWarning": ".api",
-    "PruneStats": ".api",
+    "PruneResult": ".result",
+    "PruneShortfallWarning": ".result",
+    "PruneStats": ".result",
     "prune": ".api",
     "prune_with": ".api",
-    "widths_after_pruning": ".api",
+    "widths_after_pruning": ".budget",
     "CRITERIA": ".criteria",
     "DEFAULT_ROUND_TO": ".options",
     "PruneOptions": ".options",

@@ -24,6 +24,7 @@ optimum is known.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,11 +33,15 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from detector import count_macs
+from detector.channel_plan import apply_channel_plan
 from detector.stats import FLOP_FORMULAS
 
 from .allocate import min_keep
 from .graph import ChannelGroup, is_depthwise, meta_copy
 
+# target_macs bisection stops when the ratio interval is this narrow.
+RATIO_RESOLUTION = 1e-4
 KINDS = ("macs", "params", "latency")
 Widths = dict[str, list[int]]
 
@@ -143,13 +148,6 @@ def candidate_keeps(width: int, round_to: int | None, max_layer_ratio: float) ->
     return sorted({*range(low, width, step), width})
 
 
-def widths_of(parent_widths: Widths, groups: list[ChannelGroup], keeps: list[int]) -> Widths:
-    """Layer widths after every group keeps ``keeps[i]`` channels (`api.widths_after_pruning`)."""
-    from .api import widths_after_pruning
-
-    return widths_after_pruning(parent_widths, groups, keeps)
-
-
 def widen_for_free(
     candidates: list[list[int]], keeps: list[int], cost: Callable[[list[int]], float]
 ) -> list[int]:
@@ -250,3 +248,53 @@ def allocate_budget(
         raise ValueError(f"allocation missed the budget ({current:.4g} > {budget:.4g}; groups "
                          f"{names}, ...)")
     return keeps
+
+
+def widths_after_pruning(
+    widths: dict[str, list[int]], groups: list[ChannelGroup], keeps: list[int]
+) -> dict[str, list[int]]:
+    """The layer widths pruning to ``keeps`` will produce, without pruning: every layer writing
+    a group's channels loses the removed channels from its outputs, every layer reading them
+    from its inputs."""
+    widths = copy.deepcopy(widths)
+    for group, keep in zip(groups, keeps, strict=True):
+        removed = group.width - keep
+        for layer in group.producers:
+            widths[layer.name][-1] -= removed
+        for layer in group.norms:
+            widths[layer.name][0] -= removed
+        for layer in group.consumers:
+            widths[layer.name][0] -= removed
+    return widths
+
+
+def macs_of_widths(
+    model: nn.Module, before: dict, after: dict, input_size: tuple[int, int]
+) -> int:
+    """MACs of ``model`` resized to ``after`` widths, counted on a meta copy (no weights)."""
+    plan = {name: value for name, value in after.items() if value != before[name]}
+    return count_macs(apply_channel_plan(meta_copy(model), plan), input_size)
+
+
+def bisect_ratio(target_macs: float, high: float, macs_of, what: str = "macs") -> float:
+    """The smallest ratio in [0, high] whose MACs fraction (or ``what``'s: params, latency) is
+    at most ``target_macs`` (they fall monotonically with the ratio in both scopes; predicted
+    latency nearly so, and the bisection then finds one crossing)."""
+    if macs_of(0.0) <= target_macs:
+        return 0.0
+    reachable = macs_of(high)
+    if reachable > target_macs:
+        noun = {"macs": "MACs", "params": "parameters", "latency": "predicted latency"}[what]
+        raise ValueError(
+            f"target_{what} {target_macs} is out of reach: with every layer at max_layer_ratio "
+            f"({high}) the model keeps {reachable:.3f} of its {noun}; raise max_layer_ratio or "
+            "aim higher"
+        )
+    low = 0.0
+    while high - low > RATIO_RESOLUTION:
+        middle = (low + high) / 2
+        if macs_of(middle) <= target_macs:
+            high = middle
+        else:
+            low = middle
+    return high

@@ -32,12 +32,16 @@ import platform
 import statistics
 import tempfile
 from collections.abc import Iterable
+from copy import deepcopy
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from detector.channel_plan import apply_channel_plan
+
+from .budget import widths_after_pruning
 from .graph import is_depthwise, meta_copy
 from .options import LATENCY_RUNTIMES
 
@@ -442,3 +446,32 @@ class LatencyModel:
 def _modelled_widths(model: nn.Module, specs: dict[str, LayerSpec]) -> dict[str, tuple[int, int]]:
     modules = dict(model.named_modules())
     return {name: (modules[name].in_channels, modules[name].out_channels) for name in specs}
+
+
+def calibrated_latency_model(model, groups, widths_before, input_size, runtime, threads, cache):
+    """(LatencyModel, LatencyTable) of ``model`` on ``runtime``; the probe that splits the rest
+    of the forward into fixed and scaling parts is the model with every group halved."""
+    table = LatencyTable(runtime, threads, input_size, cache_dir=cache)
+    halves = [max(1, group.width // 2) for group in groups]
+    plan = widths_after_pruning(widths_before, groups, halves)
+    probe = apply_channel_plan(deepcopy(model),
+                               {k: v for k, v in plan.items() if v != widths_before[k]})
+    latency = LatencyModel.calibrate(model, table, probe)
+    return latency, table
+
+
+def realised_latency(parent, pruned, runtime, threads, input_size, predicted) -> dict:
+    """The parent's and the pruned model's latency, timed interleaved; a pruned model slower
+    than its parent is an error (pruning for latency that makes a model slower is a bug in the
+    latency model or a runtime that cannot use the widths, never what the user wants)."""
+    measured = measure_model_ms(parent, runtime, threads, input_size, others={"pruned": pruned})
+    before, after = measured["model"], measured["pruned"]
+    if after > before:
+        raise ValueError(
+            f"the pruned model is slower than its parent on {runtime} with {threads} threads "
+            f"({after:.2f} ms against {before:.2f} ms at {input_size[0]}x{input_size[1]}); try "
+            "another round_to or runtime"
+        )
+    return {"runtime": runtime, "threads": threads, "before_ms": round(before, 4),
+            "after_ms": round(after, 4), "realised": round(after / before, 4),
+            "predicted": round(predicted, 4)}

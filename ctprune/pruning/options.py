@@ -76,58 +76,66 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+# What each budget keeps a fraction of, for its error message.
+BUDGETS = {"target_macs": "MACs", "target_params": "parameters", "target_latency": "latency"}
+
+
 def check_options(criterion, ratio, target_macs, scope, max_layer_ratio, round_to,
                   ratio_overrides=None, allocation="uniform", target_params=None,
                   target_latency=None, runtime="torch", threads=1, sensitivity=None,
                   calibration_batches=8) -> None:
-    """The checks every set of pruning options passes; errors start with the field's name."""
+    """The checks every set of pruning options passes, `prune()`'s arguments and a recipe's
+    `prune` section alike; errors start with the field's name."""
     from .criteria import check_criterion  # here, not at the top: `ctprune --help` needs no torch
 
     try:
         check_criterion(criterion)
     except ValueError as error:
         raise ValueError(f"criterion: {error}") from None
+    if scope not in SCOPES:
+        raise ValueError(f"scope: expected one of {SCOPES}, got {scope!r}")
+    if not (_is_number(max_layer_ratio) and 0.0 < max_layer_ratio < 1.0):
+        raise ValueError(f"max_layer_ratio: expected a number in (0, 1), got {max_layer_ratio!r}")
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation: expected one of {ALLOCATIONS}, got {allocation!r}")
-    for name, value in (("target_params", target_params), ("target_latency", target_latency)):
-        if value is not None and not (_is_number(value) and 0.0 < value <= 1.0):
-            raise ValueError(f"{name}: expected values in (0, 1], got {value!r}")
+    budgets = {"target_macs": target_macs, "target_params": target_params,
+               "target_latency": target_latency}
+    given = [name for name, value in budgets.items() if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"{given[0]}: expected one budget, got {' and '.join(given)}")
+    for name in given:
+        value = budgets[name]
+        if not (_is_number(value) and 0.0 < value <= 1.0):
+            raise ValueError(f"{name}: expected the fraction of {BUDGETS[name]} to keep, in "
+                             f"(0, 1], got {value!r}")
+        if ratio is not None:
+            raise ValueError(f"ratio: expected None beside {name}: give either ratio or {name}, "
+                             "not both")
+    if allocation == "sensitivity" and not given:
+        raise ValueError("allocation: expected a budget with 'sensitivity' (it needs target_macs, "
+                         "target_params or target_latency)")
+    if not given:
+        if not (_is_number(ratio) and 0.0 <= ratio < 1.0):
+            raise ValueError(f"ratio: expected a number in [0, 1), got {ratio!r}")
+        if ratio > max_layer_ratio:
+            raise ValueError(
+                f"ratio: {ratio} exceeds max_layer_ratio {max_layer_ratio}, the most any layer "
+                "may lose; raise max_layer_ratio to prune harder"
+            )
     if runtime not in LATENCY_RUNTIMES:
         raise ValueError(f"runtime: expected one of {LATENCY_RUNTIMES}, got {runtime!r}")
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
         raise ValueError(f"threads: expected a positive integer, got {threads!r}")
-    budgets = [value for value in (target_macs, target_params, target_latency) if value is not None]
-    if len(budgets) > 1:
-        raise ValueError("target_macs: give one of target_macs, target_params, target_latency")
-    if (ratio is None) == (not budgets):
-        raise ValueError(
-            "ratio: expected exactly one of ratio, target_macs, target_params and target_latency"
-        )
     if (not isinstance(calibration_batches, int) or isinstance(calibration_batches, bool)
             or calibration_batches < 1):
         raise ValueError(f"calibration_batches: expected an integer >= 1, got "
                          f"{calibration_batches!r}")
-    if sensitivity is not None and (not isinstance(sensitivity, str) or not sensitivity.strip()):
-        raise ValueError(f"sensitivity: expected the path of a sensitivity.json or null, got "
-                         f"{sensitivity!r}")
-    if sensitivity is not None and allocation != "sensitivity":
-        raise ValueError("sensitivity: expected allocation 'sensitivity' to read stored curves")
-    if allocation == "sensitivity" and not budgets:
-        raise ValueError("allocation: expected a budget with 'sensitivity' (it needs "
-                         "target_macs, target_params or target_latency)")
-    if ratio is not None and not (_is_number(ratio) and 0.0 <= ratio < 1.0):
-        raise ValueError(f"ratio: expected values in [0, 1), got {ratio!r}")
-    if target_macs is not None and not (_is_number(target_macs) and 0.0 < target_macs <= 1.0):
-        raise ValueError(f"target_macs: expected values in (0, 1], got {target_macs!r}")
-    if scope not in SCOPES:
-        raise ValueError(f"scope: expected 'layer' or 'global', got {scope!r}")
-    if not (_is_number(max_layer_ratio) and 0.0 < max_layer_ratio < 1.0):
-        raise ValueError(f"max_layer_ratio: expected a number in (0, 1), got {max_layer_ratio!r}")
-    if ratio is not None and ratio > max_layer_ratio:
-        raise ValueError(
-            f"ratio: {ratio} exceeds max_layer_ratio {max_layer_ratio}, the most any layer may "
-            "lose; raise max_layer_ratio to prune harder"
-        )
+    if sensitivity is not None:
+        if allocation != "sensitivity":
+            raise ValueError("sensitivity: expected allocation 'sensitivity' to read stored curves")
+        if not isinstance(sensitivity, dict) and not str(sensitivity).strip():
+            raise ValueError(f"sensitivity: expected the path of a sensitivity.json (or its "
+                             f"curves), got {sensitivity!r}")
     if round_to is not None and (
         not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1
     ):
@@ -135,7 +143,7 @@ def check_options(criterion, ratio, target_macs, scope, max_layer_ratio, round_t
     if not isinstance(ratio_overrides, dict | None):
         raise ValueError(
             f"ratio_overrides: expected a mapping of module-name pattern -> ratio, got "
-            f"{ratio_overrides!r}"
+            f"{type(ratio_overrides).__name__}"
         )
     for pattern, value in (ratio_overrides or {}).items():
         if not isinstance(pattern, str) or not pattern.strip():
@@ -148,8 +156,6 @@ def check_options(criterion, ratio, target_macs, scope, max_layer_ratio, round_t
                 f"ratio_overrides: expected a ratio in [0, max_layer_ratio = {max_layer_ratio}] "
                 f"for {pattern!r}, got {value!r}"
             )
-
-
 
 
 def _defaults() -> PruneOptions:

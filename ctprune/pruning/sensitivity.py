@@ -177,3 +177,17 @@ def curves_at(
             curve[keep] = max(value, max(curve.values(), default=0.0))
         curves.append(curve)
     return curves
+
+
+def measured_curves(model, groups, scores, candidates, batches, loss_fn) -> list:
+    """`sensitivity_curves` with a progress bar when it takes more than a few seconds (a group
+    times a width times the calibration batches: minutes on CPU)."""
+    from tqdm import tqdm
+
+    from .recalibrate import PROGRESS_DELAY_SECONDS
+
+    total = sum(len(options) - 1 for options in candidates)
+    with tqdm(total=total, desc="sensitivity", unit="point", delay=PROGRESS_DELAY_SECONDS,
+              leave=False) as bar:
+        return sensitivity_curves(model, groups, scores, candidates, batches, loss_fn,
+                                  progress=lambda done, _: bar.update(done - bar.n))
