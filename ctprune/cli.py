@@ -274,6 +274,7 @@ def _prune(args: argparse.Namespace) -> None:
             "round_to": stats.round_to,
             "params_before": stats.params_before,
             "macs_before": stats.macs_before,
+            "latency": stats.latency,  # with --target-latency: the realised ratio, measured
         },
     }
     save_checkpoint(args.out, result.model, checkpoint.model_config, meta=meta)

@@ -158,8 +158,8 @@ def latency_probe(out: Path, threads: int) -> dict:
 
 
 def latency_04(out: Path, seed: int, criterion: str, repeat: int) -> dict:
-    """`ctprune prune --target-latency 0.4` in its own process; the realised ratio it printed
-    and stored."""
+    """`ctprune prune --target-latency 0.4` in its own process: the latency it measured (parent
+    and pruned model interleaved, the realised ratio, the prediction), from the checkpoint."""
     folder = out / f"latency0.4_seed{seed}_run{repeat}"
     result = folder / "pruned.pt"
     if not result.is_file():
@@ -168,7 +168,10 @@ def latency_04(out: Path, seed: int, criterion: str, repeat: int) -> dict:
                  LATENCY["prune.runtime"], "--threads", str(LATENCY["prune.threads"]),
                  "--data", DATA, "--out", str(result), "--overwrite"],
                 folder / "prune.log", LATENCY["prune.threads"], ROOT)
-    return {"log": (folder / "prune.log").read_text().splitlines()[-12:]}
+    from detector import load_model
+
+    _, checkpoint = load_model(result)
+    return checkpoint.meta["prune"]["latency"]
 
 
 def speed_at_512(run: Path, threads: int) -> dict:
@@ -183,6 +186,10 @@ def speed_at_512(run: Path, threads: int) -> dict:
                                  runtime="onnxruntime", rounds=30)
         output.write_text(json.dumps([row.as_dict() for row in rows], indent=2))
     return json.loads(output.read_text())
+
+
+def _json_or_none(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def summary_of(values: list[float]) -> dict:
@@ -286,7 +293,16 @@ def main() -> None:
         print(json.dumps(speed_at_512(args.out / name, args.threads), indent=2))
     if args.report:
         rows, results = gather(args.out)
-        setup = {"recipe": RECIPE, "target_macs": TARGET_MACS,
+        extras = {
+            "latency_probe": _json_or_none(args.out / "latency_probe.json"),
+            "latency_0.4": [latency_04(args.out, 0, args.sensitivity_criterion, repeat)
+                            for repeat in (1, 2)
+                            if (args.out / f"latency0.4_seed0_run{repeat}/pruned.pt").is_file()],
+            "speed_512": {path.name.removesuffix(f"_bench{SPEED_SIZE}.json"):
+                          json.loads(path.read_text())
+                          for path in sorted(args.out.glob(f"*_bench{SPEED_SIZE}.json"))},
+        }
+        setup = {"recipe": RECIPE, "target_macs": TARGET_MACS, **extras,
                  "finetune_epochs": FINETUNE_EPOCHS, "seeds": list(SEEDS),
                  "sensitivity_criterion": args.sensitivity_criterion,
                  "machine": f"{platform.machine()}, torch {torch.__version__}", **results}
