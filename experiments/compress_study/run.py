@@ -252,6 +252,38 @@ def gather(out: Path) -> tuple[list[dict], dict]:
     return rows, {"per_seed": results, "summary": summary}
 
 
+def _spread(entry: dict | None, scale: float = 1.0, digits: int = 3) -> str:
+    """"mean (sd x)" of a summary_of entry, scaled."""
+    if not entry:
+        return ""
+    mean = f"{entry['mean'] * scale:.{digits}f}"
+    if entry["sd"] is None:
+        return f"{mean} (n={entry['n']})"
+    return f"{mean} (sd {entry['sd'] * scale:.{digits}f})"
+
+
+def table(summary: dict) -> str:
+    """The report's main table: per arm, the seeds' mean and spread."""
+    lines = [
+        "| arm | seeds | GMACs | AP after pruning | AP after 5 epochs | AP50 after 5 epochs | "
+        "AP kept vs control | prune AP - uniform L1 (points) | fine-tuned AP - uniform L1 "
+        "(points) | prune stage (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in summary.items():
+        compared = next((key for key in entry if key.startswith("finetune_ap_minus_")), None)
+        pruned = next((key for key in entry if key.startswith("prune_ap_minus_")), None)
+        lines.append(
+            f"| {name} | {entry['finetune_ap']['n']} | {entry['gmacs']['mean']:.3f} "
+            f"| {_spread(entry['prune_ap'])} | {_spread(entry['finetune_ap'])} "
+            f"| {_spread(entry['finetune_ap50'])} "
+            f"| {_spread(entry.get('ap_kept_vs_control'))} "
+            f"| {_spread(entry.get(pruned), digits=2)} | {_spread(entry.get(compared), digits=2)} "
+            f"| {_spread(entry['analysis_seconds'], digits=0)} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -270,6 +302,7 @@ def main() -> None:
     parser.add_argument("--speed", nargs="*", metavar="CHAIN",
                         help="bench these chain folders' fine-tuned models at 512 px")
     parser.add_argument("--report", action="store_true", help="write report.json")
+    parser.add_argument("--table", action="store_true", help="print report.md's table")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     distills = {"no": [False], "yes": [True], "both": [False, True]}[args.distill]
@@ -308,6 +341,8 @@ def main() -> None:
                  "machine": f"{platform.machine()}, torch {torch.__version__}", **results}
         update_study_report(HERE / "report.json", rows, "compress_4x", setup)
         print(json.dumps(results["summary"], indent=2))
+    if args.table:
+        print(table(gather(args.out)[1]["summary"]))
 
 
 if __name__ == "__main__":
