@@ -231,3 +231,26 @@ def test_widths_no_faster_than_wider_ones_are_widened():
     assert widen_for_free(candidates, [40, 24], cost) == [48, 32]
     assert widen_for_free(candidates, [48, 16], cost) == [48, 16]  # already on the stairs
     assert cost(widen_for_free(candidates, [40, 24], cost)) == cost([40, 24])
+
+
+def test_a_latency_budget_is_corrected_by_the_measured_latency(tmp_path, monkeypatch):
+    """Whole narrow models run faster than their layers timed alone predict (the runtime fuses
+    and caches): the allocation re-targets until the measured fraction meets the budget."""
+    import ctprune.pruning.latency as latency_module
+
+    latency_clock.install(monkeypatch)
+
+    def fused(model, runtime="torch", threads=1, input_size=(512, 512), rounds=None,
+              others=None):
+        parent = latency_clock.model_cost_ms(model, tuple(input_size))
+        return {"model": parent, **{name: 0.7 * latency_clock.model_cost_ms(each, tuple(input_size))
+                                    for name, each in (others or {}).items()}}
+
+    monkeypatch.setattr(latency_module, "measure_model_ms", fused)
+    monkeypatch.setenv("CTPRUNE_CACHE", str(tmp_path))
+    result = prune(Toy(), None, "l1", example_inputs=SIZE, round_to=None, target_latency=0.5)
+    rounds = result.stats.latency["corrections"]
+    assert len(rounds) > 1, rounds
+    assert rounds[0]["measured"] < 0.9 * rounds[0]["predicted"]  # the layer model over-predicts
+    assert rounds[-1]["measured"] == pytest.approx(0.5, rel=0.04), rounds
+    assert result.stats.latency["realised"] == pytest.approx(0.5, rel=0.04)

@@ -50,7 +50,7 @@ from .graph import (
     requires_grad_restored,
     resolve_ignored_layers,
 )
-from .latency import calibrated_latency_model, realised_latency
+from .latency import calibrated_latency_model, meet_measured_latency, realised_latency
 from .merge import fold_into_kept
 from .options import DEFAULTS, PruneOptions, check_options
 from .result import (  # noqa: F401 (PruneShortfallWarning: re-exported, prune() raises it)
@@ -302,10 +302,14 @@ def prune(
             else:
                 curves = measured_curves(working, groups, scores, candidates, data, loss_fn)
             clock = lap("sensitivity", clock)
-            keeps = allocate_budget(groups, candidates, curves, fraction, budget)
-            ratio = 1 - sum(keeps) / sum(group.width for group in groups)
-            clock = lap("allocate", clock)
-        else:
+
+        def keeps_for(target: float | None) -> list[int]:
+            """Each group's width for a budget of ``target`` (None: the ratio given)."""
+            nonlocal ratio
+            if allocation == "sensitivity":
+                keeps = allocate_budget(groups, candidates, curves, fraction, target)
+                ratio = 1 - sum(keeps) / sum(group.width for group in groups)
+                return keeps
             if budget_kind == "macs":
 
                 def budget_fraction(applied_ratio: float) -> float:
@@ -318,20 +322,26 @@ def prune(
                     return fraction(allocate(applied_ratio))
 
             if budget_kind is not None:
-                ratio = bisect_ratio(budget, max_layer_ratio, budget_fraction, budget_kind)
-                clock = lap(f"target_{budget_kind}", clock)
+                ratio = bisect_ratio(target, max_layer_ratio, budget_fraction, budget_kind)
             keeps = allocate(ratio)
             if budget_kind == "latency":
                 # A uniform width no faster than a wider one gives its channels back.
-                candidates = [candidate_keeps(group.width, round_to, max_layer_ratio)
-                              for group in groups]
-                for index, keep in enumerate(keeps):
-                    if keep not in candidates[index]:
-                        candidates[index] = sorted({*candidates[index], keep})
-                keeps = widen_for_free(candidates, keeps, fraction)
-            if budget_kind is None:  # a budget that cannot be met raises in _bisect_ratio
-                requested = [overrides.get(index, ratio) for index in range(len(groups))]
-                warn_on_shortfall(groups, keeps, requested, scope, round_to, max_layer_ratio)
+                options = [sorted({*candidate_keeps(group.width, round_to, max_layer_ratio), keep})
+                           for group, keep in zip(groups, keeps, strict=True)]
+                keeps = widen_for_free(options, keeps, fraction)
+            return keeps
+
+        keeps = keeps_for(budget)
+        clock = lap("allocate" if budget_kind is None else f"target_{budget_kind}", clock)
+        if budget_kind is None:  # a budget that cannot be met raises in bisect_ratio
+            requested = [overrides.get(index, ratio) for index in range(len(groups))]
+            warn_on_shortfall(groups, keeps, requested, scope, round_to, max_layer_ratio)
+        corrections = None
+        if budget_kind == "latency":
+            keeps, corrections = meet_measured_latency(
+                working, groups, widths_before, keeps, keeps_for, fraction, budget, runtime,
+                threads, input_size)
+            clock = lap("latency_measured", clock)
         predicted = fraction(keeps) if budget_kind == "latency" else None
 
         select = SELECTORS.get(criterion, keep_highest)
@@ -399,7 +409,7 @@ def prune(
         clock = lap("stats_after", clock)
         if budget_kind == "latency":
             stats.latency = realised_latency(model, working, runtime, threads, input_size,
-                                              predicted)
+                                              predicted) | {"corrections": corrections}
             lap("latency", clock)
     plan = {name: value for name, value in widths_after.items() if value != widths_before[name]}
     stats.seconds = round(time.perf_counter() - started, 4)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ import torch
 
 from ctprune.layout import STAGE_FILE
 from ctprune.report import chain_rows, run_stage_rows, update_study_report
-from ctprune.study import chain_once, run_cli
+from ctprune.study import chain_once, overrides, run_cli
 from detector.layout import trained_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,8 +125,30 @@ def prune_record(run: Path) -> dict:
     }
 
 
+def reuse_pruned_twin(run: Path, twin: Path) -> None:
+    """Start a distillation chain from its twin without a teacher: the same baseline and prune
+    stages (their settings are equal, so `ctprune run` keeps them), so both fine-tune the same
+    pruned model and the sensitivity measurement runs once per arm and seed."""
+    if run.exists() or not (twin / "report.json").is_file():
+        return
+    for stage in [twin / "baseline", *twin.glob("*/prune")]:
+        shutil.copytree(stage, run / stage.relative_to(twin))
+
+
+def prune_stage_only(arm: str, seed: int, out: Path, threads: int, criterion: str) -> None:
+    """The chain's baseline and prune stages alone (`ctprune run --only`): a latency budget's
+    measurements want a quiet machine, its fine-tune does not."""
+    run = chain_folder(out, arm, False, seed)
+    values = overrides(chain_values(arm, False, seed, criterion))
+    for stage in ("baseline", "prune"):
+        run_cli(["run", RECIPE, "--out", str(run), *values, "--only", stage],
+                out / f"{run.name}.log", threads, ROOT)
+
+
 def run_chain(arm: str, distill: bool, seed: int, out: Path, threads: int,
               criterion: str) -> None:
+    if distill:
+        reuse_pruned_twin(chain_folder(out, arm, True, seed), chain_folder(out, arm, False, seed))
     chain_once(RECIPE, chain_folder(out, arm, distill, seed),
                chain_values(arm, distill, seed, criterion), threads, ROOT)
 
@@ -297,6 +320,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--latency-probe", action="store_true",
                         help="measure uniform L1's realised latency ratio (seed 0)")
+    parser.add_argument("--prune-only", type=int, nargs="*", default=[], metavar="SEED",
+                        help="run the latency arm's baseline and prune stages for these seeds")
     parser.add_argument("--latency-04", action="store_true",
                         help="prune seed 0 to target_latency 0.4 twice, in separate processes")
     parser.add_argument("--speed", nargs="*", metavar="CHAIN",
@@ -316,6 +341,8 @@ def main() -> None:
                           args.sensitivity_criterion)
                 print(f"{arm} distill={distill} seed {seed}: "
                       f"{time.perf_counter() - started:.0f} s", flush=True)
+    for seed in args.prune_only:
+        prune_stage_only(LATENCY_ARM, seed, args.out, args.threads, args.sensitivity_criterion)
     if args.latency_probe:
         print(json.dumps(latency_probe(args.out, args.threads), indent=2))
     if args.latency_04:
