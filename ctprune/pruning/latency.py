@@ -50,7 +50,7 @@ RUNTIMES = LATENCY_RUNTIMES
 # experiments/bench/latency_model/report.md used.
 DEFAULT_ROUNDS = 15
 # Rounds when timing a whole model (parent or pruned).
-MODEL_ROUNDS = 20
+MODEL_ROUNDS = 40
 CACHE_VERSION = 1
 ONNX_OPSET = 17
 
@@ -373,9 +373,12 @@ def measure_model_ms(
             spec = input_preset("imagenet", tuple(input_size))
             if input_size[0] != input_size[1]:
                 raise ValueError("runtime onnxruntime: latency is measured on square inputs")
+            # Idle threads sleep: timed interleaved, one session's spinning threads would take
+            # the cores from the next session's run (on 2 cores: a 3-5 ms model measured 0.29
+            # and 0.54 of its parent in two calls).
             runners = {
                 name: onnxruntime_runner(each.eval(), spec, input_size[0], threads, Path(folder),
-                                         name)
+                                         name, spinning=False)
                 for name, each in models.items()
             }
         else:
