@@ -254,3 +254,13 @@ def test_a_latency_budget_is_corrected_by_the_measured_latency(tmp_path, monkeyp
     assert rounds[0]["measured"] < 0.9 * rounds[0]["predicted"]  # the layer model over-predicts
     assert rounds[-1]["measured"] == pytest.approx(0.5, rel=0.04), rounds
     assert result.stats.latency["realised"] == pytest.approx(0.5, rel=0.04)
+
+
+def test_the_latency_target_moves_by_secant_once_the_budget_is_bracketed():
+    from ctprune.pruning.latency import next_target
+
+    # One side known: the miss scales the target.
+    assert next_target([(0.4, 0.25)], 0.4) == pytest.approx(0.64)
+    # Both sides: the secant between the nearest targets on either side.
+    points = [(0.4, 0.25), (0.64, 0.5), (0.5, 0.32)]
+    assert next_target(points, 0.4) == pytest.approx(0.5 + 0.08 * 0.14 / 0.18)
