@@ -233,9 +233,11 @@ def test_widths_no_faster_than_wider_ones_are_widened():
     assert cost(widen_for_free(candidates, [40, 24], cost)) == cost([40, 24])
 
 
-def test_a_latency_budget_is_corrected_by_the_measured_latency(tmp_path, monkeypatch):
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_latency_budget_is_corrected_by_the_measured_latency(inplace, tmp_path, monkeypatch):
     """Whole narrow models run faster than their layers timed alone predict (the runtime fuses
-    and caches): the allocation re-targets until the measured fraction meets the budget."""
+    and caches): the allocation re-targets until the measured fraction meets the budget. In
+    place (a recipe's prune stage) the parent it is timed against is still the unpruned model."""
     import ctprune.pruning.latency as latency_module
 
     latency_clock.install(monkeypatch)
@@ -248,7 +250,8 @@ def test_a_latency_budget_is_corrected_by_the_measured_latency(tmp_path, monkeyp
 
     monkeypatch.setattr(latency_module, "measure_model_ms", fused)
     monkeypatch.setenv("CTPRUNE_CACHE", str(tmp_path))
-    result = prune(Toy(), None, "l1", example_inputs=SIZE, round_to=None, target_latency=0.5)
+    result = prune(Toy(), None, "l1", example_inputs=SIZE, round_to=None, target_latency=0.5,
+                   inplace=inplace)
     rounds = result.stats.latency["corrections"]
     assert len(rounds) > 1, rounds
     assert rounds[0]["measured"] < 0.9 * rounds[0]["predicted"]  # the layer model over-predicts

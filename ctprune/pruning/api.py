@@ -219,6 +219,8 @@ def prune(
     input_size = tuple(int(side) for side in example_inputs.shape[-2:])
 
     working = model if inplace else copy.deepcopy(model)
+    # The realised latency times the parent beside the pruned model: in place, a copy of it.
+    parent = copy.deepcopy(model) if inplace and budget_kind == "latency" else model
     clock = lap("copy", started)
     from detector.heads import head_type, head_type_of
 
@@ -408,7 +410,7 @@ def prune(
                 entry["sensitivity"] = {str(keep): loss for keep, loss in sorted(curve.items())}
         clock = lap("stats_after", clock)
         if budget_kind == "latency":
-            stats.latency = realised_latency(model, working, runtime, threads, input_size,
+            stats.latency = realised_latency(parent, working, runtime, threads, input_size,
                                               predicted) | {"corrections": corrections}
             lap("latency", clock)
     plan = {name: value for name, value in widths_after.items() if value != widths_before[name]}
