@@ -37,7 +37,7 @@ from torch.utils.data import default_collate
 
 from ctprune.cli import main
 from ctprune.pruning import prune
-from ctprune.pruning.api import SCOPES
+from ctprune.pruning.options import SCOPES
 from ctprune.pruning.criteria import CRITERIA, DATA_CRITERIA
 from ctprune.recipe import load_recipe
 from detector import load_model, output_layers, save_checkpoint
