@@ -37,8 +37,8 @@ from torch.utils.data import default_collate
 
 from ctprune.cli import main
 from ctprune.pruning import prune
-from ctprune.pruning.options import SCOPES
 from ctprune.pruning.criteria import CRITERIA, DATA_CRITERIA
+from ctprune.pruning.options import SCOPES
 from ctprune.recipe import load_recipe
 from detector import load_model, output_layers, save_checkpoint
 from detector.checkpoint import build_from_config
