@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from ctprune.layout import STAGE_FILE
+from ctprune.layout import MANIFEST_FILE, STAGE_FILE
 from ctprune.report import chain_rows, run_stage_rows, update_study_report
 from ctprune.study import chain_once, overrides, run_cli
 from detector.layout import trained_model
@@ -106,7 +106,13 @@ def chain_values(arm: str, distill: bool, seed: int, criterion: str) -> dict[str
 
 
 def chain_folder(out: Path, arm: str, distill: bool, seed: int) -> Path:
-    return out / f"{arm}{'_distill' if distill else ''}_seed{seed}"
+    folder = out / f"{arm}{'_distill' if distill else ''}_seed{seed}"
+    fallback = out / f"{arm}_fp32_seed{seed}"
+    if arm == CONTROL and not (folder / "report.json").is_file() and fallback.is_dir():
+        # Seed 2's control diverged in bf16 (a NaN loss at epoch 3, step 228, again on resume):
+        # its rerun fine-tunes in fp32 (`--control-fp32`), the only setting changed.
+        return fallback
+    return folder
 
 
 def prune_record(run: Path) -> dict:
@@ -133,6 +139,7 @@ def reuse_pruned_twin(run: Path, twin: Path) -> None:
         return
     for stage in [twin / "baseline", *twin.glob("*/prune")]:
         shutil.copytree(stage, run / stage.relative_to(twin))
+    shutil.copy2(twin / MANIFEST_FILE, run / MANIFEST_FILE)  # marks the folder as a run
 
 
 def prune_stage_only(arm: str, seed: int, out: Path, threads: int, criterion: str) -> None:
@@ -205,8 +212,10 @@ def speed_at_512(run: Path, threads: int) -> dict:
     output = run.parent / f"{run.name}_bench{SPEED_SIZE}.json"
     if not output.is_file():
         checkpoint = next(run.glob("*/finetune/checkpoint.pt"))
+        # No spinning threads: sessions timed interleaved on 2 cores (see latency.py).
         rows = bench_checkpoints([checkpoint], input_size=SPEED_SIZE, threads=threads,
-                                 runtime="onnxruntime", rounds=30)
+                                 runtime="onnxruntime", rounds=30, spinning=False,
+                                 throughput_batch=None, memory=False)
         output.write_text(json.dumps([row.as_dict() for row in rows], indent=2))
     return json.loads(output.read_text())
 
@@ -322,6 +331,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--latency-probe", action="store_true",
                         help="measure uniform L1's realised latency ratio (seed 0)")
+    parser.add_argument("--control-fp32", type=int, nargs="*", default=[], metavar="SEED",
+                        help="the control of these seeds fine-tuned in fp32 (bf16 diverged)")
     parser.add_argument("--prune-only", type=int, nargs="*", default=[], metavar="SEED",
                         help="run the latency arm's baseline and prune stages for these seeds")
     parser.add_argument("--latency-04", action="store_true",
@@ -343,6 +354,10 @@ def main() -> None:
                           args.sensitivity_criterion)
                 print(f"{arm} distill={distill} seed {seed}: "
                       f"{time.perf_counter() - started:.0f} s", flush=True)
+    for seed in args.control_fp32:
+        chain_once(RECIPE, args.out / f"{CONTROL}_fp32_seed{seed}",
+                   chain_values(CONTROL, False, seed, args.sensitivity_criterion)
+                   | {"finetune.precision": "fp32"}, args.threads, ROOT)
     for seed in args.prune_only:
         prune_stage_only(LATENCY_ARM, seed, args.out, args.threads, args.sensitivity_criterion)
     if args.latency_probe:
@@ -360,8 +375,9 @@ def main() -> None:
             "latency_0.4": [latency_04(args.out, 0, args.sensitivity_criterion, repeat)
                             for repeat in (1, 2)
                             if (args.out / f"latency0.4_seed0_run{repeat}/pruned.pt").is_file()],
+            # Benchmark rows name their checkpoints: relative to the repository here.
             "speed_512": {path.name.removesuffix(f"_bench{SPEED_SIZE}.json"):
-                          json.loads(path.read_text())
+                          json.loads(path.read_text().replace(f"{ROOT}/", ""))
                           for path in sorted(args.out.glob(f"*_bench{SPEED_SIZE}.json"))},
         }
         setup = {"recipe": RECIPE, "target_macs": TARGET_MACS, **extras,

@@ -30,7 +30,6 @@ import importlib.util
 import json
 import os
 import platform
-import statistics
 from pathlib import Path
 
 import torch
@@ -68,18 +67,24 @@ def chain_of(arch: str, seed: int, pipeline: str, out: Path, threads: int) -> Pa
     distill = pipeline.endswith("_distill")
     arm = pipeline.removesuffix("_distill")
     values = COMPRESS.chain_values(arm, distill, seed, COMPRESS.SENSITIVITY_CRITERION)
-    if arch == "resunet18":
-        run = COMPRESS.chain_folder(COMPRESS.DEFAULT_OUT, arm, distill, seed)
-    else:
+    run = _chain_folder(arch, seed, pipeline, out)
+    if arch == "res18":
         trained = train_once(RES18_RECIPE, out / f"res18_e{RES18_EPOCHS}_seed{seed}",
                              RES18_EPOCHS, {"train.seed": seed}, threads, ROOT)
         values |= {"model.arch": "res18", "baseline.checkpoint": trained.resolve()}
-        run = out / f"res18_{pipeline}_seed{seed}"
     if not _quantized(run):
         # Earlier stages of a finished chain are reused (their fingerprints do not change).
         args = ["run", COMPRESS.RECIPE, "--out", str(run), *overrides(values | QUANTIZE)]
         run_cli(args, run.parent / f"{run.name}.log", threads, ROOT)
     return run
+
+
+def _chain_folder(arch: str, seed: int, pipeline: str, out: Path) -> Path:
+    distill = pipeline.endswith("_distill")
+    if arch == "resunet18":
+        return COMPRESS.chain_folder(COMPRESS.DEFAULT_OUT, pipeline.removesuffix("_distill"),
+                                     distill, seed)
+    return out / f"res18_{pipeline}_seed{seed}"
 
 
 def _quantized(run: Path) -> bool:
@@ -132,12 +137,6 @@ def speed(run: Path, threads: int, rounds: int) -> dict:
             "load_average": os.getloadavg(), "threads": threads}
 
 
-def summary_of(values: list[float]) -> dict:
-    return {"mean": statistics.mean(values),
-            "sd": statistics.stdev(values) if len(values) > 1 else None,
-            "min": min(values), "max": max(values), "n": len(values)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -160,8 +159,11 @@ def main() -> None:
             runs[arch, seed] = chain_of(arch, seed, args.pipeline, args.out, args.threads)
     if not (args.speed or args.report):
         return
-    runs = {(arch, seed): chain_of(arch, seed, args.pipeline, args.out, args.threads)
-            for arch in ("resunet18", "res18") for seed in args.seeds}
+    # Speed and rows from the chains already quantized; the others are listed as missing.
+    runs = {(arch, seed): run for arch in ("resunet18", "res18") for seed in args.seeds
+            if _quantized(run := _chain_folder(arch, seed, args.pipeline, args.out))}
+    missing = [f"{arch} seed {seed}" for arch in ("resunet18", "res18") for seed in args.seeds
+               if (arch, seed) not in runs]
     speeds_file = args.out / "speed.json"
     speeds = json.loads(speeds_file.read_text()) if speeds_file.is_file() else {}
     if args.speed:
@@ -187,10 +189,11 @@ def main() -> None:
                 for kind, stage in (("unpruned", "baseline"), ("pruned", "finetune"))
             } | {"compound_minus_unpruned_fp32_points":
                  100 * (found["finetune", "int8"]["ap"] - found["baseline", "fp32"]["ap"])}
-        summary = {arch: {key: summary_of([r[key] for r in seeds.values()])
+        summary = {arch: {key: COMPRESS.summary_of([r[key] for r in seeds.values()])
                           for key in next(iter(seeds.values()))}
                    for arch, seeds in per_seed.items()}
-        setup = {"pipeline": args.pipeline, "quantize": QUANTIZE, "seeds": args.seeds,
+        setup = {"pipeline": args.pipeline, "missing": missing, "quantize": QUANTIZE,
+                 "seeds": args.seeds,
                  "res18_epochs": RES18_EPOCHS, "reduce_range": reduce_range_decision("auto")[1],
                  "machine": f"{platform.machine()}, torch {torch.__version__}",
                  "per_seed": per_seed, "summary": summary, "speed": speeds}
