@@ -263,7 +263,6 @@ def gather(out: Path) -> tuple[list[dict], dict]:
                 }
     summary: dict = {}
     control = results.get(CONTROL, {})
-    reference = results.get("uniform_l1", {})
     for name, per_seed in results.items():
         entry = {key: summary_of([r[key] for r in per_seed.values()])
                  for key in ("prune_ap", "finetune_ap", "finetune_ap50", "gmacs")}
@@ -274,7 +273,7 @@ def gather(out: Path) -> tuple[list[dict], dict]:
         if kept:
             entry["ap_kept_vs_control"] = summary_of(kept)
         compared = "uniform_l1_distill" if name.endswith("_distill") else "uniform_l1"
-        pairs = results.get(compared, reference)
+        pairs = results.get(compared, {})
         for stage in ("prune_ap", "finetune_ap"):
             differences = [100 * (r[stage] - pairs[s][stage])
                            for s, r in per_seed.items() if s in pairs]

@@ -64,9 +64,9 @@ COMPRESS = _compress_study()
 def chain_of(arch: str, seed: int, pipeline: str, out: Path, threads: int) -> Path:
     """The `ctprune run` folder holding ``arch``'s baseline and its 4x model of ``pipeline`` (an
     arm of the compression study, "_distill" for its teacher), with their INT8 stages."""
-    distill = pipeline.endswith("_distill")
-    arm = pipeline.removesuffix("_distill")
-    values = COMPRESS.chain_values(arm, distill, seed, COMPRESS.SENSITIVITY_CRITERION)
+    values = COMPRESS.chain_values(pipeline.removesuffix("_distill"),
+                                   pipeline.endswith("_distill"), seed,
+                                   COMPRESS.SENSITIVITY_CRITERION)
     run = _chain_folder(arch, seed, pipeline, out)
     if arch == "res18":
         trained = train_once(RES18_RECIPE, out / f"res18_e{RES18_EPOCHS}_seed{seed}",
@@ -153,10 +153,9 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="write report.json")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    runs: dict[tuple[str, int], Path] = {}
     for seed in args.seeds:
         for arch in args.archs:
-            runs[arch, seed] = chain_of(arch, seed, args.pipeline, args.out, args.threads)
+            chain_of(arch, seed, args.pipeline, args.out, args.threads)
     if not (args.speed or args.report):
         return
     # Speed and rows from the chains already quantized; the others are listed as missing.
